@@ -1,0 +1,63 @@
+# vilscale: every target does its own setup on a fresh Debian/Ubuntu machine and is idempotent.
+#   make setup   .venv with vilscale (editable) and its test extras, plus the system packages
+#   make demo    the digits demo on CPU (the main job on the embedded default)
+#   make test    the whole suite: unit tests and integration tests with real services
+#   make lint    ruff
+
+TORCH_SPEC ?= torch==2.13.0
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.vilscale-installed
+# ffcv compiles against these; the integration tests start these services.
+FFCV_SYSTEM_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev
+SERVICE_SYSTEM_PACKAGES := slurm-wlm munge prometheus
+PYTEST_ARGS ?=
+
+# One ninja on PATH (the venv's): DeepSpeed rebuilds its JIT op whenever the ninja it finds changes.
+export PATH := $(VENV)/bin:$(PATH)
+export RAY_TRAIN_ENABLE_PRINT_PATCH := 0
+
+.PHONY: setup system-packages demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml Makefile
+	@$(MAKE) --no-print-directory system-packages
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	# torch first (pinned), and the build-time needs of ffcv and deepspeed, which build against the
+	# installed torch and numpy (with build isolation they would pull another torch build).
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy ninja pkgconfig
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]" "$(TORCH_SPEC)"
+	$(PY) -m vilscale.orchestration.prebuild
+	touch $(STAMP)
+
+system-packages:
+	@missing=""; for p in $(FFCV_SYSTEM_PACKAGES) $(SERVICE_SYSTEM_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing system packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	else \
+	  echo "vilscale needs these system packages:$$missing"; \
+	  echo "  run: sudo apt-get install -y$$missing"; \
+	  echo "  or, in a conda environment: conda install -c conda-forge pkg-config opencv libjpeg-turbo"; \
+	  echo "  (slurm-wlm, munge and prometheus are needed only by the integration tests)"; \
+	  exit 1; \
+	fi
+
+demo: setup
+	$(PY) -m vilscale.cli demo
+
+test: setup
+	$(VENV)/bin/ruff check vilscale tests benchmarks
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check vilscale tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,137 @@
+"""Dense reference of ViL attention: the definition every faster backend is tested against.
+
+Token layout (all backends): ``q``, ``k``, ``v`` are ``(B, heads, G + H*W, d)`` with the ``G``
+global tokens first, then the local tokens of an ``H x W`` map in row-major order.
+
+Who sees whom, in ONE softmax per query:
+- a global query sees every token (global and local);
+- a local query at (y, x) sees every global token and the local keys of its window:
+  - ``mode="exact"`` (the paper): keys with ``|dy| <= w`` and ``|dx| <= w``, truncated at the border;
+  - ``mode="chunk"`` (the released checkpoints): the map is cut into ``w x w`` chunks from the
+    top-left (the last row/column of chunks may be partial); a query sees the keys of its own chunk
+    and of the 8 neighbouring chunks. Keys outside the map do not exist, so nothing is shifted.
+
+Relative position biases (all optional, added to the scaled scores ``q.k * scale``):
+- ``local_bias``  ``(heads, (4w-1)**2)``: local query -> local key, indexed by the offset
+  ``(dy, dx) = key - query`` as ``(dy + 2w-1) * (4w-1) + (dx + 2w-1)``. ``|dy|, |dx| <= 2w-1`` in
+  chunk mode, ``<= w`` in exact mode, so one table shape serves both modes.
+- ``g2l_bias``  ``(heads, G)``: global query i -> every local key gets ``g2l_bias[h, i]``.
+- ``l2g_bias``  ``(heads, G)``: every local query -> global key j gets ``l2g_bias[h, j]``.
+- ``g2g_bias``  ``(heads, G, G)``: global query i -> global key j gets ``g2g_bias[h, i, j]``.
+
+Memory is O(N^2): use it as an oracle and for small maps only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+WINDOW_MODES = ("chunk", "exact")
+
+
+def validate_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, map_hw: tuple[int, int],
+                     num_global: int, window: int, mode: str) -> None:
+    """Raise ValueError if the tensors do not describe a ViL attention problem."""
+    if mode not in WINDOW_MODES:
+        raise ValueError(f"window mode {mode!r} is not valid; use one of {WINDOW_MODES}")
+    if window < 1:
+        raise ValueError(f"window={window} must be a positive integer")
+    if num_global < 0:
+        raise ValueError(f"num_global={num_global} must be >= 0")
+    height, width = map_hw
+    if height < 1 or width < 1:
+        raise ValueError(f"map size {map_hw} must be at least 1x1")
+    if q.dim() != 4:
+        raise ValueError(f"q must be (batch, heads, tokens, head_dim), got shape {tuple(q.shape)}")
+    expected = num_global + height * width
+    if q.shape[2] != expected:
+        raise ValueError(
+            f"q has {q.shape[2]} tokens but num_global={num_global} + {height}x{width} map = {expected}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+
+
+def local_offsets(map_hw: tuple[int, int], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dy, dx) = key - query for every pair of local tokens, each (L, L)."""
+    height, width = map_hw
+    ys = torch.arange(height, device=device).repeat_interleave(width)
+    xs = torch.arange(width, device=device).repeat(height)
+    return ys[None, :] - ys[:, None], xs[None, :] - xs[:, None]
+
+
+def local_visibility(map_hw: tuple[int, int], window: int, mode: str, device=None) -> torch.Tensor:
+    """Boolean (L, L): local query (row) may attend local key (column)."""
+    height, width = map_hw
+    if mode == "exact":
+        dy, dx = local_offsets(map_hw, device)
+        return (dy.abs() <= window) & (dx.abs() <= window)
+    chunk_y = (torch.arange(height, device=device) // window).repeat_interleave(width)
+    chunk_x = (torch.arange(width, device=device) // window).repeat(height)
+    return ((chunk_y[None, :] - chunk_y[:, None]).abs() <= 1) & (
+        (chunk_x[None, :] - chunk_x[:, None]).abs() <= 1)
+
+
+def relative_index(map_hw: tuple[int, int], window: int, device=None) -> torch.Tensor:
+    """(L, L) index into the local table for every local pair, clamped to the table (the out of
+    range pairs are masked anyway)."""
+    span = 2 * window - 1
+    dy, dx = local_offsets(map_hw, device)
+    dy = dy.clamp(-span, span) + span
+    dx = dx.clamp(-span, span) + span
+    return dy * (2 * span + 1) + dx
+
+
+def dense_bias_and_mask(map_hw: tuple[int, int], num_global: int, window: int, mode: str, heads: int,
+                        *, local_bias=None, g2l_bias=None, l2g_bias=None, g2g_bias=None,
+                        device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full (heads, N, N) additive bias (fp32, differentiable w.r.t. the tables) and (N, N) mask."""
+    height, width = map_hw
+    n_local = height * width
+    n = num_global + n_local
+    visible = torch.ones(n, n, dtype=torch.bool, device=device)
+    visible[num_global:, num_global:] = local_visibility(map_hw, window, mode, device)
+
+    bias = torch.zeros(heads, n, n, dtype=torch.float32, device=device)
+    if local_bias is not None:
+        expected = (4 * window - 1) ** 2
+        if local_bias.shape != (heads, expected):
+            raise ValueError(f"local_bias must be (heads={heads}, (4w-1)^2={expected}), "
+                             f"got {tuple(local_bias.shape)}")
+        index = relative_index(map_hw, window, device)
+        local = local_bias.float()[:, index.reshape(-1)].reshape(heads, n_local, n_local)
+        bias = bias + torch.nn.functional.pad(local, (num_global, 0, num_global, 0))
+    for name, table, shape in (("g2l_bias", g2l_bias, (heads, num_global)),
+                               ("l2g_bias", l2g_bias, (heads, num_global)),
+                               ("g2g_bias", g2g_bias, (heads, num_global, num_global))):
+        if table is not None and tuple(table.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(table.shape)}")
+    if num_global and g2l_bias is not None:
+        block = g2l_bias.float()[:, :, None].expand(heads, num_global, n_local)
+        bias = bias + torch.nn.functional.pad(block, (num_global, 0, 0, n_local))
+    if num_global and l2g_bias is not None:
+        block = l2g_bias.float()[:, None, :].expand(heads, n_local, num_global)
+        bias = bias + torch.nn.functional.pad(block, (0, n_local, num_global, 0))
+    if num_global and g2g_bias is not None:
+        bias = bias + torch.nn.functional.pad(g2g_bias.float(), (0, n_local, 0, n_local))
+    return bias, visible
+
+
+def vil_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                            map_hw: tuple[int, int], num_global: int, window: int, mode: str = "chunk",
+                            scale: float | None = None, local_bias: torch.Tensor | None = None,
+                            g2l_bias: torch.Tensor | None = None, l2g_bias: torch.Tensor | None = None,
+                            g2g_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """ViL attention by its definition: dense scores, exact mask and biases, softmax in fp32.
+
+    Returns ``(B, heads, N, d)`` in the dtype of ``q``.
+    """
+    validate_problem(q, k, v, map_hw=map_hw, num_global=num_global, window=window, mode=mode)
+    heads, head_dim = q.shape[1], q.shape[3]
+    scale = head_dim ** -0.5 if scale is None else scale
+    bias, visible = dense_bias_and_mask(
+        map_hw, num_global, window, mode, heads, local_bias=local_bias, g2l_bias=g2l_bias,
+        l2g_bias=l2g_bias, g2g_bias=g2g_bias, device=q.device)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale + bias  # (B, h, N, N)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return torch.einsum("bhqk,bhkd->bhqd", probs, v.float()).to(q.dtype)
