@@ -1,0 +1,118 @@
+"""Job specs: strict loading, overrides, and errors that name the key, the value and what is valid."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vilscale.orchestration.spec import JobSpec, SpecError, load_spec, spec_from_dict
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+def write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def minimal() -> dict:
+    return {"run_dir": "runs/x", "data": {"train_manifest": "m.json"}}
+
+
+@pytest.mark.parametrize("job", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_job_spec_loads(job):
+    spec = load_spec(job)
+    assert isinstance(spec, JobSpec)
+    header = job.read_text().splitlines()[:6]
+    assert any("vilscale" in line for line in header if line.startswith("#")), \
+        f"{job.name}'s header must state the command that runs it"
+
+
+def test_defaults_are_the_papers_recipe():
+    spec = spec_from_dict(minimal())
+    assert spec.optim.lr == 1e-3 and spec.optim.lr_batch_ref == 1024 and spec.optim.weight_decay == 0.1
+    assert spec.schedule.warmup_epochs == 5 and spec.schedule.min_lr == 1e-6
+    assert spec.train.epochs == 300 and spec.augment.label_smoothing == 0.1
+    assert spec.metrics.host == "127.0.0.1"
+
+
+def test_unknown_key_names_the_path_and_the_valid_keys(tmp_path):
+    raw = minimal()
+    raw["train"] = {"max_step": 10}
+    with pytest.raises(SpecError, match=r"unknown key train\.max_step.*max_steps"):
+        load_spec(write(tmp_path, raw))
+
+
+def test_unknown_section_is_an_error():
+    raw = minimal()
+    raw["trian"] = {}
+    with pytest.raises(SpecError, match=r"unknown key trian.*'train'"):
+        spec_from_dict(raw)
+
+
+@pytest.mark.parametrize("key,value,pattern", [
+    ("train.zero_stage", 4, r"train\.zero_stage=4.*0, 1, 2 or 3"),
+    ("train.precision", "fp8", r"train\.precision='fp8'.*fp32"),
+    ("train.micro_batch", "big", r"train\.micro_batch='big' must be an integer"),
+    ("train.micro_batch", 0, r"train\.micro_batch=0 must be a positive"),
+    ("optim.lr", True, r"optim\.lr=True must be a number"),
+    ("model.window_mode", "shifted", r"model\.window_mode='shifted'.*chunk"),
+    ("optim.betas", [0.9], r"optim\.betas.*2 values"),
+    ("data.img_size", 3, r"data\.img_size=3"),
+])
+def test_wrong_values_name_the_key_and_what_is_valid(key, value, pattern):
+    raw = minimal()
+    section, name = key.split(".")
+    raw.setdefault(section, {})[name] = value
+    with pytest.raises(SpecError, match=pattern):
+        spec_from_dict(raw)
+
+
+def test_set_overrides_any_key_with_yaml_values(tmp_path):
+    path = write(tmp_path, minimal())
+    spec = load_spec(path, ["train.max_steps=7", "optim.betas=[0.8, 0.9]", "model.name=vil_tiny",
+                            "launcher.env.FOO=bar"])
+    assert spec.train.max_steps == 7 and spec.optim.betas == (0.8, 0.9) and spec.model.name == "vil_tiny"
+    assert spec.launcher.env == {"FOO": "bar"}
+
+
+def test_global_batch_not_divisible_by_world_size_fails_before_start():
+    raw = minimal()
+    raw["train"] = {"global_batch": 1000, "micro_batch": 64}
+    spec = spec_from_dict(raw)
+    with pytest.raises(SpecError, match=r"global_batch=1000 is not divisible.*micro_batch=64 x world size 2"):
+        spec.check_world(2)
+    raw["train"] = {"global_batch": 1024, "micro_batch": 64}
+    assert spec_from_dict(raw).grad_accum(4) == 4
+
+
+def test_digest_ignores_where_and_how_often_but_not_what():
+    base = spec_from_dict(minimal())
+    raw = minimal()
+    raw["train"] = {"ckpt_every": 5}
+    raw["launcher"] = {"nodes": 4}
+    assert spec_from_dict(raw).digest() == base.digest()
+    raw["optim"] = {"lr": 5e-4}
+    assert spec_from_dict(raw).digest() != base.digest()
+
+
+def test_cli_exits_2_with_the_key_before_anything_starts(tmp_path):
+    raw = minimal()
+    raw["train"] = {"zero_stage": 7}
+    path = write(tmp_path, raw)
+    result = subprocess.run([sys.executable, "-m", "vilscale.cli", "train", str(path)], capture_output=True,
+                            text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "train.zero_stage=7" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists(), "nothing may be written for an invalid spec"
+
+
+def test_missing_spec_file_is_a_clear_error(tmp_path):
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")

@@ -1,0 +1,250 @@
+"""Checkpoints that never replace a good one with a half-written one.
+
+Layout under ``<run_dir>/checkpoints/``::
+
+    step_00000100/           DeepSpeed's files (model, per-rank optimizer shards) written by the engine
+        client_rank0.pt      per-rank client state: RNG states, loader state (weights_only loadable)
+        manifest.json        written last, by rank 0, once every rank finished: step, world size, spec
+                             digest and the sha256 and size of every file above
+    latest                   the tag of the newest complete checkpoint, replaced atomically (os.replace)
+
+A checkpoint counts only when its manifest exists and every checksum matches; resuming walks from
+``latest`` back to older complete checkpoints and names any file that fails verification. The last
+``keep`` complete checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+TAG_PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or a checkpoint failed to save; the message says which file and why."""
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old content or the new, never a mix."""
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    _fsync_dir(path.parent)
+
+
+def rng_state() -> dict:
+    """Every RNG a training step can draw from, in a form ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_as_python_random_state(state["python"]))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _as_python_random_state(value):
+    # torch.save keeps tuples, but be tolerant of lists from other writers.
+    version, internal, gauss = value
+    return version, tuple(internal), gauss
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast(value):
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Checkpointer:
+    """Saves and finds checkpoints of one run; every method is called on every rank."""
+
+    def __init__(self, run_dir: Path, *, keep: int, spec_digest: str):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep = keep
+        self.spec_digest = spec_digest
+
+    # ---- saving -------------------------------------------------------------------------------
+    def save(self, engine, *, step: int, client_state: dict) -> Path:
+        """Write a complete checkpoint for ``step`` and move ``latest`` to it.
+
+        ``client_state`` is this rank's state (RNG, loader, counters). Any failure (disk full, a rank
+        dying) leaves ``latest`` on the previous complete checkpoint.
+        """
+        tag = tag_for(step)
+        directory = self.root / tag
+        if _rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if directory.exists():  # an earlier, interrupted attempt at the same step
+                shutil.rmtree(directory)
+        _barrier()
+        failure = None
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
+            torch.save(client_state, directory / f"client_rank{_rank()}.pt")
+        except Exception as error:  # noqa: BLE001 - reported below, on every rank, with the cause
+            failure = f"rank {_rank()}: {type(error).__name__}: {error}"
+        failures = [failure]
+        if dist.is_initialized():
+            failures = [None] * _world()
+            dist.all_gather_object(failures, failure)
+        failures = [f for f in failures if f]
+        if failures:
+            raise CheckpointError(f"saving checkpoint {directory} failed ({'; '.join(failures)}); "
+                                  f"'latest' still points to the previous complete checkpoint")
+        files = self._hash_files(directory)
+        if _rank() == 0:
+            manifest = {"step": step, "world_size": _world(), "spec_digest": self.spec_digest,
+                        "created": time.time(), "files": files}
+            try:
+                atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+                atomic_write_text(self.root / LATEST, tag + "\n")
+            except OSError as error:
+                failure = f"writing the manifest of {directory} failed: {error}"
+        failure = _broadcast(failure if _rank() == 0 else None)
+        if failure:
+            raise CheckpointError(failure + "; 'latest' still points to the previous complete checkpoint")
+        if _rank() == 0:
+            self._prune()
+        _barrier()
+        return directory
+
+    def _hash_files(self, directory: Path) -> dict:
+        """sha256 and size of every file, hashed in parallel: rank r takes every world-th file."""
+        _barrier()
+        names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()
+                       and p.name != MANIFEST)
+        mine = {name: {"sha256": sha256_of(directory / name), "bytes": (directory / name).stat().st_size}
+                for name in names[_rank()::_world()]}
+        if not dist.is_initialized():
+            return mine
+        gathered = [None] * _world()
+        dist.all_gather_object(gathered, mine)
+        return {name: entry for part in gathered for name, entry in part.items()}
+
+    def _prune(self) -> None:
+        complete = self.complete_tags()
+        for tag in complete[:-self.keep]:
+            shutil.rmtree(self.root / tag, ignore_errors=True)
+        # Directories without a manifest are interrupted saves older than the newest complete one.
+        newest = complete[-1] if complete else None
+        for path in self.root.glob(f"{TAG_PREFIX}*"):
+            if path.is_dir() and not (path / MANIFEST).exists() and newest and path.name < newest:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # ---- finding ------------------------------------------------------------------------------
+    def complete_tags(self) -> list[str]:
+        """Tags with a manifest, oldest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.root.glob(f"{TAG_PREFIX}*/{MANIFEST}"))
+
+    def verify(self, tag: str) -> str | None:
+        """``None`` if every file of ``tag`` matches its manifest, else what is wrong (naming the file)."""
+        directory = self.root / tag
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text())
+        except (OSError, ValueError) as error:
+            return f"{directory / MANIFEST} is unreadable: {error}"
+        for name, entry in manifest["files"].items():
+            path = directory / name
+            if not path.is_file():
+                return f"{path} is missing"
+            if path.stat().st_size != entry["bytes"]:
+                return f"{path} has {path.stat().st_size} bytes, the manifest says {entry['bytes']} (truncated?)"
+            if sha256_of(path) != entry["sha256"]:
+                return f"{path} does not match its sha256 in the manifest (corrupted)"
+        return None
+
+    def find_resumable(self, log=print) -> dict | None:
+        """The newest verified checkpoint's manifest (with its ``tag``), chosen by rank 0 for all ranks."""
+        chosen = None
+        if _rank() == 0:
+            candidates = self.complete_tags()
+            latest_file = self.root / LATEST
+            if latest_file.is_file():
+                pointed = latest_file.read_text().strip()
+                # Anything newer than 'latest' was never declared complete.
+                candidates = [t for t in candidates if t <= pointed]
+            for tag in reversed(candidates):
+                problem = self.verify(tag)
+                if problem is None:
+                    chosen = json.loads((self.root / tag / MANIFEST).read_text())
+                    chosen["tag"] = tag
+                    break
+                log(f"checkpoint {tag} is not usable: {problem}; trying the previous one")
+        return _broadcast(chosen)
+
+    def load(self, engine, manifest: dict) -> dict:
+        """Load ``manifest``'s checkpoint into ``engine`` and return this rank's client state."""
+        tag = manifest["tag"]
+        load_path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {self.root / tag}")
+        client_file = self.root / tag / f"client_rank{_rank()}.pt"
+        if not client_file.is_file():
+            client_file = self.root / tag / "client_rank0.pt"
+        return torch.load(client_file, map_location="cpu", weights_only=True)

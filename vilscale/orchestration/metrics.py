@@ -1,0 +1,113 @@
+"""Training metrics: a Prometheus endpoint per rank, a file_sd target file, and metrics.jsonl.
+
+Every rank serves its own registry on ``metrics.host`` (loopback by default, so nothing is reachable
+from other interfaces unless the spec says so). Rank 0 writes ``prometheus_targets.json`` listing
+every rank's endpoint, in Prometheus' file_sd format, and appends the same figures to
+``metrics.jsonl`` every log interval. Labels are ``run_id`` and ``rank`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from vilscale.orchestration.checkpoint import atomic_write_text
+
+# Dense peak FLOP/s per device for MFU, by a substring of torch.cuda.get_device_name(), per precision.
+PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
+    "A10G": {"bf16": 70e12, "fp16": 70e12, "fp32": 31.2e12},
+    "V100": {"bf16": 0.0, "fp16": 125e12, "fp32": 15.7e12},
+}
+
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+WAIT_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def device_peak_flops(device: torch.device, precision: str, configured: float) -> float:
+    """Peak FLOP/s of one device: the spec's value, else the table; 0 when unknown (MFU not exported)."""
+    if configured:
+        return configured
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    for key, table in PEAK_FLOPS.items():
+        if key in name:
+            return table[precision]
+    return 0.0
+
+
+class TrainingMetrics:
+    """The metric families of one rank, its HTTP endpoint, and (rank 0) the jsonl log."""
+
+    def __init__(self, run_dir: Path, *, run_id: str, rank: int, host: str, port: int, serve: bool):
+        self.run_dir = Path(run_dir)
+        self.rank = rank
+        self.labels = {"run_id": run_id, "rank": str(rank)}
+        self.registry = CollectorRegistry()
+        names = ("run_id", "rank")
+
+        def gauge(name, doc):
+            return Gauge(name, doc, names, registry=self.registry).labels(**self.labels)
+
+        self.samples = Counter("vilscale_train_samples", "Training images consumed", names,
+                               registry=self.registry).labels(**self.labels)
+        self.steps = Counter("vilscale_train_steps", "Optimizer steps taken", names,
+                             registry=self.registry).labels(**self.labels)
+        self.nonfinite = Counter("vilscale_nonfinite_steps", "Steps skipped for a non-finite loss", names,
+                                 registry=self.registry).labels(**self.labels)
+        self.step_duration = Histogram("vilscale_step_duration_seconds", "Wall time of one optimizer step",
+                                       names, buckets=STEP_BUCKETS, registry=self.registry).labels(**self.labels)
+        self.data_wait = Histogram("vilscale_data_wait_seconds", "Time spent waiting for the next batch",
+                                   names, buckets=WAIT_BUCKETS, registry=self.registry).labels(**self.labels)
+        self.checkpoint_duration = Histogram(
+            "vilscale_checkpoint_save_duration_seconds", "Wall time of a checkpoint save", names,
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600), registry=self.registry).labels(**self.labels)
+        self.loss = gauge("vilscale_train_loss", "Training loss of the last step")
+        self.learning_rate = gauge("vilscale_learning_rate", "Learning rate of the last step")
+        self.grad_norm = gauge("vilscale_grad_norm", "Global gradient norm of the last step")
+        self.images_per_second = gauge("vilscale_images_per_second", "Training throughput of this rank")
+        self.mfu = gauge("vilscale_mfu_ratio", "Model FLOPs utilisation: model FLOPs x throughput / peak")
+        self.device_memory = gauge("vilscale_device_memory_bytes", "Peak device memory allocated")
+        self.last_checkpoint = gauge("vilscale_last_checkpoint_timestamp_seconds",
+                                     "Unix time of the last complete checkpoint")
+        self.val_top1 = gauge("vilscale_val_top1_ratio", "Validation top-1 accuracy of the last evaluation")
+        self.endpoint = None
+        self._server = None
+        if serve:
+            self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+            self.endpoint = f"{host}:{self._server.server_port}"
+
+    def publish_targets(self, run_id: str) -> None:
+        """Gather every rank's endpoint; rank 0 writes prometheus_targets.json (file_sd)."""
+        endpoints = [self.endpoint]
+        if dist.is_initialized():
+            endpoints = [None] * dist.get_world_size()
+            dist.all_gather_object(endpoints, self.endpoint)
+        if self.rank != 0 or not any(endpoints):
+            return
+        groups = [{"targets": [endpoint], "labels": {"job": "vilscale", "vilscale_run": run_id}}
+                  for endpoint in endpoints if endpoint]
+        atomic_write_text(self.run_dir / "prometheus_targets.json", json.dumps(groups, indent=1))
+
+    def log(self, record: dict) -> None:
+        """Append one record to metrics.jsonl (rank 0 only)."""
+        if self.rank != 0:
+            return
+        record = {"time": time.time(), **record}
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

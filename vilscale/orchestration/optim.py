@@ -1,0 +1,47 @@
+"""AdamW with the official weight-decay exclusions, and the per-step learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vilscale.orchestration.spec import JobSpec
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed weights, and what the official recipe never decays (1-D parameters such as
+    norms and biases, plus whatever the model lists in ``no_weight_decay()``: position embeddings,
+    global tokens, relative-position tables)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        excluded = parameter.ndim <= 1 or name.endswith(".bias") or name in skip or any(
+            name.startswith(prefix + ".") for prefix in skip)
+        (no_decay if excluded else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, spec: JobSpec) -> torch.optim.Optimizer:
+    # torch's AdamW: DeepSpeed would otherwise JIT-build its fused Adam, which CPU machines cannot use.
+    return torch.optim.AdamW(param_groups(model, spec.optim.weight_decay), lr=spec.optim.lr,
+                             betas=spec.optim.betas, eps=spec.optim.eps)
+
+
+def peak_lr(spec: JobSpec, world_size: int) -> float:
+    """The spec's lr scaled linearly from ``optim.lr_batch_ref`` to this run's global batch."""
+    if not spec.optim.lr_batch_ref:
+        return spec.optim.lr
+    return spec.optim.lr * spec.global_batch(world_size) / spec.optim.lr_batch_ref
+
+
+def lr_at(step: int, *, peak: float, total_steps: int, warmup_steps: int, warmup_lr: float,
+          min_lr: float) -> float:
+    """Linear warmup from ``warmup_lr`` to ``peak`` over ``warmup_steps``, then cosine to ``min_lr``."""
+    if step < warmup_steps:
+        return warmup_lr + (peak - warmup_lr) * step / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * progress))

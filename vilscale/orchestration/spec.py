@@ -1,0 +1,451 @@
+"""Job specs: YAML loaded strictly into a tree of frozen dataclasses.
+
+Every section is a frozen, keyword-only dataclass; each field's meaning is in the string beneath it.
+Unknown keys, wrong types and impossible combinations raise ``SpecError`` naming the key path, the
+value and what is valid; the CLI turns that into exit code 2 before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vilscale.data.config import AugmentConfig, DataConfig
+
+
+class SpecError(ValueError):
+    """A job spec is invalid; the message names the key path, the value and what is valid."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    name: str = "vil_small"
+    """Variant from `vilscale.model.list_models()`."""
+    pos_embed: str = "ape"
+    """"ape" (absolute 2D position embedding) or "rpe" (relative position bias)."""
+    window_mode: str = "chunk"
+    """"chunk" (official checkpoints) or "exact" (the paper's definition)."""
+    window: int = 7
+    """Attention window w (a local query sees a (2w+1)^2 or 3w x 3w neighbourhood)."""
+    img_size: int = 224
+    """Training resolution (square)."""
+    num_classes: int = 1000
+    """Classifier width; must match the data's class count."""
+    attn_backend: str = "auto"
+    """"auto", "reference", "chunked" or "triton"."""
+    drop_path_rate: float = 0.1
+    """Stochastic depth at the last block (linear schedule over the blocks)."""
+    init_weights: str = ""
+    """Weights to start from: an official ViL checkpoint (.pth) or a vilscale .safetensors export."""
+
+    def __post_init__(self):
+        _one_of("model.pos_embed", self.pos_embed, ("ape", "rpe"))
+        _one_of("model.window_mode", self.window_mode, ("chunk", "exact"))
+        _one_of("model.attn_backend", self.attn_backend, ("auto", "reference", "chunked", "triton"))
+        _positive("model.window", self.window)
+        _positive("model.img_size", self.img_size)
+        _positive("model.num_classes", self.num_classes)
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise SpecError(f"model.drop_path_rate={self.drop_path_rate!r} must be in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate at `lr_batch_ref` images per step (scaled linearly to the global batch)."""
+    lr_batch_ref: int = 1024
+    """Global batch at which `lr` is given; 0 disables linear scaling."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to norms, biases, position embeddings, global tokens, RPE)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights (e.g. 0.9998); 0 disables it."""
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise SpecError(f"optim.lr={self.lr!r} must be > 0")
+        if self.lr_batch_ref < 0:
+            raise SpecError(f"optim.lr_batch_ref={self.lr_batch_ref!r} must be >= 0")
+        if self.weight_decay < 0:
+            raise SpecError(f"optim.weight_decay={self.weight_decay!r} must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise SpecError(f"optim.betas={list(self.betas)!r} must be two numbers in [0, 1)")
+        if self.clip_grad < 0:
+            raise SpecError(f"optim.clip_grad={self.clip_grad!r} must be >= 0 (0 disables clipping)")
+        if not 0 <= self.ema_decay < 1:
+            raise SpecError(f"optim.ema_decay={self.ema_decay!r} must be in [0, 1) (0 disables EMA)")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScheduleConfig:
+    warmup_epochs: float = 5.0
+    """Linear warmup from `warmup_lr` to the peak, in epochs (applied per step)."""
+    warmup_lr: float = 1e-6
+    """Learning rate at step 0."""
+    min_lr: float = 1e-6
+    """Learning rate at the end of the cosine decay."""
+
+    def __post_init__(self):
+        if self.warmup_epochs < 0:
+            raise SpecError(f"schedule.warmup_epochs={self.warmup_epochs!r} must be >= 0")
+        if self.warmup_lr < 0 or self.min_lr < 0:
+            raise SpecError("schedule.warmup_lr and schedule.min_lr must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    epochs: int = 300
+    """Epochs of the schedule (the cosine decay spans them)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in total; 0 means epochs x steps per epoch."""
+    ckpt_every: int = 1000
+    """Save a checkpoint every this many optimizer steps (and always at the end)."""
+    keep_checkpoints: int = 3
+    """Keep the last K complete checkpoints."""
+    exit_after_steps: int = 0
+    """Save a checkpoint and exit cleanly after this many steps of this launch (schedule unchanged)."""
+    seed: int = 0
+    """Seed of the model init, the data order and the augmentation."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage, 0-3."""
+    precision: str = "bf16"
+    """"fp32", "bf16" or "fp16" (fp16 on GPU only)."""
+    micro_batch: int = 128
+    """Images per rank per forward/backward."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; global batch = micro_batch x grad_accum x world size."""
+    global_batch: int = 0
+    """If set, grad_accum is derived from it: global_batch / (micro_batch x world size), a whole number."""
+    device: str = "auto"
+    """"auto" (CUDA when present), "cpu" or "cuda"."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward to save memory."""
+    compile: bool = False
+    """torch.compile the model before wrapping it."""
+    log_every: int = 10
+    """Write metrics.jsonl and the progress line every this many steps."""
+    max_bad_steps: int = 5
+    """Non-finite losses in a row before the run restores its last good checkpoint and stops."""
+
+    def __post_init__(self):
+        _positive("train.epochs", self.epochs)
+        for name in ("max_steps", "exit_after_steps", "global_batch"):
+            if getattr(self, name) < 0:
+                raise SpecError(f"train.{name}={getattr(self, name)!r} must be >= 0 (0 disables it)")
+        for name in ("ckpt_every", "keep_checkpoints", "micro_batch", "grad_accum", "log_every",
+                     "max_bad_steps"):
+            _positive(f"train.{name}", getattr(self, name))
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise SpecError(f"train.zero_stage={self.zero_stage!r} is not valid; use 0, 1, 2 or 3")
+        _one_of("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _one_of("train.device", self.device, ("auto", "cpu", "cuda"))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EvalConfig:
+    every_epochs: int = 1
+    """Evaluate top-1/top-5 on the validation manifest every this many epochs (and at the end)."""
+    batch_size: int = 256
+    """Images per rank per evaluation step."""
+    use_ema: bool = True
+    """Evaluate the EMA weights when EMA is on."""
+
+    def __post_init__(self):
+        _positive("eval.every_epochs", self.every_epochs)
+        _positive("eval.batch_size", self.batch_size)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MetricsConfig:
+    host: str = "127.0.0.1"
+    """Interface each rank's Prometheus endpoint binds to (loopback by default; 0.0.0.0 for clusters)."""
+    port: int = 0
+    """Port of rank 0's endpoint (rank r uses port + r); 0 picks any free port per rank."""
+    enabled: bool = True
+    """Serve Prometheus metrics at all."""
+    peak_flops: float = 0.0
+    """Peak dense FLOP/s of one device for MFU; 0 looks the device up in a table of known devices."""
+
+    def __post_init__(self):
+        if not 0 <= self.port < 65536:
+            raise SpecError(f"metrics.port={self.port!r} must be in 0..65535 (0 = any free port)")
+        if self.peak_flops < 0:
+            raise SpecError(f"metrics.peak_flops={self.peak_flops!r} must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LauncherConfig:
+    backend: str = "local"
+    """Default `vilscale submit` backend: "local", "ray" or "slurm"."""
+    nodes: int = 1
+    """Nodes (SLURM) or, with `workers_per_node`, Ray worker groups."""
+    gpus_per_node: int = 0
+    """GPUs per node; one task (rank) per GPU. 0 runs `cpu_workers_per_node` CPU ranks per node."""
+    cpu_workers_per_node: int = 1
+    """Ranks per node when `gpus_per_node` is 0."""
+    cpus_per_task: int = 1
+    """CPU cores per rank."""
+    mem_gb: int = 0
+    """Memory per node in GB for SLURM (0: the partition default)."""
+    partition: str = ""
+    """SLURM partition ("" = the cluster default)."""
+    account: str = ""
+    """SLURM account ("" = none)."""
+    time_min: int = 60
+    """SLURM wall-clock limit per allocation, minutes (the job requeues itself at the limit)."""
+    max_restarts: int = 3
+    """Restarts after a failure (local: process group; Ray: FailureConfig.max_failures; SLURM: requeues)."""
+    ray_address: str = "auto"
+    """Ray cluster address for `--backend ray` ("auto", "ray://host:10001" or the dashboard URL)."""
+    working_dir: str = "."
+    """Working directory shipped to the Ray cluster (relative to the spec's current directory)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment variables for every rank."""
+
+    def __post_init__(self):
+        _one_of("launcher.backend", self.backend, ("local", "ray", "slurm"))
+        for name in ("nodes", "cpu_workers_per_node", "cpus_per_task", "time_min"):
+            _positive(f"launcher.{name}", getattr(self, name))
+        for name in ("gpus_per_node", "mem_gb", "max_restarts"):
+            if getattr(self, name) < 0:
+                raise SpecError(f"launcher.{name}={getattr(self, name)!r} must be >= 0")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.gpus_per_node or self.cpu_workers_per_node
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class JobSpec:
+    run_dir: str
+    """Directory of this run: resolved spec, checkpoints/, metrics.jsonl, prometheus_targets.json, logs."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The ViL variant and how to build it."""
+    data: DataConfig
+    """Shards (manifests) and loading."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Batch-level training augmentation."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and its extras."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule: linear warmup then cosine, per step."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Engine, precision, batch and checkpoint cadence."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Validation cadence."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """Prometheus endpoints and MFU."""
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    """Where and on how many ranks the job runs."""
+
+    def __post_init__(self):
+        if not self.run_dir:
+            raise SpecError("run_dir is empty; give the directory this run writes to")
+
+    def grad_accum(self, world_size: int) -> int:
+        """Micro-batches per step on `world_size` ranks (derived from train.global_batch when set)."""
+        if not self.train.global_batch:
+            return self.train.grad_accum
+        return self.train.global_batch // (self.train.micro_batch * world_size)
+
+    def global_batch(self, world_size: int) -> int:
+        return self.train.micro_batch * self.grad_accum(world_size) * world_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def digest(self) -> str:
+        """Hash of everything that changes what is trained (not where it runs or how often it saves)."""
+        plain = self.to_dict()
+        for volatile in ("launcher", "metrics", "run_dir"):
+            plain.pop(volatile, None)
+        for key in ("ckpt_every", "keep_checkpoints", "exit_after_steps", "log_every"):
+            plain["train"].pop(key, None)
+        return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+
+    def check_world(self, world_size: int) -> None:
+        """Combinations that only the world size reveals."""
+        if self.train.precision == "fp16" and self.train.device == "cpu":
+            raise SpecError("train.precision='fp16' is not supported on CPU; use 'bf16' or 'fp32'")
+        if world_size < 1:
+            raise SpecError(f"world size {world_size} must be >= 1")
+        per_step = self.train.micro_batch * world_size
+        if self.train.global_batch and self.train.global_batch % per_step:
+            raise SpecError(
+                f"train.global_batch={self.train.global_batch} is not divisible by train.micro_batch="
+                f"{self.train.micro_batch} x world size {world_size} = {per_step}; choose a global batch that "
+                f"is a multiple of {per_step} or change micro_batch")
+
+
+def _one_of(path: str, value, valid) -> None:
+    if value not in valid:
+        raise SpecError(f"{path}={value!r} is not valid; use one of {list(valid)}")
+
+
+def _positive(path: str, value) -> None:
+    if not (isinstance(value, int | float) and value > 0):
+        raise SpecError(f"{path}={value!r} must be a positive number")
+
+
+def _to_plain(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+def _describe_type(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(path: str, value, tp):
+    """Check ``value`` against the annotation ``tp`` (ints are accepted where floats are expected)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SpecError(f"{path} must be a mapping of {_describe_type(tp)} keys, got {value!r}")
+        return _build(path, tp, value)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(path, value, option)
+            except SpecError as error:
+                errors.append(str(error))
+        raise SpecError(f"{path}={value!r} has the wrong type; expected {_describe_type(tp)}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise SpecError(f"{path}={value!r} must be a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise SpecError(f"{path}={value!r} must be a list of {len(args)} values")
+        return tuple(_coerce(f"{path}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise SpecError(f"{path}={value!r} must be a mapping")
+        return {str(k): _coerce(f"{path}.{k}", v if value_type is not str or v is None else str(v), value_type)
+                for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SpecError(f"{path}={value!r} must be a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"{path}={value!r} must be an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise SpecError(f"{path}={value!r} must be true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise SpecError(f"{path}={value!r} must be a string")
+        return value
+    raise SpecError(f"{path}: unsupported field type {_describe_type(tp)}")
+
+
+def _build(prefix: str, cls, raw: dict):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(str(k) for k in raw if k not in fields)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise SpecError(f"unknown key {where}{unknown[0]}; valid keys{' of ' + prefix if prefix else ''}: "
+                        f"{sorted(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        path = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(path, value, hints[name])
+    missing = [name for name, f in fields.items() if name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise SpecError(f"missing key {prefix + '.' if prefix else ''}{missing[0]} (required)")
+    try:
+        return cls(**kwargs)
+    except SpecError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise SpecError(f"{prefix or 'spec'}: {error}") from None
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``a.b=value`` to the raw mapping (the value is parsed as YAML)."""
+    if "=" not in assignment:
+        raise SpecError(f"--set {assignment!r} must look like key.path=value")
+    path, text = assignment.split("=", 1)
+    keys = [k for k in path.strip().split(".") if k]
+    if not keys:
+        raise SpecError(f"--set {assignment!r} has an empty key path")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as error:
+        raise SpecError(f"--set {path}: value {text!r} is not valid YAML: {error}") from None
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {path}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def spec_from_dict(raw: Any) -> JobSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"a job spec must be a YAML mapping of sections, got {type(raw).__name__}")
+    return _build("", JobSpec, raw)
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Read, override and validate a job spec. Raises SpecError (exit code 2 in the CLI)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"job spec {path} does not exist; give the path of a YAML file such as jobs/smoke.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path} is not valid YAML: {error}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path} is not a text file") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a job spec must be a mapping of sections, got {type(raw).__name__}")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return spec_from_dict(raw)
+
+
+def write_resolved(spec: JobSpec, run_dir: Path) -> Path:
+    """Write the resolved spec into the run dir (atomically) and return its path."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "spec.yaml"
+    temporary = target.with_suffix(".yaml.tmp")
+    temporary.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    temporary.replace(target)
+    return target
