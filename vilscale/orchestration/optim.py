@@ -25,9 +25,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, spec: JobSpec) -> torch.optim.Optimizer:
-    # torch's AdamW: DeepSpeed would otherwise JIT-build its fused Adam, which CPU machines cannot use.
-    return torch.optim.AdamW(param_groups(model, spec.optim.weight_decay), lr=spec.optim.lr,
-                             betas=spec.optim.betas, eps=spec.optim.eps)
+    """torch's optimizers: DeepSpeed would otherwise JIT-build its fused Adam, which CPUs cannot use."""
+    groups = param_groups(model, spec.optim.weight_decay)
+    if spec.optim.name == "qhm":
+        # QHM with nu = 1: buffer = m * buffer + (1 - m) * grad; step = lr * buffer.
+        return torch.optim.SGD(groups, lr=spec.optim.lr, momentum=spec.optim.momentum,
+                               dampening=spec.optim.momentum)
+    return torch.optim.AdamW(groups, lr=spec.optim.lr, betas=spec.optim.betas, eps=spec.optim.eps)
 
 
 def peak_lr(spec: JobSpec, world_size: int) -> float:

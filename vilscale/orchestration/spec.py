@@ -59,6 +59,11 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class OptimConfig:
+    name: str = "adamw"
+    """"adamw" (pretraining) or "qhm" (the official 384 fine-tune: quasi-hyperbolic momentum with nu=1,
+    i.e. SGD whose buffer is an exponential average of the gradients)."""
+    momentum: float = 0.9
+    """Momentum of "qhm"."""
     lr: float = 1e-3
     """Peak learning rate at `lr_batch_ref` images per step (scaled linearly to the global batch)."""
     lr_batch_ref: int = 1024
@@ -75,6 +80,9 @@ class OptimConfig:
     """Exponential moving average of the weights (e.g. 0.9998); 0 disables it."""
 
     def __post_init__(self):
+        _one_of("optim.name", self.name, ("adamw", "qhm"))
+        if not 0 <= self.momentum < 1:
+            raise SpecError(f"optim.momentum={self.momentum!r} must be in [0, 1)")
         if not self.lr > 0:
             raise SpecError(f"optim.lr={self.lr!r} must be > 0")
         if self.lr_batch_ref < 0:
