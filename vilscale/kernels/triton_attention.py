@@ -1,0 +1,367 @@
+"""Fused Triton ViL attention: one pass per tile of the map, forward and backward.
+
+Semantics and layout are those of ``vilscale.kernels.reference`` (tokens ``(B, heads, G + H*W, d)``,
+global tokens first, ``chunk``/``exact`` windows, four bias tables).
+
+Forward: a program per (tile of local queries, batch x head) runs one online softmax over the
+global keys and the map rows its tile can see; global queries run a split-K flash attention over
+all tokens, whose partial results are merged on the host. Saved for backward: q, k, v, the output
+and the per-row log-sum-exp (no tokens x window tensor).
+
+Backward recomputes the scores: one kernel per tile of local queries (dq and this tile's partial
+gradient of the local bias table), one per tile of local keys (dk, dv: the visibility relation is
+symmetric, so a key tile walks the same rectangle a query tile would), and two split kernels for
+global queries and global keys. Every partial sum lands in its own slot of a buffer that torch
+reduces afterwards, so all gradients, bias tables included, are deterministic: no atomics at all.
+
+Kernels are compiled for CUDA tensors; with ``TRITON_INTERPRET=1`` in the environment before this
+module is first imported, they run on CPU tensors through Triton's interpreter (slow, for tests).
+Nothing here touches CUDA at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from vilscale.kernels.reference import WINDOW_MODES, validate_problem
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+MAX_HEAD_DIM = 128
+MAX_WINDOW = 32
+MAX_GRID_Y = 65535  # CUDA limit on the batch x heads grid axis
+# Tile shapes (TILE_Y, TILE_X) autotuned on GPU; the interpreter uses one fixed tile (no autotuning).
+GPU_TILES = ((4, 8), (8, 8), (8, 16), (16, 8))
+INTERPRETER_TILE = (4, 8)
+# Global queries/keys see every token; their kernels cut the local tokens into splits of this many
+# tokens (one program each) whose partial results are reduced on the host.
+GLOBAL_SPLIT_TOKENS = 1024
+BLOCK_G = 16
+
+
+def _next_pow2(value: int) -> int:
+    return 1 << max(0, (value - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    """The kernel module (imported on first use; raises ImportError when triton is missing)."""
+    from vilscale.kernels import _triton_vil
+
+    return _triton_vil
+
+
+def key_width(tile_x: int, window: int, chunk: bool, width: int) -> int:
+    """Length (a power of two, >= 16 for tl.dot) of the map row segment a tile of ``tile_x``
+    columns can see."""
+    if chunk:
+        chunks_spanned = -(-(tile_x - 1) // window) + 1
+        needed = (chunks_spanned + 2) * window
+    else:
+        needed = tile_x + 2 * window
+    return max(16, _next_pow2(min(needed, width)))
+
+
+def _heuristic_key_width(args) -> int:
+    return key_width(args["TILE_X"], args["WINDOW"], args["CHUNK"], args["W"])
+
+
+@functools.lru_cache(maxsize=1)
+def _local_launchers():
+    """The three tiled kernels, autotuned over GPU_TILES on GPU, fixed under the interpreter."""
+    import triton
+
+    kernels = _kernels()
+    wrapped = {}
+    for name in ("fwd_local_kernel", "bwd_local_dq_kernel", "bwd_local_dkdv_kernel"):
+        kernel = triton.heuristics({"KEY_W": _heuristic_key_width})(getattr(kernels, name))
+        if not kernels.INTERPRETED:
+            configs = [triton.Config({"TILE_Y": ty, "TILE_X": tx}, num_warps=warps)
+                       for ty, tx in GPU_TILES for warps in (4, 8)]
+            kernel = triton.autotune(configs, key=["H", "W", "G", "WINDOW", "CHUNK", "HEAD_DIM"])(kernel)
+        wrapped[name] = kernel
+    return wrapped
+
+
+def _launch_local(name: str, grid_bh: int, height: int, width: int, *args, **kwargs) -> tuple[int, int]:
+    """Launch a tiled kernel; returns the tile shape it ran with."""
+    kernel = _local_launchers()[name]
+
+    def grid(meta):
+        return (triton_cdiv(height, meta["TILE_Y"]) * triton_cdiv(width, meta["TILE_X"]), grid_bh)
+
+    if _kernels().INTERPRETED:
+        tile_y, tile_x = INTERPRETER_TILE
+        kernel[grid](*args, **kwargs, TILE_Y=tile_y, TILE_X=tile_x)
+        return tile_y, tile_x
+    kernel[grid](*args, **kwargs)
+    best = kernel.best_config.kwargs
+    return best["TILE_Y"], best["TILE_X"]
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _max_tiles(height: int, width: int) -> int:
+    tiles = [INTERPRETER_TILE] if _kernels().INTERPRETED else GPU_TILES
+    return max(triton_cdiv(height, ty) * triton_cdiv(width, tx) for ty, tx in tiles)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    map_hw: tuple[int, int]
+    num_global: int
+    window: int
+    mode: str
+    scale: float
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _common(q: torch.Tensor, problem: _Problem) -> dict:
+    kernels = _kernels()
+    head_dim = q.shape[3]
+    return dict(HEAD_DIM=head_dim, BLOCK_D=max(16, _next_pow2(head_dim)), BLOCK_G=BLOCK_G,
+                PRECISE=q.dtype == torch.float32,
+                UPCAST=kernels.INTERPRETED and q.dtype == torch.bfloat16)
+
+
+def _global_split(n_local: int) -> tuple[int, int, int]:
+    """(block of tokens, tokens per split, number of splits) for the global kernels."""
+    block_n = 16 if _kernels().INTERPRETED else 64
+    split = max(block_n, triton_cdiv(GLOBAL_SPLIT_TOKENS, block_n) * block_n)
+    return block_n, split, triton_cdiv(n_local, split)
+
+
+def _forward(q, k, v, tables, problem: _Problem):
+    kernels = _kernels()
+    local_bias, g2l, l2g, g2g = tables
+    batch, heads, n_tokens, head_dim = q.shape
+    height, width = problem.map_hw
+    n_global = problem.num_global
+    n_local = height * width
+    qk_scale = problem.scale * kernels.LOG2E
+    common = _common(q, problem)
+    out = torch.empty((batch, heads, n_tokens, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch * heads, n_tokens), dtype=torch.float32, device=q.device)
+    strides = (*_strides(q), *_strides(k), *_strides(v))
+    dummy = lse  # stands in for absent tables; never read (the HAS_* flags are off)
+
+    _launch_local("fwd_local_kernel", batch * heads, height, width,
+                  q, k, v, out, lse, _or(local_bias, dummy), _or(l2g, dummy), *strides,
+                  heads, n_global, height, width, qk_scale,
+                  WINDOW=problem.window, CHUNK=problem.mode == "chunk",
+                  HAS_LB=local_bias is not None, HAS_L2G=l2g is not None, **common)
+    if n_global:
+        block_n, split, n_splits = _global_split(n_local)
+        part_o = torch.empty((n_splits, batch * heads, n_global, head_dim), dtype=torch.float32, device=q.device)
+        part_m = torch.empty((n_splits, batch * heads, n_global), dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        grid = (n_splits, triton_cdiv(n_global, BLOCK_G), batch * heads)
+        kernels.fwd_global_kernel[grid](
+            q, k, v, part_o, part_m, part_l, _or(g2l, dummy), _or(g2g, dummy), *strides,
+            heads, n_global, n_local, split, qk_scale, BLOCK_N=block_n,
+            HAS_G2L=g2l is not None, HAS_G2G=g2g is not None, **common)
+        row_max = part_m.amax(0)
+        weight = torch.exp2(part_m - row_max)
+        total = (part_l * weight).sum(0)
+        merged = (part_o * weight[..., None]).sum(0) / total[..., None]
+        out[:, :, :n_global] = merged.view(batch, heads, n_global, head_dim).to(q.dtype)
+        lse[:, :n_global] = row_max + torch.log2(total)
+    return out, lse
+
+
+def _or(table, dummy):
+    return dummy if table is None else table
+
+
+def _backward(grad_out, q, k, v, out, lse, tables, problem: _Problem, needs_table_grad):
+    kernels = _kernels()
+    local_bias, g2l, l2g, g2g = tables
+    batch, heads, n_tokens, head_dim = q.shape
+    height, width = problem.map_hw
+    n_global = problem.num_global
+    n_local = height * width
+    window = problem.window
+    chunk = problem.mode == "chunk"
+    qk_scale = problem.scale * kernels.LOG2E
+    common = _common(q, problem)
+    device = q.device
+    grad_out = grad_out.contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1)  # (B, heads, N): rowsum(dO * O)
+    dq = torch.empty((batch, heads, n_tokens, head_dim), dtype=q.dtype, device=device)
+    dk = torch.empty_like(dq, dtype=k.dtype)
+    dv = torch.empty_like(dq, dtype=v.dtype)
+    strides = (*_strides(q), *_strides(k), *_strides(v))
+    dummy = lse
+
+    radius = 2 * window - 1 if chunk else window
+    offsets = _next_pow2(2 * radius + 1)
+    lb_grad = local_bias is not None and needs_table_grad[0]
+    if lb_grad:
+        lb_parts = torch.empty((batch * heads * _max_tiles(height, width), offsets, offsets),
+                               dtype=torch.float32, device=device)
+    else:
+        lb_parts = dummy
+    tile_y, tile_x = _launch_local(
+        "bwd_local_dq_kernel", batch * heads, height, width,
+        q, k, v, grad_out, lse, delta, dq, _or(local_bias, dummy), _or(l2g, dummy), lb_parts, *strides,
+        heads, n_global, height, width, qk_scale, problem.scale,
+        WINDOW=window, CHUNK=chunk, HAS_LB=local_bias is not None, HAS_L2G=l2g is not None,
+        LB_GRAD=lb_grad, RADIUS=radius, OFFSETS=offsets, **common)
+    _launch_local(
+        "bwd_local_dkdv_kernel", batch * heads, height, width,
+        q, k, v, grad_out, lse, delta, dk, dv, _or(local_bias, dummy), _or(g2l, dummy), *strides,
+        heads, n_global, height, width, qk_scale, problem.scale,
+        WINDOW=window, CHUNK=chunk, HAS_LB=local_bias is not None, HAS_G2L=g2l is not None, **common)
+
+    d_local_bias = d_g2l = d_l2g = d_g2g = None
+    if lb_grad:
+        n_tiles = triton_cdiv(height, tile_y) * triton_cdiv(width, tile_x)
+        grid_sum = lb_parts[:batch * heads * n_tiles].view(batch, heads, n_tiles, offsets, offsets).sum((0, 2))
+        side = 4 * window - 1
+        start = 2 * window - 1 - radius
+        table = torch.zeros((heads, side, side), dtype=torch.float32, device=device)
+        table[:, start:start + 2 * radius + 1, start:start + 2 * radius + 1] = \
+            grid_sum[:, :2 * radius + 1, :2 * radius + 1]
+        d_local_bias = table.view(heads, side * side).to(local_bias.dtype)
+
+    if n_global:
+        block_n, split, n_splits = _global_split(n_local)
+        bh = batch * heads
+        grid = (n_splits, triton_cdiv(n_global, BLOCK_G), bh)
+        part_dq = torch.empty((n_splits, bh, n_global, head_dim), dtype=torch.float32, device=device)
+        part_g2l = torch.empty((n_splits, bh, n_global), dtype=torch.float32, device=device)
+        part_g2g = torch.empty((bh, n_global, n_global), dtype=torch.float32, device=device)
+        kernels.bwd_global_dq_kernel[grid](
+            q, k, v, grad_out, lse, delta, part_dq, part_g2l, part_g2g, _or(g2l, dummy), _or(g2g, dummy),
+            *strides, heads, n_global, n_local, split, qk_scale, BLOCK_N=block_n,
+            HAS_G2L=g2l is not None, HAS_G2G=g2g is not None, **common)
+        part_dk = torch.empty((n_splits, bh, n_global, head_dim), dtype=torch.float32, device=device)
+        part_dv = torch.empty_like(part_dk)
+        part_l2g = torch.empty((n_splits, bh, n_global), dtype=torch.float32, device=device)
+        kernels.bwd_global_dkdv_kernel[grid](
+            q, k, v, grad_out, lse, delta, part_dk, part_dv, part_l2g, _or(l2g, dummy), _or(g2g, dummy),
+            *strides, heads, n_global, n_local, split, qk_scale, BLOCK_N=block_n,
+            HAS_L2G=l2g is not None, HAS_G2G=g2g is not None, **common)
+        dq[:, :, :n_global] = (part_dq.sum(0) * problem.scale).view(batch, heads, n_global, head_dim)
+        dk[:, :, :n_global] = (part_dk.sum(0) * problem.scale).view(batch, heads, n_global, head_dim)
+        dv[:, :, :n_global] = part_dv.sum(0).view(batch, heads, n_global, head_dim)
+        if g2l is not None:
+            d_g2l = part_g2l.sum(0).view(batch, heads, n_global).sum(0).to(g2l.dtype)
+        if l2g is not None:
+            d_l2g = part_l2g.sum(0).view(batch, heads, n_global).sum(0).to(l2g.dtype)
+        if g2g is not None:
+            d_g2g = part_g2g.view(batch, heads, n_global, n_global).sum(0).to(g2g.dtype)
+    return dq, dk, dv, d_local_bias, d_g2l, d_l2g, d_g2g
+
+
+class ViLAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: ``apply(q, k, v, local_bias, g2l_bias, l2g_bias, g2g_bias, problem)``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, local_bias, g2l_bias, l2g_bias, g2g_bias, problem: _Problem):
+        tables = (local_bias, g2l_bias, l2g_bias, g2g_bias)
+        out, lse = _forward(q, k, v, tables, problem)
+        ctx.save_for_backward(q, k, v, out, lse, *tables)
+        ctx.problem = problem
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, *tables = ctx.saved_tensors
+        grads = _backward(grad_out, q, k, v, out, lse, tables, ctx.problem, ctx.needs_input_grad[3:7])
+        return (*grads, None)
+
+
+def _table(table, name, shape, device):
+    """The table as a contiguous tensor on the device of q, or None when absent or empty."""
+    if table is None:
+        return None
+    if tuple(table.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(table.shape)}")
+    if table.device != device:
+        raise ValueError(f"{name} is on {table.device} but q is on {device}; move the tables to q's device")
+    if table.numel() == 0:
+        return None
+    return table.contiguous()
+
+
+def vil_attention_triton(q, k, v, *, map_hw, num_global, window, mode="chunk", scale=None, local_bias=None,
+                         g2l_bias=None, l2g_bias=None, g2g_bias=None) -> torch.Tensor:
+    """ViL attention through the fused kernels; differentiable w.r.t. q, k, v and every table."""
+    validate_problem(q, k, v, map_hw=map_hw, num_global=num_global, window=window, mode=mode)
+    reason = BACKEND.can_run(q, map_hw=map_hw, num_global=num_global, window=window, mode=mode)
+    if reason is not None:
+        raise ValueError(f"the triton backend cannot run this problem: {reason}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    heads, head_dim = q.shape[1], q.shape[3]
+    side = (4 * window - 1) ** 2
+    tables = (_table(local_bias, "local_bias", (heads, side), q.device),
+              _table(g2l_bias, "g2l_bias", (heads, num_global), q.device),
+              _table(l2g_bias, "l2g_bias", (heads, num_global), q.device),
+              _table(g2g_bias, "g2g_bias", (heads, num_global, num_global), q.device))
+    problem = _Problem(map_hw=(int(map_hw[0]), int(map_hw[1])), num_global=int(num_global), window=int(window),
+                       mode=mode, scale=float(head_dim ** -0.5 if scale is None else scale))
+    out = ViLAttentionFunction.apply(q, k, v, *tables, problem)
+    # Empty tables (no global tokens) still get a (zero-size) gradient through this no-op.
+    for table in (g2l_bias, l2g_bias, g2g_bias):
+        if table is not None and table.numel() == 0 and table.requires_grad:
+            out = out + table.sum().to(out.dtype)
+    return out
+
+
+class _TritonBackend:
+    name = "triton"
+
+    def can_run(self, q, *, map_hw, num_global, window, mode) -> str | None:
+        try:
+            kernels = _kernels()
+        except ImportError as error:
+            return f"triton is not importable ({error}); install it with `pip install triton`"
+        if q.dtype not in DTYPE_NAMES:
+            return f"dtype {q.dtype} is not supported; use one of {list(DTYPE_NAMES)}"
+        head_dim = q.shape[-1]
+        if head_dim % 16 or not 16 <= head_dim <= MAX_HEAD_DIM:
+            return f"head dim {head_dim} is not supported; it must be a multiple of 16 up to {MAX_HEAD_DIM}"
+        if mode not in WINDOW_MODES:
+            return f"window mode {mode!r} is not one of {WINDOW_MODES}"
+        if not 1 <= window <= MAX_WINDOW:
+            return f"window {window} is outside the supported range 1..{MAX_WINDOW}"
+        if q.shape[0] * q.shape[1] > MAX_GRID_Y:
+            return f"batch x heads = {q.shape[0] * q.shape[1]} exceeds {MAX_GRID_Y} (CUDA grid limit)"
+        if q.device.type == "cuda":
+            if kernels.INTERPRETED:
+                return None
+            major, minor = torch.cuda.get_device_capability(q.device)
+            if major < 7:
+                return f"CUDA capability {major}.{minor} is too old for Triton; it needs 7.0 or newer"
+            if q.dtype == torch.bfloat16 and major < 8:
+                return f"bf16 needs CUDA capability 8.0 or newer, this device has {major}.{minor}; use fp16"
+            return None
+        if q.device.type == "cpu":
+            if kernels.INTERPRETED:
+                return None
+            return ("q is on the CPU and Triton's interpreter is off: use a CUDA device, or set "
+                    "TRITON_INTERPRET=1 before the process starts to run the kernels (slowly) on CPU")
+        return f"device type {q.device.type!r} is not supported; use CUDA (or CPU with TRITON_INTERPRET=1)"
+
+    def forward(self, q, k, v, *, map_hw, num_global, window, mode, scale=None, local_bias=None, g2l_bias=None,
+                l2g_bias=None, g2g_bias=None):
+        return vil_attention_triton(q, k, v, map_hw=map_hw, num_global=num_global, window=window, mode=mode,
+                                    scale=scale, local_bias=local_bias, g2l_bias=g2l_bias, l2g_bias=l2g_bias,
+                                    g2g_bias=g2g_bias)
+
+
+BACKEND = _TritonBackend()
+
+__all__ = ["BACKEND", "ViLAttentionFunction", "key_width", "vil_attention_triton"]
