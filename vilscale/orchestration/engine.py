@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,15 @@ class RankContext:
     """Rank on this node (selects the GPU)."""
     device: torch.device
     """Where the model and batches live."""
+
+
+def use_environment_ninja() -> None:
+    """Put this interpreter's bin folder first on PATH: DeepSpeed rebuilds its JIT op (a minute and
+    several GB on a small machine) whenever the ninja it finds changes, and `make setup` built it with
+    the environment's ninja."""
+    bin_dir = os.path.dirname(sys.executable)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
 def free_port() -> int:

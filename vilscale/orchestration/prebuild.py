@@ -34,6 +34,9 @@ def clear_stale_locks(root: Path) -> list[Path]:
 
 def main() -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from vilscale.orchestration.engine import use_environment_ninja
+
+    use_environment_ninja()
     root = torch_extensions_root()
     for lock in clear_stale_locks(root):
         print(f"removed a stale build lock left by an interrupted build: {lock}")

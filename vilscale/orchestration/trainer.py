@@ -24,6 +24,7 @@ from vilscale.orchestration.engine import (
     build_model,
     deepspeed_config,
     init_distributed,
+    use_environment_ninja,
 )
 from vilscale.orchestration.evaluation import evaluate
 from vilscale.orchestration.metrics import TrainingMetrics, device_peak_flops
@@ -82,6 +83,7 @@ def run_worker(spec: JobSpec, *, run_id: str | None = None, fault_hook=None) -> 
 
     ``fault_hook(step, loss) -> loss`` lets the fault-injection tests replace a step's loss.
     """
+    use_environment_ninja()
     import deepspeed
 
     from vilscale.data.augment import BatchAugment
