@@ -84,12 +84,21 @@ def run_worker(spec: JobSpec, *, run_id: str | None = None, fault_hook=None) -> 
     ``fault_hook(step, loss) -> loss`` lets the fault-injection tests replace a step's loss.
     """
     use_environment_ninja()
+    owns_group = not dist.is_initialized()
+    ctx = init_distributed(spec)
+    try:
+        return _train(spec, ctx, run_id=run_id, fault_hook=fault_hook)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(spec: JobSpec, ctx: RankContext, *, run_id: str | None, fault_hook) -> dict:
     import deepspeed
 
     from vilscale.data.augment import BatchAugment
     from vilscale.data.loader import ShardedLoader
 
-    ctx = init_distributed(spec)
     spec.check_world(ctx.world_size)
     if spec.optim.ema_decay and spec.train.zero_stage == 3:
         raise SpecError("optim.ema_decay needs full parameters on every rank; use train.zero_stage <= 2 with EMA")
@@ -168,102 +177,105 @@ def run_worker(spec: JobSpec, *, run_id: str | None = None, fault_hook=None) -> 
         metrics.last_checkpoint.set(time.time())
         _log(ctx, f"checkpoint at step {state.step} ({reason})")
 
-    progress = _progress_bar(ctx, total_steps, state.step)
-    launch_start_step = state.step
-    last_saved_step = state.step if manifest is not None else -1
-    window_start, window_images = time.perf_counter(), 0
-    exit_early = False
-    while state.step < total_steps and not exit_early:
-        if not resumed_mid_epoch:
-            train_loader.set_epoch(state.epoch)
-            state.micro_in_epoch = 0
-        resumed_mid_epoch = False
-        batches = iter(train_loader)
-        while state.micro_in_epoch + accum <= steps_per_epoch * accum and state.step < total_steps:
-            step_start = time.perf_counter()
-            lr = lr_at(state.step, **schedule)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
-            losses, data_wait, skipped = [], 0.0, False
-            for _ in range(accum):
-                wait_start = time.perf_counter()
-                images, labels = next(batches)
-                data_wait += time.perf_counter() - wait_start
-                state.micro_in_epoch += 1
-                images, targets = augment(images, labels, step=state.step)
-                logits = engine(images.to(compute_dtype))
-                loss = torch.sum(-targets * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-                if fault_hook is not None:
-                    loss = fault_hook(state.step, loss)
-                if not _finite_everywhere(loss, ctx.device):
-                    skipped = True
+    progress = None
+    try:
+        progress = _progress_bar(ctx, total_steps, state.step)
+        launch_start_step = state.step
+        last_saved_step = state.step if manifest is not None else -1
+        window_start, window_images = time.perf_counter(), 0
+        exit_early = False
+        while state.step < total_steps and not exit_early:
+            if not resumed_mid_epoch:
+                train_loader.set_epoch(state.epoch)
+                state.micro_in_epoch = 0
+            resumed_mid_epoch = False
+            batches = iter(train_loader)
+            while state.micro_in_epoch + accum <= steps_per_epoch * accum and state.step < total_steps:
+                step_start = time.perf_counter()
+                lr = lr_at(state.step, **schedule)
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = lr
+                losses, data_wait, skipped = [], 0.0, False
+                for _ in range(accum):
+                    wait_start = time.perf_counter()
+                    images, labels = next(batches)
+                    data_wait += time.perf_counter() - wait_start
+                    state.micro_in_epoch += 1
+                    images, targets = augment(images, labels, step=state.step)
+                    logits = engine(images.to(compute_dtype))
+                    loss = torch.sum(-targets * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+                    if fault_hook is not None:
+                        loss = fault_hook(state.step, loss)
+                    if not _finite_everywhere(loss, ctx.device):
+                        skipped = True
+                        if accum == 1:
+                            break
+                        engine.step()  # keeps DeepSpeed's accumulation counter aligned; no gradient added
+                        continue
+                    engine.backward(loss)
+                    engine.step()
+                    losses.append(loss.detach())
+                if skipped:
+                    state.bad_in_row += 1
+                    state.nonfinite_total += 1
+                    metrics.nonfinite.inc()
+                    _log(ctx, f"step {state.step}: non-finite loss, step skipped "
+                              f"({state.bad_in_row} in a row, {state.nonfinite_total} in total)")
+                    if state.bad_in_row >= spec.train.max_bad_steps:
+                        _restore_last_good(checkpointer, engine, ctx)
+                        raise NonFiniteLossError(
+                            f"{state.bad_in_row} non-finite losses in a row at step {state.step}; restored the last "
+                            f"good checkpoint and stopped. Lower optim.lr, enable optim.clip_grad, or check the data.")
                     if accum == 1:
-                        break
-                    engine.step()  # keeps DeepSpeed's accumulation counter aligned; no gradient added
-                    continue
-                engine.backward(loss)
-                engine.step()
-                losses.append(loss.detach())
-            if skipped:
-                state.bad_in_row += 1
-                state.nonfinite_total += 1
-                metrics.nonfinite.inc()
-                _log(ctx, f"step {state.step}: non-finite loss, step skipped "
-                          f"({state.bad_in_row} in a row, {state.nonfinite_total} in total)")
-                if state.bad_in_row >= spec.train.max_bad_steps:
-                    _restore_last_good(checkpointer, engine, ctx)
-                    raise NonFiniteLossError(
-                        f"{state.bad_in_row} non-finite losses in a row at step {state.step}; restored the last "
-                        f"good checkpoint and stopped. Lower optim.lr, enable optim.clip_grad, or check the data.")
-                if accum == 1:
-                    state.step += 1
-                    continue
-            else:
-                state.bad_in_row = 0
-            state.step += 1
-            if ema is not None:
-                ema.update(engine.module)
-            images_done = spec.train.micro_batch * accum
-            window_images += images_done
-            metrics.samples.inc(images_done)
-            metrics.steps.inc()
-            metrics.step_duration.observe(time.perf_counter() - step_start)
-            metrics.data_wait.observe(data_wait)
-            if losses:
-                loss_value = torch.stack(losses).mean().item()
-                metrics.loss.set(loss_value)
-            metrics.learning_rate.set(lr)
-            if progress is not None:
-                progress.update(1)
-            if state.step % spec.train.log_every == 0 or state.step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                throughput = window_images / elapsed if elapsed > 0 else 0.0
-                grad_norm = engine.get_global_grad_norm()
-                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-                record = _step_record(state, lr, loss_value if losses else float("nan"), grad_norm,
-                                      throughput, flops_per_image, peak, ctx, metrics, data_wait)
-                metrics.log(record)
+                        state.step += 1
+                        continue
+                else:
+                    state.bad_in_row = 0
+                state.step += 1
+                if ema is not None:
+                    ema.update(engine.module)
+                images_done = spec.train.micro_batch * accum
+                window_images += images_done
+                metrics.samples.inc(images_done)
+                metrics.steps.inc()
+                metrics.step_duration.observe(time.perf_counter() - step_start)
+                metrics.data_wait.observe(data_wait)
+                if losses:
+                    loss_value = torch.stack(losses).mean().item()
+                    metrics.loss.set(loss_value)
+                metrics.learning_rate.set(lr)
                 if progress is not None:
-                    progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{throughput * ctx.world_size:.0f}")
-                window_start, window_images = time.perf_counter(), 0
-            if state.step % spec.train.ckpt_every == 0:
-                save("every ckpt_every steps")
-                last_saved_step = state.step
-            if spec.train.exit_after_steps and state.step - launch_start_step >= spec.train.exit_after_steps:
-                exit_early = True
-                break
-        epoch_done = state.micro_in_epoch + accum > steps_per_epoch * accum
-        if epoch_done:
-            state.epoch += 1
-            if state.epoch % spec.eval.every_epochs == 0 or state.step >= total_steps:
-                state.last_eval = _evaluate(spec, engine, ema, ctx, metrics, state)
-    if last_saved_step != state.step:
-        save("end of this launch" if exit_early else "end of training")
-    if not exit_early and not state.last_eval:
-        state.last_eval = _evaluate(spec, engine, ema, ctx, metrics, state)
-    if progress is not None:
-        progress.close()
-    metrics.close()
+                    progress.update(1)
+                if state.step % spec.train.log_every == 0 or state.step == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    throughput = window_images / elapsed if elapsed > 0 else 0.0
+                    grad_norm = engine.get_global_grad_norm()
+                    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+                    record = _step_record(state, lr, loss_value if losses else float("nan"), grad_norm,
+                                          throughput, flops_per_image, peak, ctx, metrics, data_wait)
+                    metrics.log(record)
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{throughput * ctx.world_size:.0f}")
+                    window_start, window_images = time.perf_counter(), 0
+                if state.step % spec.train.ckpt_every == 0:
+                    save("every ckpt_every steps")
+                    last_saved_step = state.step
+                if spec.train.exit_after_steps and state.step - launch_start_step >= spec.train.exit_after_steps:
+                    exit_early = True
+                    break
+            epoch_done = state.micro_in_epoch + accum > steps_per_epoch * accum
+            if epoch_done:
+                state.epoch += 1
+                if state.epoch % spec.eval.every_epochs == 0 or state.step >= total_steps:
+                    state.last_eval = _evaluate(spec, engine, ema, ctx, metrics, state)
+        if last_saved_step != state.step:
+            save("end of this launch" if exit_early else "end of training")
+        if not exit_early and not state.last_eval:
+            state.last_eval = _evaluate(spec, engine, ema, ctx, metrics, state)
+    finally:
+        if progress is not None:
+            progress.close()
+        metrics.close()
     summary = {"step": state.step, "epoch": state.epoch, "total_steps": total_steps, "exited_early": exit_early,
                "nonfinite_steps": state.nonfinite_total, "run_id": run_id, **state.last_eval}
     if ctx.rank == 0:
