@@ -1,0 +1,95 @@
+"""`vilscale prepare {imagefolder,imagenet21k,digits}`: write FFCV shards and their manifest.json.
+
+    vilscale prepare imagefolder /data/imagenet/train /shards/in1k/train
+    vilscale prepare imagefolder /data/imagenet/val /shards/in1k/val --classes /shards/in1k/train/manifest.json
+    vilscale prepare imagenet21k /data/imagenet21k /shards/in21k --shard-size-mb 512 --max-side 320
+    vilscale prepare digits /shards/digits          # -> /shards/digits/{train,val}/manifest.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _common_options(parser: argparse.ArgumentParser, *, max_side: int, compress: float, page_mb: int) -> None:
+    count = parser.add_mutually_exclusive_group()
+    count.add_argument("--num-shards", type=int, default=None, help="number of shards (equal sample counts)")
+    count.add_argument("--shard-size-mb", type=float, default=None,
+                       help="approximate shard size in MB, from the source sizes (default: 256)")
+    parser.add_argument("--max-side", type=int, default=max_side,
+                        help=f"resize images whose longer side exceeds this; 0 keeps them (default: {max_side})")
+    parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of stored images (default: 90)")
+    parser.add_argument("--compress-probability", type=float, default=compress,
+                        help=f"fraction of images stored as JPEG, the rest raw (default: {compress})")
+    parser.add_argument("--page-size-mb", type=int, default=page_mb,
+                        help=f"FFCV page size in MiB, a power of two >= 2 (default: {page_mb})")
+    parser.add_argument("--workers", type=int, default=0, help="parallel writer processes (default: one per core)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle (default: 0)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete shards of another source or other settings found in OUT")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when "
+                        "stderr is not a terminal)")
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Re-running the same command after an interruption keeps the finished shards (verified by "
+                     "checksum) and writes only the rest.")
+    sources = parser.add_subparsers(dest="source_kind", metavar="SOURCE", required=True)
+    folder = sources.add_parser("imagefolder", help="one folder per class (ImageNet-1K train/ or val/)")
+    folder.add_argument("src", metavar="SRC", help="folder with one sub-folder of images per class")
+    folder.add_argument("out", metavar="OUT", help="output folder for the shards and manifest.json")
+    folder.add_argument("--classes", default=None, metavar="FILE",
+                        help="class list (one name per line, or a manifest.json) fixing the class indices")
+    _common_options(folder, max_side=512, compress=1.0, page_mb=8)
+    in21k = sources.add_parser("imagenet21k", help="per-synset tar files (n01440764.tar) or per-synset folders")
+    in21k.add_argument("src", metavar="SRC", help="folder with the per-synset tar files or folders")
+    in21k.add_argument("out", metavar="OUT", help="output folder for the shards and manifest.json")
+    in21k.add_argument("--classes", default=None, metavar="FILE",
+                       help="class list (one synset per line, or a manifest.json) fixing the class indices")
+    _common_options(in21k, max_side=512, compress=1.0, page_mb=8)
+    digits = sources.add_parser("digits", help="scikit-learn's handwritten digits (the quickstart data)")
+    digits.add_argument("out", metavar="OUT", help="output folder; writes OUT/train and OUT/val")
+    digits.add_argument("--side", type=int, default=32, help="image side after upscaling (default: 32)")
+    digits.add_argument("--num-shards", type=int, default=4, help="shards per split (default: 4)")
+    digits.add_argument("--workers", type=int, default=0, help="parallel writer processes (default: one per core)")
+    digits.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle (default: 0)")
+    digits.add_argument("--overwrite", action="store_true", help="delete shards of other settings found in OUT")
+    digits.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vilscale.data.manifest import DataError
+    from vilscale.data.writer import (
+        WriterSettings,
+        prepare,
+        prepare_digits,
+        scan_imagefolder,
+        scan_imagenet21k,
+        summarize_skipped,
+    )
+
+    progress = False if args.no_progress else None
+    try:
+        if args.source_kind == "digits":
+            manifests = prepare_digits(args.out, side=args.side, num_shards=args.num_shards, seed=args.seed,
+                                       workers=args.workers, overwrite=args.overwrite, progress=progress)
+        else:
+            settings = WriterSettings(max_side=args.max_side, jpeg_quality=args.jpeg_quality,
+                                      compress_probability=args.compress_probability,
+                                      page_size=args.page_size_mb << 20, seed=args.seed)
+            if args.source_kind == "imagefolder":
+                plan = scan_imagefolder(args.src, args.classes)
+            else:
+                plan = scan_imagenet21k(args.src, args.classes, workers=args.workers or 8)
+            manifests = [prepare(plan, args.out, num_shards=args.num_shards, shard_size_mb=args.shard_size_mb,
+                                 settings=settings, workers=args.workers, overwrite=args.overwrite,
+                                 progress=progress)]
+    except DataError as error:
+        print(f"vilscale prepare: error: {error}", file=sys.stderr)
+        return 2
+    for manifest in manifests:
+        if manifest.skipped:
+            print(f"{manifest.path}: skipped {len(manifest.skipped)} unreadable image(s):\n"
+                  f"{summarize_skipped(list(manifest.skipped))}", file=sys.stderr)
+    return 0

@@ -1,0 +1,139 @@
+"""Configuration of the data path: where the shards are and how they are read (`DataConfig`), and the
+paper's training augmentation (`AugmentConfig`).
+
+Both are frozen keyword-only dataclasses whose fields are plain scalars or tuples of scalars, so a
+YAML job spec maps onto them directly. Every field can be turned off (0 / False) where that makes
+sense; the CPU demo turns most of the augmentation off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _check(ok: bool, field: str, value, valid: str) -> None:
+    if not ok:
+        raise ValueError(f"{field}={value!r} is not valid; {valid}")
+
+
+def _check_pair(field: str, value, low: float, high: float) -> None:
+    _check(isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value),
+           field, value, "give a pair (low, high) of numbers")
+    _check(low <= value[0] <= value[1] <= high, field, value, f"need {low} <= low <= high <= {high}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataConfig:
+    train_manifest: str = ""
+    """Path to the training shards' manifest.json (written by `vilscale prepare`); "" when not used."""
+    val_manifest: str = ""
+    """Path to the validation shards' manifest.json; "" when not used."""
+    img_size: int = 224
+    """Side of the square crops the loader produces (training and validation)."""
+    num_workers: int = 2
+    """Decode threads per rank (numba threads of the FFCV pipeline)."""
+    os_cache: bool = True
+    """True: read shards through the OS page cache (mmap; shared by the ranks of a node). False: each process
+    reads the pages it needs into its own memory (for datasets much larger than RAM)."""
+    drop_last: bool = True
+    """Training remainder policy. True: every rank yields `len(loader)` full batches and the few samples left
+    over (fewer than world_size x (batch + 1)) are skipped this epoch; which ones changes every epoch.
+    False: the last batch of each rank is filled up with samples from the start of that rank's epoch order,
+    so every sample is seen and a few are seen twice. Validation never drops anything."""
+    val_resize_ratio: float = 224 / 256
+    """Validation centre crop: crop side = ratio x shorter image side, then resized to `img_size`."""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    """Per-channel mean (RGB, in [0, 1] units) subtracted after scaling uint8 images to [0, 1]."""
+    std: tuple[float, float, float] = IMAGENET_STD
+    """Per-channel standard deviation (RGB, in [0, 1] units) divided after subtracting the mean."""
+    batches_ahead: int = 3
+    """Batches each rank decodes ahead of the training loop."""
+    shuffle_block: int = 64
+    """Training order: a rank's samples are shuffled in blocks of this many consecutive samples of a shard
+    (about one 8 MiB FFCV page of ImageNet JPEGs), so reads stay local inside a shard."""
+    shuffle_window: int = 8
+    """Training order: samples are shuffled freely inside a window of this many blocks."""
+    verify_checksums: bool = True
+    """Check every shard this rank reads against the manifest's sha256 before the first epoch. A verified
+    shard is remembered (by path, size and mtime) under $VILSCALE_CACHE_DIR (default ~/.cache/vilscale), so a
+    restart does not hash it again."""
+
+    def __post_init__(self):
+        _check(isinstance(self.img_size, int) and self.img_size >= 8, "data.img_size", self.img_size,
+               "use an integer >= 8")
+        _check(isinstance(self.num_workers, int) and self.num_workers >= 1, "data.num_workers", self.num_workers,
+               "use an integer >= 1")
+        _check(0.0 < self.val_resize_ratio <= 1.0, "data.val_resize_ratio", self.val_resize_ratio,
+               "use a ratio in (0, 1], e.g. 0.875 (224/256)")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            _check(isinstance(value, tuple) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value),
+                   f"data.{name}", value, "give three numbers (R, G, B) in [0, 1] units")
+        _check(all(s > 0 for s in self.std), "data.std", self.std, "every standard deviation must be > 0")
+        _check(isinstance(self.batches_ahead, int) and self.batches_ahead >= 1, "data.batches_ahead",
+               self.batches_ahead, "use an integer >= 1")
+        _check(isinstance(self.shuffle_block, int) and self.shuffle_block >= 1, "data.shuffle_block",
+               self.shuffle_block, "use an integer >= 1")
+        _check(isinstance(self.shuffle_window, int) and self.shuffle_window >= 1, "data.shuffle_window",
+               self.shuffle_window, "use an integer >= 1")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AugmentConfig:
+    rrc_scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop area range (fraction of the image), done in the FFCV decoder; (1.0, 1.0) with
+    `rrc_ratio` (1.0, 1.0) gives a plain resize of the centre square."""
+    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """RandomResizedCrop aspect-ratio range."""
+    hflip: float = 0.5
+    """Probability of a horizontal flip (done in the decoder); 0 turns it off."""
+    randaugment: bool = True
+    """RandAugment (2 operations) on the training device; False turns it off."""
+    randaugment_magnitude: float = 9.0
+    """RandAugment magnitude on timm's 0..10 scale (the paper's m9)."""
+    randaugment_mstd: float = 0.5
+    """Standard deviation of the magnitude noise (the paper's mstd 0.5); 0 keeps the magnitude fixed."""
+    randaugment_groups: int = 8
+    """The batch is split into this many groups, each drawing its own two operations and magnitude."""
+    color_jitter: float = 0.4
+    """Brightness/contrast/saturation jitter strength. As in timm (which the paper's code uses) it is applied
+    only when `randaugment` is off; 0 turns it off."""
+    random_erasing: float = 0.25
+    """Probability of erasing one random rectangle (after normalisation, filled with 0 = the mean colour)."""
+    mixup_alpha: float = 0.8
+    """Beta(alpha, alpha) of mixup; 0 turns mixup off."""
+    cutmix_alpha: float = 1.0
+    """Beta(alpha, alpha) of cutmix; 0 turns cutmix off."""
+    mix_prob: float = 1.0
+    """Probability that a batch is mixed at all (when mixup or cutmix is on)."""
+    switch_prob: float = 0.5
+    """When both are on: probability of cutmix instead of mixup for a batch."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the soft targets; 0 turns it off."""
+
+    def __post_init__(self):
+        _check_pair("augment.rrc_scale", self.rrc_scale, 0.0, 1.0)
+        _check(self.rrc_scale[1] > 0, "augment.rrc_scale", self.rrc_scale, "the upper area bound must be > 0")
+        _check_pair("augment.rrc_ratio", self.rrc_ratio, 1e-3, 1e3)
+        for name in ("hflip", "random_erasing", "mix_prob", "switch_prob"):
+            value = getattr(self, name)
+            _check(0.0 <= value <= 1.0, f"augment.{name}", value, "a probability must be in [0, 1]")
+        _check(0.0 <= self.randaugment_magnitude <= 10.0, "augment.randaugment_magnitude",
+               self.randaugment_magnitude, "use a magnitude in [0, 10] (timm's scale; the paper uses 9)")
+        _check(self.randaugment_mstd >= 0.0, "augment.randaugment_mstd", self.randaugment_mstd, "use a value >= 0")
+        _check(isinstance(self.randaugment_groups, int) and self.randaugment_groups >= 1,
+               "augment.randaugment_groups", self.randaugment_groups, "use an integer >= 1")
+        _check(0.0 <= self.color_jitter <= 1.0, "augment.color_jitter", self.color_jitter, "use a value in [0, 1]")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            value = getattr(self, name)
+            _check(value >= 0.0, f"augment.{name}", value, "use an alpha >= 0 (0 turns it off)")
+        _check(0.0 <= self.label_smoothing < 1.0, "augment.label_smoothing", self.label_smoothing,
+               "use a value in [0, 1)")
+
+    @property
+    def mixes(self) -> bool:
+        """True when mixup or cutmix can change a batch."""
+        return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)

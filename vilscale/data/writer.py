@@ -1,0 +1,504 @@
+"""Write a dataset as FFCV shards plus a `manifest.json` (see `vilscale.data.manifest` for its layout).
+
+Sources: an ImageFolder (one folder per class, ImageNet-1K's train/ and val/ layout), ImageNet-21K (a
+folder of per-synset tar files such as ``n01440764.tar``, or per-synset folders) and scikit-learn's
+handwritten digits (the quickstart data).
+
+How it is written:
+- The samples are shuffled once (seeded) and cut into ``num_shards`` shards of equal sample count, so every
+  shard is a random mix of classes and a rank that reads a few shards still sees all classes.
+- Shards are written in parallel, one shard per worker process at a time; each worker decodes its images
+  with Pillow and hands them to FFCV's `RGBImageField` (resize to ``max_side``, JPEG or raw storage).
+- A corrupt or unreadable image is skipped and listed in the manifest's ``skipped``; it never aborts.
+- A shard is written under a temporary name and renamed when complete; a state file records every
+  finished shard with its sha256. Running the same command again after an interruption keeps the
+  finished shards whose checksum still matches and writes only the rest. The same source and settings
+  give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import tarfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vilscale.data.manifest import FORMAT, DataError, Manifest, load_manifest, sha256_of
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".gif", ".tif", ".tiff")
+STATE_NAME = ".prepare-state.json"
+MAX_FFCV_SIDE = 65535  # FFCV stores heights and widths as uint16
+
+
+@dataclass(frozen=True, slots=True)
+class WriterSettings:
+    max_side: int = 512
+    """Images whose longer side exceeds this are resized down to it (0: keep the original size)."""
+    jpeg_quality: int = 90
+    """JPEG quality of the stored images."""
+    compress_probability: float = 1.0
+    """Fraction of images stored as JPEG; the rest are stored raw (faster to decode, larger)."""
+    page_size: int = 8 << 20
+    """FFCV page size in bytes (a power of two >= 2 MiB, larger than any stored image)."""
+    seed: int = 0
+    """Seed of the sample shuffle and of the JPEG/raw choice."""
+
+    def __post_init__(self):
+        if self.max_side < 0:
+            raise DataError(f"max_side={self.max_side} must be >= 0 (0 keeps the original size)")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise DataError(f"jpeg_quality={self.jpeg_quality} must be in [1, 100]")
+        if not 0.0 <= self.compress_probability <= 1.0:
+            raise DataError(f"compress_probability={self.compress_probability} must be in [0, 1]")
+        if self.page_size < (2 << 20) or self.page_size & (self.page_size - 1):
+            raise DataError(f"page_size={self.page_size} must be a power of two >= 2 MiB")
+
+
+@dataclass(slots=True)
+class Plan:
+    """Everything to write: one entry per candidate sample, before shuffling."""
+
+    kind: str
+    source: str
+    classes: list[str]
+    refs: list
+    """Per sample: ("file", path) | ("tar", tar_path, offset, size) | ("array", uint8 HxWx3 ndarray)."""
+    names: list[str]
+    """Per sample: the name reported in `skipped` (path relative to the source, or tar:member)."""
+    labels: list[int]
+    approx_bytes: int
+    """Rough size of the stored data (source file sizes), used by --shard-size-mb."""
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+def read_class_list(path: str | os.PathLike) -> list[str]:
+    """Class names in index order from a text file (one per line, '#' comments) or a manifest.json."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"class list {path} does not exist; give a text file with one class name per line "
+                        f"or a manifest.json written by `vilscale prepare`")
+    if path.suffix == ".json":
+        return list(load_manifest(path).classes)
+    names = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    names = [n for n in names if n]
+    if not names:
+        raise DataError(f"class list {path} names no class")
+    if len(set(names)) != len(names):
+        raise DataError(f"class list {path} names a class twice")
+    return names
+
+
+def _check_source_dir(source: Path) -> None:
+    if not source.exists():
+        raise DataError(f"source {source} does not exist; give the folder that holds the images")
+    if not source.is_dir():
+        raise DataError(f"source {source} is not a folder")
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _class_index(classes: list[str] | None, class_name: str, example: str, class_list_path: str | None):
+    if classes is None:
+        return None
+    try:
+        return classes.index(class_name)
+    except ValueError:
+        raise DataError(f"{example}: its class {class_name!r} is not in the class list {class_list_path}; add the "
+                        f"class to the list or remove the files") from None
+
+
+def scan_imagefolder(source: str | os.PathLike, class_list: str | None = None) -> Plan:
+    """One sub-folder per class (searched recursively for images); files directly in `source` are ignored."""
+    source = Path(source)
+    _check_source_dir(source)
+    classes = read_class_list(class_list) if class_list else None
+    folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found: dict[str, list[tuple[str, int]]] = {}
+    for folder in folders:
+        files = []
+        for root, dirs, names in os.walk(folder):
+            dirs.sort()
+            for name in sorted(names):
+                if _is_image(name):
+                    full = os.path.join(root, name)
+                    files.append((full, os.stat(full).st_size))
+        found[folder.name] = files
+        if files:
+            _class_index(classes, folder.name, files[0][0], class_list)
+    if classes is None:
+        classes = [f.name for f in folders]
+    if not any(found.values()):
+        raise DataError(f"source {source} holds no images in class sub-folders (looked for "
+                        f"{', '.join(IMAGE_EXTENSIONS)} in {len(folders)} folders); an ImageFolder has one folder per "
+                        f"class with the images inside")
+    refs, names, labels, total = [], [], [], 0
+    for class_name, files in found.items():
+        label = classes.index(class_name)
+        for path, size in files:
+            refs.append(("file", path))
+            names.append(os.path.relpath(path, source))
+            labels.append(label)
+            total += size
+    return Plan("imagefolder", str(source.resolve()), classes, refs, names, labels, total)
+
+
+def _scan_tar(path: Path) -> list[tuple[str, int, int]]:
+    members = []
+    try:
+        with tarfile.open(path) as archive:
+            for member in archive:
+                if member.isfile() and _is_image(member.name):
+                    members.append((member.name, member.offset_data, member.size))
+    except (tarfile.TarError, OSError) as error:
+        raise DataError(f"{path} is not a readable tar file ({error}); replace it or remove it from the source") \
+            from error
+    return members
+
+
+def scan_imagenet21k(source: str | os.PathLike, class_list: str | None = None, workers: int = 4) -> Plan:
+    """Per-synset tar files (``n01440764.tar``) and/or per-synset folders; the synset is the class."""
+    source = Path(source)
+    _check_source_dir(source)
+    classes = read_class_list(class_list) if class_list else None
+    tars = sorted(p for p in source.iterdir() if p.is_file() and p.suffix == ".tar")
+    folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not tars and not folders:
+        raise DataError(f"source {source} holds neither per-synset .tar files nor per-synset folders")
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        tar_members = list(pool.map(_scan_tar, tars))
+    folder_plan = scan_imagefolder(source) if folders and any(
+        _is_image(n) for f in folders for _, _, ns in os.walk(f) for n in ns) else None
+    synsets = sorted({t.stem for t in tars} | {f.name for f in folders})
+    for tar, members in zip(tars, tar_members):
+        if members:
+            _class_index(classes, tar.stem, str(tar), class_list)
+    if classes is None:
+        classes = synsets
+    refs, names, labels, total = [], [], [], 0
+    for tar, members in zip(tars, tar_members):
+        label = classes.index(tar.stem)
+        for name, offset, size in members:
+            refs.append(("tar", str(tar), offset, size))
+            names.append(f"{tar.name}:{name}")
+            labels.append(label)
+            total += size
+    if folder_plan is not None:
+        for ref, name, label in zip(folder_plan.refs, folder_plan.names, folder_plan.labels):
+            synset = folder_plan.classes[label]
+            refs.append(ref)
+            names.append(name)
+            labels.append(_class_index(classes, synset, ref[1], class_list or "(synsets)"))
+            total += os.stat(ref[1]).st_size
+    if not refs:
+        raise DataError(f"source {source} holds no images in its {len(tars)} tar files and {len(folders)} folders")
+    return Plan("imagenet21k", str(source.resolve()), classes, refs, names, labels, total)
+
+
+DIGITS_VAL_SIZE = 360
+
+
+def scan_digits(side: int = 32) -> tuple[Plan, Plan]:
+    """scikit-learn's 1797 real handwritten digits (8x8, 17 grey levels), upscaled to ``side`` x ``side`` RGB.
+
+    The split is fixed: a stratified 360-image validation set (random_state=0), the other 1437 for training.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if side < 8:
+        raise DataError(f"digits side={side} must be >= 8")
+    digits = load_digits()
+    grey = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    images = []
+    for image in grey:
+        big = np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR))
+        images.append(np.repeat(big[:, :, None], 3, axis=2))
+    index = np.arange(len(images))
+    train_idx, val_idx = train_test_split(index, test_size=DIGITS_VAL_SIZE, random_state=0, stratify=digits.target)
+    classes = [str(c) for c in range(10)]
+
+    def plan(split: np.ndarray) -> Plan:
+        split = np.sort(split)
+        return Plan("digits", f"sklearn.datasets.load_digits (side {side})", classes,
+                    [("array", images[i]) for i in split], [f"digits[{i}]" for i in split],
+                    [int(digits.target[i]) for i in split], len(split) * side * side * 3)
+
+    return plan(train_idx), plan(val_idx)
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+def _load_rgb(ref) -> np.ndarray:
+    from PIL import Image
+
+    kind = ref[0]
+    if kind == "array":
+        return ref[1]
+    if kind == "file":
+        with Image.open(ref[1]) as image:
+            return np.asarray(image.convert("RGB"))
+    if kind == "tar":
+        _, tar_path, offset, size = ref
+        with open(tar_path, "rb") as handle:
+            data = os.pread(handle.fileno(), size, offset)
+        if len(data) != size:
+            raise OSError(f"tar member truncated ({len(data)} of {size} bytes)")
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"))
+    raise AssertionError(f"unknown reference kind {kind!r}")
+
+
+_progress = None  # a multiprocessing counter of images handled, shared with the parent
+
+
+def _init_worker(counter) -> None:
+    global _progress
+    _progress = counter
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.beton"
+
+
+def _write_shard(task) -> dict:
+    """Write one shard (in a worker process); returns its manifest entry and the images it skipped."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.memory_allocator import MemoryAllocator
+    from ffcv.writer import DatasetWriter, handle_sample
+
+    index, out_dir, refs, names, labels, settings = task
+    settings = WriterSettings(**settings)
+    np.random.seed((settings.seed * 1_000_003 + index) % (2 ** 32))  # FFCV's JPEG-or-raw draw
+    fields = {
+        "image": RGBImageField(write_mode="proportion", max_resolution=settings.max_side or None,
+                               jpeg_quality=settings.jpeg_quality,
+                               compress_probability=settings.compress_probability),
+        "label": IntField(),
+    }
+    final = Path(out_dir) / shard_name(index)
+    temporary = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    writer = DatasetWriter(str(temporary), fields, page_size=settings.page_size, num_workers=1)
+    # Capacity for every candidate; corrupt images are skipped and the header gets the real count. The
+    # unused tail of the metadata table is never read (data pointers in the file are absolute).
+    writer.num_samples = len(refs)
+    writer.prepare()
+    skipped = []
+    written = 0
+    try:
+        metadata = np.frombuffer(writer.metadata_sm.buf, dtype=writer.metadata_type)
+        allocator = MemoryAllocator(str(temporary), writer.data_region_start, settings.page_size)
+        with allocator:
+            for ref, name, label in zip(refs, names, labels):
+                try:
+                    image = _load_rgb(ref)
+                    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+                        raise ValueError(f"unexpected image shape {image.shape}")
+                    if not settings.max_side and max(image.shape[:2]) > MAX_FFCV_SIDE:
+                        raise ValueError(f"side {max(image.shape[:2])} exceeds {MAX_FFCV_SIDE}; use --max-side")
+                    handle_sample((image, label), written, metadata.dtype.names, metadata, allocator, fields)
+                    written += 1
+                except Exception as error:  # noqa: BLE001 - any unreadable image is skipped, never fatal
+                    skipped.append({"path": name, "reason": f"{type(error).__name__}: {error}"})
+                if _progress is not None:
+                    with _progress.get_lock():
+                        _progress.value += 1
+        writer.header["num_samples"] = written
+        writer.finalize(allocator.allocations)
+        images = metadata["f0"][:written]
+        max_height = int(images["height"].max()) if written else 0
+        max_width = int(images["width"].max()) if written else 0
+        del metadata, images
+    finally:
+        writer.metadata_sm.close()
+        writer.metadata_sm.unlink()
+    digest = sha256_of(temporary)
+    os.replace(temporary, final)
+    return {"index": index, "entry": {"path": final.name, "num_samples": written, "sha256": digest,
+                                      "max_height": max_height, "max_width": max_width}, "skipped": skipped}
+
+
+def _plan_digest(plan: Plan, order: np.ndarray, num_shards: int, settings: WriterSettings) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([FORMAT, plan.kind, plan.source, plan.classes, num_shards, asdict(settings)]).encode())
+    for i in order:
+        digest.update(f"{plan.names[i]}\t{plan.labels[i]}\n".encode())
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path: Path, content) -> None:
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(content, indent=1))
+    os.replace(temporary, path)
+
+
+def num_shards_for(plan: Plan, *, num_shards: int | None, shard_size_mb: float | None) -> int:
+    if num_shards is not None and shard_size_mb is not None:
+        raise DataError("give --num-shards or --shard-size-mb, not both")
+    if num_shards is None:
+        size_mb = 256.0 if shard_size_mb is None else shard_size_mb
+        if size_mb <= 0:
+            raise DataError(f"--shard-size-mb={shard_size_mb} must be > 0")
+        num_shards = max(1, int(np.ceil(plan.approx_bytes / (size_mb * 2 ** 20))))
+    if num_shards < 1:
+        raise DataError(f"--num-shards={num_shards} must be >= 1")
+    return min(num_shards, len(plan.refs))
+
+
+def write_shards(plan: Plan, out_dir: str | os.PathLike, *, num_shards: int, settings: WriterSettings,
+                 workers: int = 0, overwrite: bool = False, progress: bool | None = None,
+                 log=print) -> Manifest:
+    """Write (or finish writing) `plan` as `num_shards` shards plus ``out_dir/manifest.json``.
+
+    Args:
+        plan: the samples, from one of the ``scan_*`` functions.
+        out_dir: folder of the shards and the manifest (created if needed).
+        num_shards: how many shards (of equal sample count, ±1).
+        settings: the writer settings recorded in the manifest.
+        workers: processes writing shards in parallel (0: one per CPU core).
+        overwrite: when ``out_dir`` holds shards of a different source or settings, delete them instead of
+            refusing.
+        progress: show a progress bar (None: only when stderr is a terminal).
+        log: where one-line status messages go.
+    """
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    order = np.random.default_rng(settings.seed).permutation(len(plan.refs))
+    digest = _plan_digest(plan, order, num_shards, settings)
+    state_path, manifest_path = out / STATE_NAME, out / "manifest.json"
+
+    previous = None
+    for path in (manifest_path, state_path):
+        if path.is_file():
+            try:
+                content = json.loads(path.read_text())
+            except ValueError:
+                continue
+            previous = content.get("writer", content).get("plan_digest")
+            if previous is not None:
+                break
+    if previous is not None and previous != digest:
+        if not overwrite:
+            raise DataError(f"{out} already holds shards of another source or other settings; choose an empty "
+                            f"folder or pass --overwrite to delete them")
+        for stale in list(out.glob("shard-*.beton")) + [state_path, manifest_path]:
+            stale.unlink(missing_ok=True)
+    for stale in out.glob("*.tmp-*"):
+        stale.unlink()
+
+    done: dict[int, dict] = {}
+    if previous == digest:
+        old = json.loads(state_path.read_text()) if state_path.is_file() else None
+        if old is None and manifest_path.is_file():
+            old_manifest = json.loads(manifest_path.read_text())
+            old = {"done": {str(i): {"entry": s, "skipped": [k for k in old_manifest["skipped"]
+                                                              if k.get("shard") == i]}
+                            for i, s in enumerate(old_manifest["shards"])}}
+        for key, result in (old or {}).get("done", {}).items():
+            shard_path = out / result["entry"]["path"]
+            if shard_path.is_file() and sha256_of(shard_path) == result["entry"]["sha256"]:
+                done[int(key)] = result
+    if done:
+        log(f"keeping {len(done)} finished shard(s) in {out} (checksums verified)")
+
+    bounds = np.linspace(0, len(order), num_shards + 1).round().astype(np.int64)
+    tasks = []
+    for index in range(num_shards):
+        if index in done:
+            continue
+        chosen = order[bounds[index]:bounds[index + 1]]
+        tasks.append((index, str(out), [plan.refs[i] for i in chosen], [plan.names[i] for i in chosen],
+                      [plan.labels[i] for i in chosen], asdict(settings)))
+    to_write = sum(bounds[t[0] + 1] - bounds[t[0]] for t in tasks)
+
+    def save_state():
+        _write_json_atomic(state_path, {"plan_digest": digest, "done": {str(k): v for k, v in done.items()}})
+
+    save_state()
+    workers = workers or os.cpu_count() or 1
+    started = time.perf_counter()
+    if tasks:
+        # Importing ffcv compiles numba code at import time (seconds); do it once here, the forked workers inherit it.
+        import ffcv.fields  # noqa: F401
+        import ffcv.writer  # noqa: F401
+
+        context = multiprocessing.get_context("fork")
+        counter = context.Value("Q", 0)
+        bar = tqdm(total=int(to_write), unit="img", desc=f"writing {len(tasks)} shard(s)", smoothing=0.1,
+                   disable=None if progress is None else not progress, dynamic_ncols=True)
+        with context.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(counter,)) as pool:
+            pending = [pool.apply_async(_write_shard, (task,)) for task in tasks]
+            while pending:
+                time.sleep(0.1)
+                bar.update(counter.value - bar.n)
+                still = []
+                for result in pending:
+                    if result.ready():
+                        finished = result.get()  # re-raises a worker's error
+                        done[finished["index"]] = finished
+                        save_state()
+                    else:
+                        still.append(result)
+                pending = still
+            bar.update(counter.value - bar.n)
+        bar.close()
+
+    shards, skipped = [], []
+    for index in range(num_shards):
+        shards.append(done[index]["entry"])
+        skipped.extend({**item, "shard": index} for item in done[index]["skipped"])
+    manifest = {
+        "format": FORMAT,
+        "num_samples": sum(s["num_samples"] for s in shards),
+        "classes": plan.classes,
+        "shards": shards,
+        "skipped": skipped,
+        "writer": {"kind": plan.kind, "source": plan.source, "num_shards": num_shards, **asdict(settings),
+                   "plan_digest": digest},
+    }
+    _write_json_atomic(manifest_path, manifest)
+    state_path.unlink(missing_ok=True)
+    elapsed = time.perf_counter() - started
+    log(f"{out / 'manifest.json'}: {manifest['num_samples']} images in {num_shards} shard(s), {len(plan.classes)} "
+        f"classes, {len(skipped)} skipped ({int(to_write)} written in {elapsed:.1f} s)")
+    return load_manifest(manifest_path)
+
+
+def prepare(plan: Plan, out_dir, *, num_shards: int | None = None, shard_size_mb: float | None = None,
+            settings: WriterSettings | None = None, **kwargs) -> Manifest:
+    """`write_shards` with the shard count chosen from --num-shards or --shard-size-mb (default 256 MB)."""
+    settings = settings or WriterSettings()
+    count = num_shards_for(plan, num_shards=num_shards, shard_size_mb=shard_size_mb)
+    return write_shards(plan, out_dir, num_shards=count, settings=settings, **kwargs)
+
+
+def prepare_digits(out_dir, *, side: int = 32, num_shards: int = 4, seed: int = 0,
+                   **kwargs) -> tuple[Manifest, Manifest]:
+    """The quickstart data: ``out_dir/train/manifest.json`` (1437 images) and ``out_dir/val/manifest.json`` (360)."""
+    train_plan, val_plan = scan_digits(side)
+    settings = WriterSettings(max_side=0, compress_probability=0.0, page_size=2 << 20, seed=seed)
+    out = Path(out_dir)
+    train = prepare(train_plan, out / "train", num_shards=num_shards, settings=settings, **kwargs)
+    val = prepare(val_plan, out / "val", num_shards=num_shards, settings=settings, **kwargs)
+    return train, val
+
+
+def summarize_skipped(skipped: Sequence[dict], limit: int = 5) -> str:
+    lines = [f"  {item['path']}: {item['reason']}" for item in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more (see manifest.json)")
+    return "\n".join(lines)
