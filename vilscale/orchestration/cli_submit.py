@@ -1,0 +1,67 @@
+"""`vilscale submit JOB.yaml [--backend local|ray|slurm] [--address URL] [--wait] [--set key=value ...]`.
+
+- ray: a Ray job (Job Submission API) that runs `vilscale train JOB --launcher ray` on the cluster.
+- slurm: a submitit job, one task per GPU (or per CPU worker), requeued on timeout or preemption.
+- local: the SLURM path on this machine, through submitit's local executor.
+
+Everything that can be checked before submitting is: the spec, that the cluster answers, that it has
+the GPUs and CPUs the spec asks for. Exit codes: 0 submitted (or, with --wait, succeeded); 1 the job
+failed; 2 nothing was submitted (invalid spec, unreachable cluster, too few resources).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from vilscale.orchestration.spec import SpecError, load_spec
+
+EXIT_JOB_FAILED = 1
+EXIT_NOT_SUBMITTED = 2
+
+
+def add_parser(parser) -> None:
+    parser.add_argument("job", help="job spec (YAML), e.g. jobs/smoke.yaml")
+    parser.add_argument("--backend", choices=("local", "ray", "slurm"), default=None,
+                        help="where to run (default: the spec's launcher.backend)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster: dashboard URL http://HEAD:8265, ray://HEAD:10001 or HEAD:6379 "
+                             "(default: launcher.ray_address; 'auto' finds RAY_ADDRESS or a local cluster)")
+    parser.add_argument("--wait", action="store_true",
+                        help="block until the job ends, streaming its log; exit 1 if it failed")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any key of the spec, e.g. --set launcher.nodes=4 (repeatable)")
+    parser.add_argument("--python", default=None,
+                        help="Ray: the interpreter the job runs on the cluster (default: this one, "
+                             f"{sys.executable}); the entrypoint runs under /bin/sh with the head's PATH")
+    parser.add_argument("--skip-resource-check", action="store_true",
+                        help="submit even if the cluster has fewer GPUs/CPUs now (e.g. an autoscaling cluster)")
+
+
+def run(args) -> int:
+    from vilscale.orchestration.launch_common import LaunchError
+
+    try:
+        spec = load_spec(args.job, args.overrides)
+        spec.check_world(spec.launcher.world_size)
+    except SpecError as error:
+        print(f"vilscale submit: invalid job spec: {error}", file=sys.stderr)
+        return EXIT_NOT_SUBMITTED
+    backend = args.backend or spec.launcher.backend
+    try:
+        if backend == "ray":
+            from vilscale.orchestration.launch_ray import submit_ray
+
+            code = submit_ray(spec, spec_path=Path(args.job), overrides=args.overrides, address=args.address,
+                              wait=args.wait, python=args.python, check_resources=not args.skip_resource_check)
+        else:
+            if args.address:
+                print(f"vilscale submit: --address is for --backend ray (ignored for {backend})", file=sys.stderr)
+            from vilscale.orchestration.launch_slurm import submit_submitit
+
+            code = submit_submitit(spec, backend=backend, wait=args.wait,
+                                   check_resources=not args.skip_resource_check)
+    except LaunchError as error:
+        print(f"vilscale submit: nothing submitted: {error}", file=sys.stderr)
+        return EXIT_NOT_SUBMITTED
+    return EXIT_JOB_FAILED if code else 0

@@ -1,0 +1,219 @@
+"""Ray: submit a job to a cluster (`submit_ray`) and, inside that job, train on a Ray Train
+`TorchTrainer` (`train_on_ray`).
+
+`vilscale submit JOB --backend ray` ships the working dir to the cluster through the Job Submission
+API and runs ``<python> -m vilscale.cli train JOB --launcher ray`` there; that driver calls
+`train_on_ray`, which starts one Ray Train worker per rank and runs `run_worker(spec)` in each. Ray
+Train v2 creates the torch process group before the train function runs, and `run_worker` reuses it.
+When a worker dies, `FailureConfig(max_failures=launcher.max_restarts)` restarts the worker group,
+and `run_worker` resumes from the run dir's own `checkpoints/latest` (never from Ray's checkpoint
+registry, which can miss a checkpoint reported just before a crash).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from vilscale.orchestration.launch_common import LaunchError, path_overrides, probe_tcp, with_absolute_paths
+from vilscale.orchestration.spec import JobSpec, spec_from_dict
+
+RAY_DASHBOARD_PORT = 8265
+RAY_CLIENT_PORT = 10001
+RAY_GCS_PORT = 6379
+# Ray Train's name for this run under <run_dir>/ray: stable, so a resubmitted run reuses it.
+RAY_TRAIN_RUN_NAME = "ray_train"
+# Set in every Ray job and worker: Ray Train otherwise prints each worker line twice.
+DEFAULT_JOB_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONUNBUFFERED": "1"}
+TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+# ----------------------------------------------------------------------------------------- submit side
+
+
+def connect(address: str | None):
+    """A `JobSubmissionClient` for ``address``, or LaunchError saying why the cluster cannot be reached.
+
+    ``address``: "auto" / None (RAY_ADDRESS, else a cluster started on this machine), the dashboard URL
+    ``http://HEAD:8265``, the Ray Client address ``ray://HEAD:10001`` or the GCS address ``HEAD:6379``.
+    """
+    from ray.job_submission import JobSubmissionClient
+
+    address = None if address in (None, "", "auto") else address
+    if address is not None:
+        # Ray's own client waits 30-40 s before giving up on a silent host; answer at once instead.
+        default_port = (RAY_CLIENT_PORT if address.startswith("ray://") else
+                        RAY_DASHBOARD_PORT if "://" in address else RAY_GCS_PORT)
+        try:
+            probe_tcp(address, default_port=default_port)
+        except LaunchError as error:
+            raise LaunchError(f"cannot reach the Ray cluster: {error}. Start one with `ray start --head` and pass "
+                              "its dashboard address (--address http://HEAD:8265, or launcher.ray_address in the "
+                              "spec).") from None
+    try:
+        return JobSubmissionClient(address)
+    except Exception as error:  # Ray raises ConnectionError, RpcError or ValueError depending on the form
+        where = address or "auto (RAY_ADDRESS or a cluster on this machine)"
+        reason = str(error).rstrip(".")
+        raise LaunchError(f"cannot reach the Ray cluster at {where}: {reason}. Start one with `ray start --head` "
+                          "or pass its dashboard address with --address http://HEAD:8265.") from None
+
+
+def cluster_resources(dashboard_url: str) -> dict[str, float]:
+    """Total CPU and GPU of the cluster's alive nodes, and how many nodes there are."""
+    from ray.util.state import list_nodes
+
+    nodes = []
+    for _attempt in range(5):  # a head that has just started can list no node for a moment
+        nodes = [n for n in list_nodes(address=dashboard_url, detail=True, raise_on_missing_output=False)
+                 if n.state == "ALIVE"]
+        if nodes:
+            break
+        time.sleep(1)
+    totals = {"CPU": 0.0, "GPU": 0.0, "nodes": float(len(nodes))}
+    for node in nodes:
+        for key in ("CPU", "GPU"):
+            totals[key] += float(node.resources_total.get(key, 0.0))
+    return totals
+
+
+def check_fits(spec: JobSpec, resources: dict[str, float], where: str) -> None:
+    """LaunchError naming the numbers when the job asks for more GPUs or CPUs than the cluster has."""
+    launcher = spec.launcher
+    layout = f"{launcher.nodes} node(s) x {launcher.ranks_per_node} rank(s)"
+    gpus = launcher.nodes * launcher.gpus_per_node
+    cpus = launcher.world_size * launcher.cpus_per_task
+    have = f"{where} has {resources['GPU']:g} GPU(s) and {resources['CPU']:g} CPU(s) on {resources['nodes']:g} node(s)"
+    if gpus > resources["GPU"]:
+        raise LaunchError(f"the job asks for {gpus} GPUs ({launcher.nodes} node(s) x {launcher.gpus_per_node} "
+                          f"launcher.gpus_per_node) but {have}; lower launcher.nodes or launcher.gpus_per_node, "
+                          "or add GPU nodes")
+    if cpus > resources["CPU"]:
+        raise LaunchError(f"the job asks for {cpus} CPUs ({layout} x {launcher.cpus_per_task} "
+                          f"launcher.cpus_per_task) but {have}; lower launcher.cpus_per_task or the number of "
+                          "ranks, or add nodes")
+
+
+def entrypoint_for(spec_path: Path, working_dir: Path, spec: JobSpec, overrides: list[str], python: str) -> str:
+    """The shell command the Ray job runs on the cluster, inside its copy of ``working_dir``."""
+    try:
+        relative = Path(spec_path).resolve().relative_to(working_dir.resolve())
+    except ValueError:
+        raise LaunchError(f"the job spec {spec_path} is not inside launcher.working_dir={str(working_dir)!r}, so it "
+                          "would not be shipped to the cluster; move it there or set launcher.working_dir") from None
+    command = [python, "-m", "vilscale.cli", "train", relative.as_posix(), "--launcher", "ray"]
+    for assignment in [*overrides, *path_overrides(spec)]:
+        command += ["--set", assignment]
+    return shlex.join(command)
+
+
+def submit_ray(spec: JobSpec, *, spec_path: Path, overrides: list[str], address: str | None = None,
+               wait: bool = False, python: str | None = None, check_resources: bool = True, out=None) -> int:
+    """Submit the job to a Ray cluster; with ``wait``, stream its log and return 0 only if it succeeded.
+
+    Raises LaunchError before submitting when the cluster cannot be reached or is too small.
+    """
+    out = out or sys.stdout
+    address = address or spec.launcher.ray_address
+    client = connect(address)
+    dashboard = client.get_address()
+    if check_resources:
+        check_fits(spec, cluster_resources(dashboard), f"the Ray cluster at {dashboard}")
+    working_dir = Path(spec.launcher.working_dir).expanduser()
+    if not working_dir.is_dir():
+        raise LaunchError(f"launcher.working_dir={spec.launcher.working_dir!r} is not a directory (it is resolved "
+                          f"against the current directory, {Path.cwd()})")
+    pinned = with_absolute_paths(spec, Path.cwd())
+    entrypoint = entrypoint_for(spec_path, working_dir, pinned, overrides, python or sys.executable)
+    env = {**DEFAULT_JOB_ENV, **spec.launcher.env}
+    submission_id = f"vilscale-{Path(pinned.run_dir).name}-{uuid.uuid4().hex[:8]}"
+    job_id = client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                               runtime_env={"working_dir": str(working_dir.resolve()), "env_vars": env},
+                               metadata={"vilscale_run_dir": pinned.run_dir})
+    print(f"submitted Ray job {job_id} to {dashboard}\n  entrypoint: {entrypoint}\n  run dir: {pinned.run_dir}\n"
+          f"  follow it: ray job logs --address {dashboard} --follow {job_id}", file=out, flush=True)
+    if not wait:
+        return 0
+    return wait_for_job(client, job_id, out=out)
+
+
+def wait_for_job(client, job_id: str, *, out=None) -> int:
+    """Stream the job's log until it ends; 0 if it succeeded, 1 otherwise."""
+    out = out or sys.stdout
+
+    async def follow() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(follow())
+    except Exception as error:  # the log stream can drop (dashboard restart); the status below still counts
+        print(f"[vilscale] log stream of {job_id} ended early ({error}); polling its status", file=sys.stderr)
+    while True:
+        info = client.get_job_info(job_id)
+        if str(info.status) in TERMINAL_STATES:
+            break
+        time.sleep(2)
+    status = str(info.status)
+    if status == "SUCCEEDED":
+        print(f"Ray job {job_id} succeeded", file=out, flush=True)
+        return 0
+    print(f"Ray job {job_id} ended {status}: {info.message or ''}".rstrip(), file=sys.stderr, flush=True)
+    return 1
+
+
+# ----------------------------------------------------------------------------------------- cluster side
+
+
+def _train_worker(config: dict) -> None:
+    """Ray Train's train function: one call per worker, in the worker's process."""
+    import ray.train
+
+    from vilscale.orchestration.trainer import run_worker
+
+    spec = spec_from_dict(config["spec"])
+    os.environ.update(spec.launcher.env)
+    summary = run_worker(spec)
+    # Every worker reports (a report is a collective); the Result carries rank 0's summary.
+    ray.train.report({key: value for key, value in summary.items() if isinstance(value, int | float | str | bool)})
+
+
+def train_on_ray(spec: JobSpec) -> dict:
+    """Train on a Ray Train `TorchTrainer` from inside a Ray job's driver; returns rank 0's summary.
+
+    One worker per rank (launcher.world_size), each with launcher.cpus_per_task CPUs and one GPU when
+    launcher.gpus_per_node > 0. Failed worker groups restart up to launcher.max_restarts times and
+    resume from the run dir's latest checkpoint. Raises ray.train.TrainingFailedError after that.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    spec = with_absolute_paths(spec, Path.cwd())
+    if "runtime_resources" in Path(spec.run_dir).parts or "working_dir_files" in spec.run_dir:
+        print(f"[vilscale] warning: run_dir {spec.run_dir} is inside the Ray job's temporary copy of the working "
+              "dir; checkpoints will be lost with it. Pass --set run_dir=/shared/path/run (absolute) or use "
+              "`vilscale submit`, which pins relative paths to the submitting machine's directory.",
+              file=sys.stderr, flush=True)
+    Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
+    launcher = spec.launcher
+    use_gpu = launcher.gpus_per_node > 0
+    resources = {"CPU": float(launcher.cpus_per_task), **({"GPU": 1.0} if use_gpu else {})}
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"spec": spec.to_dict()},
+        scaling_config=ScalingConfig(num_workers=launcher.world_size, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=RAY_TRAIN_RUN_NAME, storage_path=str(Path(spec.run_dir) / "ray"),
+                             failure_config=FailureConfig(max_failures=launcher.max_restarts)),
+    )
+    result = trainer.fit()
+    return dict(result.metrics or {})
+
+
+__all__ = ["check_fits", "cluster_resources", "connect", "submit_ray", "train_on_ray", "wait_for_job"]
