@@ -9,7 +9,9 @@ for dk/dv, of local keys) and walks the rows of the small rectangle of the map i
 one map row segment of ``KEY_W`` tokens per step, plus the global tokens. Because visibility is
 symmetric in both window modes, a key tile sees exactly the query rectangle a query tile would.
 Global queries and global keys see every token; their kernels split the local tokens into
-``split`` ranges whose partial results the host reduces in a fixed order (deterministic).
+``split`` ranges whose partial results the host reduces in a fixed order (deterministic). They
+compute in fp32 whatever the input dtype: their work is only O(G * N * d), and the g2l gradient,
+a sum of ds over every local key that nearly cancels, needs it.
 
 Importing this module does not touch CUDA. ``TRITON_INTERPRET`` is read by ``triton.jit`` when this
 module is imported: with it set, the kernels run on CPU tensors through Triton's interpreter.
@@ -24,7 +26,14 @@ INTERPRETED = bool(triton.knobs.runtime.interpret)
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+def _inline(fn):
+    """Device helpers are jit functions when compiled; under the interpreter they stay plain Python
+    functions, because Triton 3.9's interpreter re-patches ``triton.language`` (about 1 ms) on every
+    call of a nested jit function, which made the CPU tests twice as slow. Same code either way."""
+    return fn if INTERPRETED else triton.jit(fn)
+
+
+@_inline
 def _mma(a, b, PRECISE: tl.constexpr, UPCAST: tl.constexpr):
     # UPCAST works around Triton 3.9's interpreter, whose tl.dot multiplies the raw bits of bf16
     # operands; the operands are already rounded to their dtype, so the product is unchanged.
@@ -37,7 +46,7 @@ def _mma(a, b, PRECISE: tl.constexpr, UPCAST: tl.constexpr):
     return out
 
 
-@triton.jit
+@_inline
 def _span(lo, hi, size, WINDOW: tl.constexpr, CHUNK: tl.constexpr):
     """Map rows (or columns) [start, stop) seen by the tokens lo..hi (inclusive) of one axis."""
     if CHUNK:
@@ -49,7 +58,7 @@ def _span(lo, hi, size, WINDOW: tl.constexpr, CHUNK: tl.constexpr):
     return start, stop
 
 
-@triton.jit
+@_inline
 def _visible(qy, qx, ky, kx, WINDOW: tl.constexpr, CHUNK: tl.constexpr):
     """Whether local query (qy, qx) sees local key (ky, kx); coordinates are >= 0."""
     if CHUNK:
@@ -63,7 +72,7 @@ def _visible(qy, qx, ky, kx, WINDOW: tl.constexpr, CHUNK: tl.constexpr):
     return seen
 
 
-@triton.jit
+@_inline
 def _local_bias(LB, h, qy, qx, ky, kx, seen, WINDOW: tl.constexpr):
     """The local table entry for (key - query), fp32, 0 where not seen."""
     span: tl.constexpr = 2 * WINDOW - 1
@@ -72,7 +81,7 @@ def _local_bias(LB, h, qy, qx, ky, kx, seen, WINDOW: tl.constexpr):
     return tl.load(LB + h * width * width + index, mask=seen, other=0.0).to(tl.float32)
 
 
-@triton.jit
+@_inline
 def _tile_origin(tile, W, TILE_Y: tl.constexpr, TILE_X: tl.constexpr):
     tiles_x = tl.cdiv(W, TILE_X)
     return (tile // tiles_x) * TILE_Y, (tile % tiles_x) * TILE_X
@@ -184,7 +193,7 @@ def fwd_global_kernel(Q, K, V, PO, PM, PL, G2L, G2G,
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     q = tl.load(Q + b * sqb + h * sqh + i[:, None] * sqn + d[None, :], mask=i_ok[:, None] & d_ok[None, :],
-                other=0.0)
+                other=0.0).to(tl.float32)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
@@ -196,8 +205,8 @@ def fwd_global_kernel(Q, K, V, PO, PM, PL, G2L, G2G,
         j = g0 + tl.arange(0, BLOCK_G)
         j_ok = j < G
         kv_mask = j_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + j[:, None] * skn + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + j[:, None] * svn + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + j[:, None] * skn + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_base + j[:, None] * svn + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
         s = _mma(q, tl.trans(k), PRECISE, UPCAST) * qk_scale
         if HAS_G2G:
             s += tl.load(G2G + (h * G + i[:, None]) * G + j[None, :], mask=i_ok[:, None] & j_ok[None, :],
@@ -219,8 +228,8 @@ def fwd_global_kernel(Q, K, V, PO, PM, PL, G2L, G2G,
         t = n0 + tl.arange(0, BLOCK_N)
         t_ok = t < stop
         kv_mask = t_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + (G + t)[:, None] * skn + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + (G + t)[:, None] * svn + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + (G + t)[:, None] * skn + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_base + (G + t)[:, None] * svn + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
         s = _mma(q, tl.trans(k), PRECISE, UPCAST) * qk_scale + row_bias[:, None]
         s = tl.where(t_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -431,9 +440,9 @@ def bwd_global_dq_kernel(Q, K, V, DO, LSE, DELTA, PDQ, PG2L, PG2G, G2L, G2G,
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     q_mask = i_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + i[:, None] * sqn + d[None, :], mask=q_mask, other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + i[:, None] * sqn + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
     rows = bh * n_tokens + i
-    do = tl.load(DO + rows[:, None] * HEAD_DIM + d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + rows[:, None] * HEAD_DIM + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
     lse = tl.load(LSE + rows, mask=i_ok, other=0.0)
     delta = tl.load(DELTA + rows, mask=i_ok, other=0.0)
     k_base = K + b * skb + h * skh
@@ -445,8 +454,8 @@ def bwd_global_dq_kernel(Q, K, V, DO, LSE, DELTA, PDQ, PG2L, PG2G, G2L, G2G,
         j = g0 + tl.arange(0, BLOCK_G)
         j_ok = j < G
         kv_mask = j_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + j[:, None] * skn + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + j[:, None] * svn + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + j[:, None] * skn + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_base + j[:, None] * svn + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
         s = _mma(q, tl.trans(k), PRECISE, UPCAST) * qk_scale
         pair_ok = i_ok[:, None] & j_ok[None, :]
         if HAS_G2G:
@@ -469,8 +478,8 @@ def bwd_global_dq_kernel(Q, K, V, DO, LSE, DELTA, PDQ, PG2L, PG2G, G2L, G2G,
         t = n0 + tl.arange(0, BLOCK_N)
         t_ok = t < stop
         kv_mask = t_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + (G + t)[:, None] * skn + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + (G + t)[:, None] * svn + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_base + (G + t)[:, None] * skn + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_base + (G + t)[:, None] * svn + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
         s = _mma(q, tl.trans(k), PRECISE, UPCAST) * qk_scale + row_bias[:, None]
         p = tl.where(i_ok[:, None] & t_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = _mma(do, tl.trans(v), PRECISE, UPCAST)
@@ -504,8 +513,8 @@ def bwd_global_dkdv_kernel(Q, K, V, DO, LSE, DELTA, PDK, PDV, PL2G, L2G, G2G,
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     k_mask = j_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + h * skh + j[:, None] * skn + d[None, :], mask=k_mask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + j[:, None] * svn + d[None, :], mask=k_mask, other=0.0)
+    k = tl.load(K + b * skb + h * skh + j[:, None] * skn + d[None, :], mask=k_mask, other=0.0).to(tl.float32)
+    v = tl.load(V + b * svb + h * svh + j[:, None] * svn + d[None, :], mask=k_mask, other=0.0).to(tl.float32)
     q_base = Q + b * sqb + h * sqh
     row_base = bh * n_tokens
     dk = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -516,8 +525,8 @@ def bwd_global_dkdv_kernel(Q, K, V, DO, LSE, DELTA, PDK, PDV, PL2G, L2G, G2G,
         i = g0 + tl.arange(0, BLOCK_G)
         i_ok = i < G
         q_mask = i_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + i[:, None] * sqn + d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + (row_base + i)[:, None] * HEAD_DIM + d[None, :], mask=q_mask, other=0.0)
+        q = tl.load(q_base + i[:, None] * sqn + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        do = tl.load(DO + (row_base + i)[:, None] * HEAD_DIM + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
         lse = tl.load(LSE + row_base + i, mask=i_ok, other=0.0)
         delta = tl.load(DELTA + row_base + i, mask=i_ok, other=0.0)
         s_t = _mma(k, tl.trans(q), PRECISE, UPCAST) * qk_scale  # (keys j, queries i)
@@ -541,8 +550,9 @@ def bwd_global_dkdv_kernel(Q, K, V, DO, LSE, DELTA, PDK, PDV, PL2G, L2G, G2G,
         t = n0 + tl.arange(0, BLOCK_N)
         t_ok = t < stop
         q_mask = t_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + (G + t)[:, None] * sqn + d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + (row_base + G + t)[:, None] * HEAD_DIM + d[None, :], mask=q_mask, other=0.0)
+        q = tl.load(q_base + (G + t)[:, None] * sqn + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        do = tl.load(DO + (row_base + G + t)[:, None] * HEAD_DIM + d[None, :], mask=q_mask,
+                     other=0.0).to(tl.float32)
         lse = tl.load(LSE + row_base + G + t, mask=t_ok, other=0.0)
         delta = tl.load(DELTA + row_base + G + t, mask=t_ok, other=0.0)
         s_t = _mma(k, tl.trans(q), PRECISE, UPCAST) * qk_scale + col_bias[:, None]

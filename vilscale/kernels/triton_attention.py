@@ -6,7 +6,8 @@ global tokens first, ``chunk``/``exact`` windows, four bias tables).
 Forward: a program per (tile of local queries, batch x head) runs one online softmax over the
 global keys and the map rows its tile can see; global queries run a split-K flash attention over
 all tokens, whose partial results are merged on the host. Saved for backward: q, k, v, the output
-and the per-row log-sum-exp (no tokens x window tensor).
+and the per-row log-sum-exp (no tokens x window tensor), plus the fp32 output of the few global
+rows (G x d per batch and head).
 
 Backward recomputes the scores: one kernel per tile of local queries (dq and this tile's partial
 gradient of the local bias table), one per tile of local keys (dk, dv: the visibility relation is
@@ -131,6 +132,11 @@ def _common(q: torch.Tensor, problem: _Problem) -> dict:
                 UPCAST=kernels.INTERPRETED and q.dtype == torch.bfloat16)
 
 
+def _global_common(common: dict) -> dict:
+    """The global kernels upcast their operands and multiply in full fp32 (see _triton_vil)."""
+    return {**common, "PRECISE": True, "UPCAST": False}
+
+
 def _global_split(n_local: int) -> tuple[int, int, int]:
     """(block of tokens, tokens per split, number of splits) for the global kernels."""
     block_n = 16 if _kernels().INTERPRETED else 64
@@ -166,21 +172,22 @@ def _forward(q, k, v, tables, problem: _Problem):
         kernels.fwd_global_kernel[grid](
             q, k, v, part_o, part_m, part_l, _or(g2l, dummy), _or(g2g, dummy), *strides,
             heads, n_global, n_local, split, qk_scale, BLOCK_N=block_n,
-            HAS_G2L=g2l is not None, HAS_G2G=g2g is not None, **common)
+            HAS_G2L=g2l is not None, HAS_G2G=g2g is not None, **_global_common(common))
         row_max = part_m.amax(0)
         weight = torch.exp2(part_m - row_max)
         total = (part_l * weight).sum(0)
         merged = (part_o * weight[..., None]).sum(0) / total[..., None]
         out[:, :, :n_global] = merged.view(batch, heads, n_global, head_dim).to(q.dtype)
         lse[:, :n_global] = row_max + torch.log2(total)
-    return out, lse
+        return out, lse, merged
+    return out, lse, None
 
 
 def _or(table, dummy):
     return dummy if table is None else table
 
 
-def _backward(grad_out, q, k, v, out, lse, tables, problem: _Problem, needs_table_grad):
+def _backward(grad_out, q, k, v, out, lse, global_out, tables, problem: _Problem, needs_table_grad):
     kernels = _kernels()
     local_bias, g2l, l2g, g2g = tables
     batch, heads, n_tokens, head_dim = q.shape
@@ -194,6 +201,11 @@ def _backward(grad_out, q, k, v, out, lse, tables, problem: _Problem, needs_tabl
     device = q.device
     grad_out = grad_out.contiguous()
     delta = (grad_out.float() * out.float()).sum(-1)  # (B, heads, N): rowsum(dO * O)
+    if global_out is not None:
+        # The g2l gradient of a global query sums ds over all its local keys, and that sum nearly
+        # cancels (sum_k ds_k = 0 over all keys); delta from the fp32 output keeps bf16/fp16 exact there.
+        delta[:, :, :n_global] = (grad_out[:, :, :n_global].float() * global_out.view_as(
+            grad_out[:, :, :n_global])).sum(-1)
     dq = torch.empty((batch, heads, n_tokens, head_dim), dtype=q.dtype, device=device)
     dk = torch.empty_like(dq, dtype=k.dtype)
     dv = torch.empty_like(dq, dtype=v.dtype)
@@ -241,14 +253,14 @@ def _backward(grad_out, q, k, v, out, lse, tables, problem: _Problem, needs_tabl
         kernels.bwd_global_dq_kernel[grid](
             q, k, v, grad_out, lse, delta, part_dq, part_g2l, part_g2g, _or(g2l, dummy), _or(g2g, dummy),
             *strides, heads, n_global, n_local, split, qk_scale, BLOCK_N=block_n,
-            HAS_G2L=g2l is not None, HAS_G2G=g2g is not None, **common)
+            HAS_G2L=g2l is not None, HAS_G2G=g2g is not None, **_global_common(common))
         part_dk = torch.empty((n_splits, bh, n_global, head_dim), dtype=torch.float32, device=device)
         part_dv = torch.empty_like(part_dk)
         part_l2g = torch.empty((n_splits, bh, n_global), dtype=torch.float32, device=device)
         kernels.bwd_global_dkdv_kernel[grid](
             q, k, v, grad_out, lse, delta, part_dk, part_dv, part_l2g, _or(l2g, dummy), _or(g2g, dummy),
             *strides, heads, n_global, n_local, split, qk_scale, BLOCK_N=block_n,
-            HAS_L2G=l2g is not None, HAS_G2G=g2g is not None, **common)
+            HAS_L2G=l2g is not None, HAS_G2G=g2g is not None, **_global_common(common))
         dq[:, :, :n_global] = (part_dq.sum(0) * problem.scale).view(batch, heads, n_global, head_dim)
         dk[:, :, :n_global] = (part_dk.sum(0) * problem.scale).view(batch, heads, n_global, head_dim)
         dv[:, :, :n_global] = part_dv.sum(0).view(batch, heads, n_global, head_dim)
@@ -267,15 +279,15 @@ class ViLAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, local_bias, g2l_bias, l2g_bias, g2g_bias, problem: _Problem):
         tables = (local_bias, g2l_bias, l2g_bias, g2g_bias)
-        out, lse = _forward(q, k, v, tables, problem)
-        ctx.save_for_backward(q, k, v, out, lse, *tables)
+        out, lse, global_out = _forward(q, k, v, tables, problem)
+        ctx.save_for_backward(q, k, v, out, lse, global_out, *tables)
         ctx.problem = problem
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, *tables = ctx.saved_tensors
-        grads = _backward(grad_out, q, k, v, out, lse, tables, ctx.problem, ctx.needs_input_grad[3:7])
+        q, k, v, out, lse, global_out, *tables = ctx.saved_tensors
+        grads = _backward(grad_out, q, k, v, out, lse, global_out, tables, ctx.problem, ctx.needs_input_grad[3:7])
         return (*grads, None)
 
 
