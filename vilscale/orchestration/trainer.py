@@ -321,7 +321,7 @@ def _restore_last_good(checkpointer: Checkpointer, engine, ctx: RankContext) -> 
 def _training_flops_per_image(model: torch.nn.Module, spec: JobSpec) -> float:
     """Forward + backward FLOPs of one image (3 x forward, 2 FLOPs per multiply-add)."""
     try:
-        from vilscale.model import count_flops
+        from vilscale.model.flops import count_flops
     except ImportError:
         return 0.0
     return 6.0 * count_flops(model, spec.model.img_size)
