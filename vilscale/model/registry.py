@@ -33,26 +33,24 @@ class Variant:
     img_size: int = 224
     window: int = 7
     params_m: float | None = None
-    """Parameter count reported by the paper / official README (millions), at 1000 classes."""
-    gmacs: float | None = None
-    """Multiply-adds at 224x224 reported by the paper / official README (G)."""
+    """Parameter count reported by the paper and the official README (millions), 1000 classes, 224x224."""
 
 
 VARIANTS: dict[str, Variant] = {
     "vil_nano": Variant(_stages([(1, 4, 2, 32), (1, 2, 2, 64), (1, 2, 4, 128)], num_global=(1, 1, 0),
                                 vil=(True, True, False), window=2), img_size=32, window=2),
     "vil_tiny": Variant(_stages([(1, 4, 1, 48), (1, 2, 3, 96), (9, 2, 3, 192), (1, 2, 6, 384)]),
-                        params_m=6.7, gmacs=1.3),
+                        params_m=6.7),
     "vil_small": Variant(_stages([(1, 4, 3, 96), (2, 2, 3, 192), (8, 2, 6, 384), (1, 2, 12, 768)]),
-                         params_m=24.6, gmacs=4.86),
+                         params_m=24.6),
     "vil_medium_deep": Variant(_stages([(1, 4, 3, 96), (4, 2, 3, 192), (16, 2, 6, 384), (1, 2, 12, 768)]),
-                               params_m=39.7, gmacs=8.7),
+                               params_m=39.7),
     "vil_medium_wide": Variant(_stages([(1, 4, 3, 192), (2, 2, 6, 384), (8, 2, 8, 512), (1, 2, 12, 768)]),
-                               params_m=39.8, gmacs=11.3),
+                               params_m=39.8),
     "vil_base_deep": Variant(_stages([(1, 4, 3, 96), (8, 2, 3, 192), (24, 2, 6, 384), (1, 2, 12, 768)]),
-                             params_m=55.7, gmacs=13.4),
+                             params_m=55.7),
     "vil_base_wide": Variant(_stages([(1, 4, 3, 192), (2, 2, 6, 384), (8, 2, 12, 768), (1, 2, 16, 1024)]),
-                             params_m=79.0, gmacs=22.9),
+                             params_m=79.0),
 }
 
 # create_model overrides that set one value per stage, and the StageConfig field each one sets.
