@@ -145,3 +145,16 @@ def test_metrics_endpoint_serves_prometheus_text_on_loopback(tmp_path):
     assert "vilscale_step_duration_seconds_bucket" in body
     targets = json.loads((tmp_path / "prometheus_targets.json").read_text())
     assert targets[0]["targets"] == [metrics.endpoint]
+
+
+def test_resume_on_a_different_number_of_ranks_goes_through_a_universal_checkpoint(digits, tmp_path):
+    run_dir = tmp_path / "run"
+    train(digits, run_dir, "--set", "train.exit_after_steps=4", nproc=2)
+    before = export(run_dir, tmp_path / "before.safetensors")
+    result = train(digits, run_dir, "--set", "train.max_steps=6", "--set", "train.exit_after_steps=0", nproc=1)
+    assert "written by 2 ranks, this run has 1: converting it to a universal checkpoint" in result.stderr
+    assert "resumed from step_00000004" in result.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 6
+    after = export(run_dir, tmp_path / "after.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "training went on from the loaded weights"

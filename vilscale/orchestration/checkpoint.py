@@ -237,14 +237,41 @@ class Checkpointer:
                 log(f"checkpoint {tag} is not usable: {problem}; trying the previous one")
         return _broadcast(chosen)
 
-    def load(self, engine, manifest: dict) -> dict:
-        """Load ``manifest``'s checkpoint into ``engine`` and return this rank's client state."""
-        tag = manifest["tag"]
+    def convert_to_universal(self, manifest: dict) -> str:
+        """Turn ``manifest``'s checkpoint into DeepSpeed's universal format (world-size independent), once,
+        on rank 0; returns the tag to load with ``checkpoint.load_universal`` set in the engine config."""
+        tag = f"{manifest['tag']}_universal"
+        failure = None
+        if _rank() == 0 and not (self.root / tag / "zero").is_dir():
+            import argparse
+
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            temporary = self.root / f".{tag}.tmp"
+            shutil.rmtree(temporary, ignore_errors=True)
+            try:
+                ds_to_universal(argparse.Namespace(
+                    input_folder=str(self.root / manifest["tag"]), output_folder=str(temporary),
+                    num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                    inject_missing_state=True))
+                shutil.rmtree(self.root / tag, ignore_errors=True)
+                os.replace(temporary, self.root / tag)
+            except Exception as error:  # noqa: BLE001 - every rank must hear about it
+                failure = f"converting {manifest['tag']} to a universal checkpoint failed: {error}"
+        failure = _broadcast(failure)
+        if failure:
+            raise CheckpointError(failure)
+        return tag
+
+    def load(self, engine, manifest: dict, *, tag: str | None = None) -> dict:
+        """Load ``manifest``'s checkpoint (or its universal form ``tag``) into ``engine`` and return this
+        rank's client state (rank 0's when this rank did not exist in the saved run)."""
+        tag = tag or manifest["tag"]
         load_path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=True,
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {self.root / tag}")
-        client_file = self.root / tag / f"client_rank{_rank()}.pt"
+        client_file = self.root / manifest["tag"] / f"client_rank{_rank()}.pt"
         if not client_file.is_file():
-            client_file = self.root / tag / "client_rank0.pt"
+            client_file = self.root / manifest["tag"] / "client_rank0.pt"
         return torch.load(client_file, map_location="cpu", weights_only=True)

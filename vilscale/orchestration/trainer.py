@@ -115,10 +115,18 @@ def _train(spec: JobSpec, ctx: RankContext, *, run_id: str | None, fault_hook) -
     model = model.to(ctx.device)
     if spec.train.compile:
         model = torch.compile(model)
+    checkpointer = Checkpointer(run_dir, keep=spec.train.keep_checkpoints, spec_digest=spec.digest())
+    manifest = checkpointer.find_resumable(log=lambda m: _log(ctx, m))
+    ds_config = deepspeed_config(spec, ctx.world_size, ctx.device)
+    universal_tag = None
+    if manifest is not None and manifest["world_size"] != ctx.world_size:
+        # ZeRO shards are per rank: another world size loads through DeepSpeed's universal format.
+        _log(ctx, f"checkpoint {manifest['tag']} was written by {manifest['world_size']} ranks, this run has "
+                  f"{ctx.world_size}: converting it to a universal checkpoint")
+        universal_tag = checkpointer.convert_to_universal(manifest)
+        ds_config["checkpoint"] = {"load_universal": True}
     optimizer = build_optimizer(model, spec)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=deepspeed_config(spec, ctx.world_size, ctx.device),
-                                      dist_init_required=False)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
     torch.manual_seed(spec.train.seed * 1000 + ctx.rank + 1)  # per-rank stream for drop path
 
     train_loader = ShardedLoader(spec.data.train_manifest, rank=ctx.rank, world_size=ctx.world_size,
@@ -138,7 +146,6 @@ def _train(spec: JobSpec, ctx: RankContext, *, run_id: str | None, fault_hook) -
                     warmup_steps=round(spec.schedule.warmup_epochs * steps_per_epoch),
                     warmup_lr=spec.schedule.warmup_lr, min_lr=spec.schedule.min_lr)
 
-    checkpointer = Checkpointer(run_dir, keep=spec.train.keep_checkpoints, spec_digest=spec.digest())
     metrics = TrainingMetrics(run_dir, run_id=run_id, rank=ctx.rank, host=spec.metrics.host,
                               port=spec.metrics.port + ctx.rank if spec.metrics.port else 0,
                               serve=spec.metrics.enabled)
@@ -146,12 +153,11 @@ def _train(spec: JobSpec, ctx: RankContext, *, run_id: str | None, fault_hook) -
     ema = ExponentialMovingAverage(engine.module, spec.optim.ema_decay) if spec.optim.ema_decay else None
     state = TrainState()
     resumed_mid_epoch = False
-    manifest = checkpointer.find_resumable(log=lambda m: _log(ctx, m))
     if manifest is not None:
         if manifest["spec_digest"] != spec.digest():
             _log(ctx, f"warning: checkpoint {manifest['tag']} was written by a different spec "
                       f"({manifest['spec_digest']} != {spec.digest()}); resuming anyway")
-        client = checkpointer.load(engine, manifest)
+        client = checkpointer.load(engine, manifest, tag=universal_tag)
         state = TrainState(**client["train_state"])
         set_rng_state(client["rng"])
         if ema is not None and client.get("ema"):
