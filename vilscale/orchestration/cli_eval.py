@@ -26,7 +26,7 @@ def run(args) -> int:
 
     from vilscale.orchestration.consolidate import consolidated_state_dict
     from vilscale.orchestration.engine import RankContext, build_model, resolve_device
-    from vilscale.orchestration.evaluation import evaluate
+    from vilscale.orchestration.evaluation import evaluate, validation_loader
 
     run_dir = Path(args.run_dir)
     try:
@@ -51,7 +51,8 @@ def run(args) -> int:
     model.load_state_dict(state)
     device = torch.device(resolve_device(spec))
     model.to(device)
-    result = evaluate(model, spec, RankContext(rank=0, world_size=1, local_rank=0, device=device))
+    ctx = RankContext(rank=0, world_size=1, local_rank=0, device=device)
+    result = evaluate(model, validation_loader(spec, ctx), spec, ctx)
     print(json.dumps(result))
     print(f"val top-1: {100 * result['val_top1']:.1f}%")
     return 0

@@ -6,23 +6,28 @@ import torch
 import torch.distributed as dist
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, spec, ctx) -> dict:
-    """Accuracy of ``model`` on ``spec.data.val_manifest``; identical result on every rank."""
-    from vilscale.data.augment import normalize
+def validation_loader(spec, ctx):
+    """This rank's part of the validation set (sequential; filler entries carry label -1)."""
     from vilscale.data.loader import ShardedLoader
 
-    loader = ShardedLoader(spec.data.val_manifest, rank=ctx.rank, world_size=ctx.world_size,
-                           batch_size=spec.eval.batch_size, seed=spec.train.seed, train=False, config=spec.data,
-                           device=ctx.device, return_indices=True)
+    return ShardedLoader(spec.data.val_manifest, rank=ctx.rank, world_size=ctx.world_size,
+                         batch_size=spec.eval.batch_size, seed=spec.train.seed, train=False, config=spec.data,
+                         device=ctx.device)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, spec, ctx) -> dict:
+    """Accuracy of ``model`` over ``loader`` (every sample once across ranks); the same on every rank."""
+    from vilscale.data.augment import normalize
+
     dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # top-1 hits, top-5 hits, samples
     try:
-        for images, labels, indices in loader:
-            valid = indices >= 0  # padding that evens out the ranks carries index -1
-            logits = model(normalize(images, spec.data).to(dtype)).float()
+        for images, labels in loader:
+            valid = labels >= 0  # filler that evens out the ranks carries label -1
+            logits = model(normalize(images, spec.data.mean, spec.data.std).to(dtype)).float()
             top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             hits = top5 == labels[:, None]
             totals[0] += (hits[:, 0] & valid).sum()

@@ -26,7 +26,7 @@ from vilscale.orchestration.engine import (
     init_distributed,
     use_environment_ninja,
 )
-from vilscale.orchestration.evaluation import evaluate
+from vilscale.orchestration.evaluation import evaluate, validation_loader
 from vilscale.orchestration.metrics import TrainingMetrics, device_peak_flops
 from vilscale.orchestration.optim import build_optimizer, lr_at, peak_lr
 from vilscale.orchestration.spec import JobSpec, SpecError, write_resolved
@@ -131,11 +131,14 @@ def _train(spec: JobSpec, ctx: RankContext, *, run_id: str | None, fault_hook) -
 
     train_loader = ShardedLoader(spec.data.train_manifest, rank=ctx.rank, world_size=ctx.world_size,
                                  batch_size=spec.train.micro_batch, seed=spec.train.seed, train=True,
-                                 config=spec.data, device=ctx.device)
+                                 config=spec.data, augment=spec.augment, device=ctx.device)
     if train_loader.num_classes != spec.model.num_classes:
         raise SpecError(f"model.num_classes={spec.model.num_classes} but {spec.data.train_manifest} has "
                         f"{train_loader.num_classes} classes; set model.num_classes={train_loader.num_classes}")
-    augment = BatchAugment(spec.augment, num_classes=spec.model.num_classes, seed=spec.train.seed + ctx.rank)
+    # Built once: each loader's decode pipeline compiles once per process, not per epoch.
+    val_loader = validation_loader(spec, ctx) if spec.data.val_manifest else None
+    augment = BatchAugment(spec.augment, num_classes=spec.model.num_classes, seed=spec.train.seed,
+                           mean=spec.data.mean, std=spec.data.std, rank=ctx.rank)
     accum = spec.grad_accum(ctx.world_size)
     steps_per_epoch = len(train_loader) // accum
     if steps_per_epoch < 1:
@@ -202,12 +205,12 @@ def _train(spec: JobSpec, ctx: RankContext, *, run_id: str | None, fault_hook) -
                 for group in engine.optimizer.param_groups:
                     group["lr"] = lr
                 losses, data_wait, skipped = [], 0.0, False
-                for _ in range(accum):
+                for micro in range(accum):
                     wait_start = time.perf_counter()
                     images, labels = next(batches)
                     data_wait += time.perf_counter() - wait_start
                     state.micro_in_epoch += 1
-                    images, targets = augment(images, labels, step=state.step)
+                    images, targets = augment(images, labels, step=state.step * accum + micro)
                     logits = engine(images.to(compute_dtype))
                     loss = torch.sum(-targets * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
                     if fault_hook is not None:
@@ -273,11 +276,11 @@ def _train(spec: JobSpec, ctx: RankContext, *, run_id: str | None, fault_hook) -
             if epoch_done:
                 state.epoch += 1
                 if state.epoch % spec.eval.every_epochs == 0 or state.step >= total_steps:
-                    state.last_eval = _evaluate(spec, engine, ema, ctx, metrics, state)
+                    state.last_eval = _evaluate(spec, engine, ema, ctx, metrics, state, val_loader)
         if last_saved_step != state.step:
             save("end of this launch" if exit_early else "end of training")
         if not exit_early and not state.last_eval:
-            state.last_eval = _evaluate(spec, engine, ema, ctx, metrics, state)
+            state.last_eval = _evaluate(spec, engine, ema, ctx, metrics, state, val_loader)
     finally:
         if progress is not None:
             progress.close()
@@ -347,13 +350,13 @@ def _step_record(state, lr, loss, grad_norm, throughput, flops_per_image, peak, 
             "device_memory_bytes": memory, "nonfinite_total": state.nonfinite_total}
 
 
-def _evaluate(spec, engine, ema, ctx, metrics, state) -> dict:
-    if not spec.data.val_manifest:
+def _evaluate(spec, engine, ema, ctx, metrics, state, val_loader) -> dict:
+    if val_loader is None:
         return {}
     if ema is not None and spec.eval.use_ema:
         ema.swap(engine.module)
     try:
-        result = evaluate(engine.module, spec, ctx)
+        result = evaluate(engine.module, val_loader, spec, ctx)
     finally:
         if ema is not None and spec.eval.use_ema:
             ema.swap(engine.module)
