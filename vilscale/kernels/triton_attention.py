@@ -350,8 +350,8 @@ class _TritonBackend:
         if not 1 <= window <= MAX_WINDOW:
             return f"window {window} is outside the supported range 1..{MAX_WINDOW}"
         extent = sum((size - 1) * stride for size, stride in zip(q.shape, q.stride())) + 1
-        if 4 * extent >= 2**31:  # o, dq, dk, dv and the packed qkv views are indexed in int32
-            return f"q spans {extent} elements; the kernels index with int32: split the batch"
+        if extent >= 2**31 or q.numel() >= 2**31:  # offsets into q, k, v, o, dq, dk, dv are int32
+            return f"q spans {extent} elements, beyond the kernels' int32 offsets: split the batch"
         if q.shape[0] * q.shape[1] > MAX_GRID_Y:
             return f"batch x heads = {q.shape[0] * q.shape[1]} exceeds {MAX_GRID_Y} (CUDA grid limit)"
         if q.device.type == "cuda":
