@@ -3,7 +3,11 @@ always runs. Thread counts are capped so two-core CI machines stay responsive.""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,3 +27,72 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip_gpu)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    """Real digits shards (scikit-learn's handwritten digits), written once per test session."""
+    out = tmp_path_factory.mktemp("digits")
+    result = subprocess.run([sys.executable, "-m", "vilscale.cli", "prepare", "digits", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+class SmokeRuns:
+    """Runs jobs/smoke.yaml through the real `vilscale` command on the session's digits shards."""
+
+    def __init__(self, digits: Path):
+        self.digits = digits
+
+    def args(self, run_dir: Path, *extra: str) -> list[str]:
+        return ["--set", f"run_dir={run_dir}",
+                "--set", f"data.train_manifest={self.digits / 'train' / 'manifest.json'}",
+                "--set", f"data.val_manifest={self.digits / 'val' / 'manifest.json'}", *extra]
+
+    def train(self, run_dir: Path, *extra: str, nproc: int = 2, check: bool = True, env: dict | None = None):
+        command = [sys.executable, "-m", "vilscale.cli", "train", str(REPO / "jobs" / "smoke.yaml"),
+                   "--nproc", str(nproc), *self.args(run_dir, *extra)]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900,
+                                env={**os.environ, **(env or {})})
+        if check:
+            assert result.returncode == 0, result.stderr[-4000:]
+        return result
+
+    @staticmethod
+    def export(run_dir: Path, out: Path) -> dict:
+        from safetensors.torch import load_file
+
+        result = subprocess.run([sys.executable, "-m", "vilscale.cli", "export", str(run_dir), str(out)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return load_file(str(out))
+
+    @staticmethod
+    def samples(run_dir: Path) -> dict:
+        """{rank: {step: indices}} as recorded (a re-done step's last record wins)."""
+        out = {}
+        for path in sorted((run_dir / "samples").glob("rank*.jsonl")):
+            per_step = {}
+            for line in path.read_text().splitlines():
+                record = json.loads(line)
+                per_step[record["step"]] = record["indices"]
+            out[int(path.stem.removeprefix("rank"))] = per_step
+        return out
+
+
+@pytest.fixture(scope="session")
+def smoke(digits) -> SmokeRuns:
+    return SmokeRuns(digits)
+
+
+@pytest.fixture(scope="session")
+def baseline_run(smoke, tmp_path_factory) -> Path:
+    """One uninterrupted 2-rank ZeRO-2 run of the smoke job (8 steps, checkpoints at 4 and 8), recording
+    every step's sample indices: the reference the resume and fault tests compare against."""
+    run_dir = tmp_path_factory.mktemp("baseline") / "run"
+    smoke.train(run_dir, "--set", "train.record_samples=true")
+    return run_dir

@@ -1,14 +1,14 @@
-"""The DeepSpeed trainer on real digits shards: checkpoints, exact resume, export, metrics, faults.
+"""The DeepSpeed trainer on real digits shards: checkpoints, exact resume, export, metrics.
 
-Every run here is a real DeepSpeed engine (ZeRO over gloo on CPU) reading real FFCV shards.
+Every run is a real DeepSpeed engine (ZeRO-2 over gloo on CPU) reading real FFCV shards, started
+through the `vilscale` command. The uninterrupted 2-rank run (`baseline_run`) is shared.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
+import shutil
 import urllib.request
 from pathlib import Path
 
@@ -19,104 +19,73 @@ import yaml
 from vilscale.orchestration.checkpoint import Checkpointer
 from vilscale.orchestration.spec import load_spec
 
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "jobs" / "smoke.yaml"
-
 pytestmark = pytest.mark.slow
+SMOKE_JOB = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
 
 
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    result = subprocess.run([sys.executable, "-m", "vilscale.cli", "prepare", "digits", str(out)],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return out
-
-
-def smoke_args(digits: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["--set", f"run_dir={run_dir}", "--set", f"data.train_manifest={digits / 'train' / 'manifest.json'}",
-            "--set", f"data.val_manifest={digits / 'val' / 'manifest.json'}", *extra]
-
-
-def train(digits: Path, run_dir: Path, *extra: str, nproc: int = 1, check: bool = True):
-    command = [sys.executable, "-m", "vilscale.cli", "train", str(SMOKE), "--nproc", str(nproc),
-               *smoke_args(digits, run_dir, *extra)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
-    if check:
-        assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-def export(run_dir: Path, out: Path) -> dict:
-    from safetensors.torch import load_file
-
-    result = subprocess.run([sys.executable, "-m", "vilscale.cli", "export", str(run_dir), str(out)],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return load_file(str(out))
-
-
-def test_two_rank_zero2_run_writes_checkpoints_metrics_and_exports_loadable_weights(digits, tmp_path):
-    run_dir = tmp_path / "run"
-    train(digits, run_dir, nproc=2)
+def test_a_two_rank_run_writes_checkpoints_metrics_and_loadable_weights(smoke, baseline_run, tmp_path):
+    run_dir = baseline_run
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 8 and 0.0 <= summary["val_top1"] <= 1.0
-    assert summary["val_samples"] == json.loads((digits / "val" / "manifest.json").read_text())["num_samples"]
-    checkpointer = Checkpointer(run_dir, keep=2, spec_digest="")
-    assert checkpointer.complete_tags() == ["step_00000004", "step_00000008"]
+    assert summary["val_samples"] == json.loads((smoke.digits / "val" / "manifest.json").read_text())["num_samples"]
+    assert Checkpointer(run_dir, keep=2, spec_digest="").complete_tags() == ["step_00000004", "step_00000008"]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000008"
     manifest = json.loads((run_dir / "checkpoints" / "step_00000008" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and "client_rank1.pt" in manifest["files"]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records if "loss" in r]
-    assert steps == [2, 4, 6, 8] and all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [2, 4, 6, 8]
+    assert all(math.isfinite(r["loss"]) and r["images_per_second"] > 0 for r in train_records)
     targets = json.loads((run_dir / "prometheus_targets.json").read_text())
     assert len(targets) == 2 and all(t["targets"][0].startswith("127.0.0.1:") for t in targets)
     assert yaml.safe_load((run_dir / "spec.yaml").read_text())["train"]["zero_stage"] == 2
 
+    # every training sample of the epoch read at most once across both ranks and 8 steps of 16
+    samples = smoke.samples(run_dir)
+    seen = [i for rank in samples.values() for indices in rank.values() for i in indices]
+    assert len(seen) == 2 * 8 * 16 and len(set(seen)) == len(seen)
+
     from vilscale.model import create_model
 
-    state = export(run_dir, tmp_path / "weights.safetensors")
+    state = smoke.export(run_dir, tmp_path / "weights.safetensors")
     model = create_model("vil_nano", img_size=32, window=2, num_classes=10)
     model.load_state_dict(state)  # strict: every key, every shape
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
-def test_resume_is_bit_exact_with_zero2_on_two_processes(digits, tmp_path):
-    """Stopped at step 3 and resumed to 8 equals one uninterrupted run to 8, bit for bit (fp32, CPU)."""
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    train(digits, straight, "--set", "train.ckpt_every=100", nproc=2)
-    train(digits, split, "--set", "train.ckpt_every=100", "--set", "train.exit_after_steps=3", nproc=2)
+def test_resume_is_bit_exact_with_zero2_on_two_processes(smoke, baseline_run, tmp_path):
+    """Stopped after step 3 and resumed to 8 equals the uninterrupted run to 8, bit for bit (fp32, CPU)."""
+    split = tmp_path / "split"
+    smoke.train(split, "--set", "train.exit_after_steps=3", "--set", "train.record_samples=true")
     first = json.loads((split / "summary.json").read_text())
     assert first["exited_early"] and first["step"] == 3
-    train(digits, split, "--set", "train.ckpt_every=100", nproc=2)
+    result = smoke.train(split, "--set", "train.record_samples=true")
+    assert "resumed from step_00000003" in result.stderr
     assert json.loads((split / "summary.json").read_text())["step"] == 8
-    a = export(straight, tmp_path / "a.safetensors")
-    b = export(split, tmp_path / "b.safetensors")
-    assert a.keys() == b.keys()
+    assert smoke.samples(split) == smoke.samples(baseline_run), "the resumed run read other samples"
+    a = smoke.export(baseline_run, tmp_path / "a.safetensors")
+    b = smoke.export(split, tmp_path / "b.safetensors")
     different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"resumed weights differ from the uninterrupted run in {different[:5]}"
+    assert a.keys() == b.keys() and not different, f"resumed weights differ in {different[:5]}"
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(digits, tmp_path):
+def test_resume_on_a_different_number_of_ranks_goes_through_a_universal_checkpoint(smoke, baseline_run, tmp_path):
     run_dir = tmp_path / "run"
-    train(digits, run_dir, "--set", "train.max_steps=8", "--set", "train.exit_after_steps=8")
-    newest = run_dir / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt"
-    data = bytearray(newest.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    newest.write_bytes(bytes(data))
-    result = train(digits, run_dir, "--set", "train.max_steps=10")
-    assert "step_00000008 is not usable" in result.stderr and "mp_rank_00_model_states.pt" in result.stderr
-    assert "resumed from step_00000004" in result.stderr
+    shutil.copytree(baseline_run, run_dir)
+    before = smoke.export(run_dir, tmp_path / "before.safetensors")
+    result = smoke.train(run_dir, "--set", "train.max_steps=10", nproc=1)
+    assert "written by 2 ranks, this run has 1: converting it to a universal checkpoint" in result.stderr
+    assert "resumed from step_00000008" in result.stderr
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 10
+    after = smoke.export(run_dir, tmp_path / "after.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before), "training must go on from the loaded weights"
 
 
-def test_nonfinite_losses_are_skipped_then_stop_the_run_after_restoring(digits, tmp_path):
+def test_nonfinite_losses_are_skipped_then_stop_the_run_after_restoring(smoke, tmp_path):
     from vilscale.orchestration.trainer import NonFiniteLossError, run_worker
 
-    spec = load_spec(SMOKE, [a for a in smoke_args(digits, tmp_path / "run") if a != "--set"]
-                     + ["train.device=cpu", "train.max_bad_steps=3", "metrics.enabled=false"])
+    assignments = [a for a in smoke.args(tmp_path / "run") if a != "--set"]
+    spec = load_spec(SMOKE_JOB, assignments + ["train.max_bad_steps=3", "metrics.enabled=false"])
     bad_steps = {2, 5, 6, 7}
 
     def inject(step, loss):
@@ -145,16 +114,3 @@ def test_metrics_endpoint_serves_prometheus_text_on_loopback(tmp_path):
     assert "vilscale_step_duration_seconds_bucket" in body
     targets = json.loads((tmp_path / "prometheus_targets.json").read_text())
     assert targets[0]["targets"] == [metrics.endpoint]
-
-
-def test_resume_on_a_different_number_of_ranks_goes_through_a_universal_checkpoint(digits, tmp_path):
-    run_dir = tmp_path / "run"
-    train(digits, run_dir, "--set", "train.exit_after_steps=4", nproc=2)
-    before = export(run_dir, tmp_path / "before.safetensors")
-    result = train(digits, run_dir, "--set", "train.max_steps=6", "--set", "train.exit_after_steps=0", nproc=1)
-    assert "written by 2 ranks, this run has 1: converting it to a universal checkpoint" in result.stderr
-    assert "resumed from step_00000004" in result.stderr
-    assert json.loads((run_dir / "summary.json").read_text())["step"] == 6
-    after = export(run_dir, tmp_path / "after.safetensors")
-    assert before.keys() == after.keys()
-    assert any(not torch.equal(before[k], after[k]) for k in before), "training went on from the loaded weights"

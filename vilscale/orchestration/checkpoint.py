@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vilscale.orchestration.faults import maybe_die
+
 MANIFEST = "manifest.json"
 LATEST = "latest"
 TAG_PREFIX = "step_"
@@ -154,6 +156,7 @@ class Checkpointer:
         if failures:
             raise CheckpointError(f"saving checkpoint {directory} failed ({'; '.join(failures)}); "
                                   f"'latest' still points to the previous complete checkpoint")
+        maybe_die("checkpoint-files-written", step=step, rank=_rank(), run_dir=self.root.parent)
         files = self._hash_files(directory)
         if _rank() == 0:
             manifest = {"step": step, "world_size": _world(), "spec_digest": self.spec_digest,

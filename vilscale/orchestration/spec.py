@@ -147,6 +147,8 @@ class TrainConfig:
     """Write metrics.jsonl and the progress line every this many steps."""
     max_bad_steps: int = 5
     """Non-finite losses in a row before the run restores its last good checkpoint and stops."""
+    record_samples: bool = False
+    """Append the dataset indices of every step to RUN_DIR/samples/rank{r}.jsonl (audits exactly-once reading)."""
 
     def __post_init__(self):
         _positive("train.epochs", self.epochs)

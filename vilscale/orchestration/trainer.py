@@ -27,6 +27,7 @@ from vilscale.orchestration.engine import (
     use_environment_ninja,
 )
 from vilscale.orchestration.evaluation import evaluate, validation_loader
+from vilscale.orchestration.faults import maybe_die
 from vilscale.orchestration.metrics import TrainingMetrics, device_peak_flops
 from vilscale.orchestration.optim import build_optimizer, lr_at, peak_lr
 from vilscale.orchestration.spec import JobSpec, SpecError, write_resolved
@@ -131,7 +132,7 @@ def _train(spec: JobSpec, ctx: RankContext, *, run_id: str | None, fault_hook) -
 
     train_loader = ShardedLoader(spec.data.train_manifest, rank=ctx.rank, world_size=ctx.world_size,
                                  batch_size=spec.train.micro_batch, seed=spec.train.seed, train=True,
-                                 config=spec.data, augment=spec.augment, device=ctx.device)
+                                 config=spec.data, augment=spec.augment, device=ctx.device, return_indices=True)
     if train_loader.num_classes != spec.model.num_classes:
         raise SpecError(f"model.num_classes={spec.model.num_classes} but {spec.data.train_manifest} has "
                         f"{train_loader.num_classes} classes; set model.num_classes={train_loader.num_classes}")
@@ -204,14 +205,16 @@ def _train(spec: JobSpec, ctx: RankContext, *, run_id: str | None, fault_hook) -
                 lr = lr_at(state.step, **schedule)
                 for group in engine.optimizer.param_groups:
                     group["lr"] = lr
-                losses, data_wait, skipped = [], 0.0, False
+                losses, data_wait, skipped, step_indices = [], 0.0, False, []
                 for micro in range(accum):
                     wait_start = time.perf_counter()
-                    images, labels = next(batches)
+                    images, labels, indices = next(batches)
+                    step_indices.append(indices)
                     data_wait += time.perf_counter() - wait_start
                     state.micro_in_epoch += 1
                     images, targets = augment(images, labels, step=state.step * accum + micro)
                     logits = engine(images.to(compute_dtype))
+                    maybe_die("mid-step", step=state.step + 1, rank=ctx.rank, run_dir=run_dir)
                     loss = torch.sum(-targets * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
                     if fault_hook is not None:
                         loss = fault_hook(state.step, loss)
@@ -241,6 +244,8 @@ def _train(spec: JobSpec, ctx: RankContext, *, run_id: str | None, fault_hook) -
                 else:
                     state.bad_in_row = 0
                 state.step += 1
+                if spec.train.record_samples:
+                    _record_samples(run_dir, ctx.rank, state.step, step_indices)
                 if ema is not None:
                     ema.update(engine.module)
                 images_done = spec.train.micro_batch * accum
@@ -290,6 +295,13 @@ def _train(spec: JobSpec, ctx: RankContext, *, run_id: str | None, fault_hook) -
     if ctx.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _record_samples(run_dir: Path, rank: int, step: int, indices: list[torch.Tensor]) -> None:
+    folder = run_dir / "samples"
+    folder.mkdir(exist_ok=True)
+    with open(folder / f"rank{rank}.jsonl", "a") as handle:
+        handle.write(json.dumps({"step": step, "indices": torch.cat(indices).tolist()}) + "\n")
 
 
 def _shared_run_id(run_dir: Path, ctx: RankContext) -> str:

@@ -1,0 +1,161 @@
+"""Faults injected into real training runs (2 ranks, DeepSpeed ZeRO-2 on CPU, real FFCV shards).
+
+Each test states the fault and the outcome it proves.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from vilscale.orchestration.checkpoint import Checkpointer, sha256_of
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+
+def test_rank_sigkilled_mid_step_restarts_from_latest_and_sees_every_sample_once(smoke, baseline_run, tmp_path):
+    """Fault: rank 1 is SIGKILLed in the middle of step 6 (after its forward, before its backward).
+    Outcome: the local launcher stops the group, restarts it (launcher.max_restarts), the run resumes from
+    the step-4 checkpoint and finishes; the samples of every step, and the final weights, equal those of
+    the uninterrupted run: none repeated, none skipped."""
+    run_dir = tmp_path / "run"
+    result = smoke.train(run_dir, "--set", "train.record_samples=true",
+                         env={"VILSCALE_INJECT_FAULT": "mid-step:6:1"})
+    assert "a rank failed (exit code -9); restarting from the latest checkpoint" in result.stderr
+    assert "resumed from step_00000004" in result.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 8
+    assert smoke.samples(run_dir) == smoke.samples(baseline_run)
+    a = smoke.export(baseline_run, tmp_path / "a.safetensors")
+    b = smoke.export(run_dir, tmp_path / "b.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_while_writing_a_checkpoint_keeps_latest_on_the_previous_one(smoke, tmp_path):
+    """Fault: rank 0 is SIGKILLed after every rank wrote the step-8 checkpoint files but before the
+    manifest and `latest` were written. Outcome: `latest` still names step 4, the restart resumes from
+    step 4 (the incomplete step-8 directory is never loaded) and the run finishes with a complete step 8."""
+    run_dir = tmp_path / "run"
+    result = smoke.train(run_dir, "--set", "launcher.max_restarts=0", check=False,
+                         env={"VILSCALE_INJECT_FAULT": "checkpoint-files-written:8:0"})
+    assert result.returncode != 0
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert (run_dir / "checkpoints" / "step_00000008").is_dir()
+    assert not (run_dir / "checkpoints" / "step_00000008" / "manifest.json").exists()
+    result = smoke.train(run_dir)
+    assert "resumed from step_00000004" in result.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+    assert Checkpointer(run_dir, keep=2, spec_digest="").verify("step_00000008") is None
+
+
+def test_truncated_checkpoint_is_detected_named_and_the_previous_one_used(smoke, baseline_run, tmp_path):
+    """Fault: the newest checkpoint's optimizer shard is truncated. Outcome: the resume names the file,
+    falls back to the step-4 checkpoint, and the run finishes."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(baseline_run, run_dir)
+    shard = run_dir / "checkpoints" / "step_00000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    result = smoke.train(run_dir, "--set", "train.max_steps=10")
+    assert "checkpoint step_00000008 is not usable" in result.stderr
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt has 1000 bytes" in result.stderr
+    assert "resumed from step_00000004" in result.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 10
+
+
+def test_flipped_bytes_in_a_checkpoint_are_detected_by_checksum(smoke, baseline_run, tmp_path):
+    """Fault: one byte of the newest model file is flipped (same size). Outcome: the sha256 check names it."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(baseline_run, run_dir)
+    target = run_dir / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    checkpointer = Checkpointer(run_dir, keep=2, spec_digest="")
+    problem = checkpointer.verify("step_00000008")
+    assert problem and "mp_rank_00_model_states.pt does not match its sha256" in problem
+    assert checkpointer.find_resumable(log=lambda message: None)["tag"] == "step_00000004"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 7 MiB filesystem: room for one smoke checkpoint (about 5 MiB), not for two."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=7M", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_previous_checkpoint(smoke, small_disk):
+    """Fault: the run dir's filesystem fills up while the step-8 checkpoint is written. Outcome: the run
+    stops with an error that says the save failed and that `latest` still names the previous checkpoint;
+    the step-4 checkpoint is intact and verifies."""
+    run_dir = small_disk / "run"
+    result = smoke.train(run_dir, "--set", "launcher.max_restarts=0", check=False)
+    assert result.returncode != 0
+    assert "saving checkpoint" in result.stderr and "No space left on device" in result.stderr
+    assert "'latest' still points to the previous complete checkpoint" in result.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert Checkpointer(run_dir, keep=2, spec_digest="").verify("step_00000004") is None
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/vilscale-pwned-by-checkpoint"),))
+
+
+def test_checkpoint_client_state_is_loaded_without_running_pickled_code(smoke, baseline_run, tmp_path):
+    """Fault: a checkpoint's client state is replaced by a pickle that runs code when unpickled (its
+    manifest updated to match). Outcome: loading refuses it (weights_only=True); the code never runs."""
+    marker = Path("/tmp/vilscale-pwned-by-checkpoint")
+    marker.unlink(missing_ok=True)
+    run_dir = tmp_path / "run"
+    shutil.copytree(baseline_run, run_dir)
+    directory = run_dir / "checkpoints" / "step_00000008"
+    client = directory / "client_rank0.pt"
+    torch.save({"evil": _Payload()}, client, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["files"]["client_rank0.pt"] = {"sha256": sha256_of(client), "bytes": client.stat().st_size}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    result = smoke.train(run_dir, "--set", "train.max_steps=10", "--set", "launcher.max_restarts=0", check=False)
+    assert result.returncode != 0 and "Weights only load failed" in result.stderr
+    assert not marker.exists(), "unpickling the checkpoint ran code"
+
+
+def _non_loopback_address() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))  # no packet is sent: this only picks the outgoing interface
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_metrics_endpoint_is_not_reachable_from_other_interfaces_by_default(tmp_path):
+    """Fault: a client on another interface tries to scrape a rank. Outcome: refused (binds 127.0.0.1)."""
+    from vilscale.orchestration.metrics import TrainingMetrics
+    from vilscale.orchestration.spec import MetricsConfig
+
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to try from")
+    metrics = TrainingMetrics(tmp_path, run_id="r", rank=0, host=MetricsConfig().host, port=0, serve=True)
+    try:
+        port = int(metrics.endpoint.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass
+        with pytest.raises(OSError):
+            socket.create_connection((address, port), timeout=2).close()
+    finally:
+        metrics.close()

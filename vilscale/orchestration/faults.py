@@ -1,0 +1,34 @@
+"""Deterministic fault injection for the fault-tolerance tests.
+
+``VILSCALE_INJECT_FAULT=POINT:STEP[:RANK]`` makes rank RANK (default 0) SIGKILL itself when it
+reaches POINT at optimizer step STEP, once per run directory (a marker file keeps a restarted run
+from dying again). Points: ``mid-step`` (after the forward of a step, before its backward) and
+``checkpoint-files-written`` (every rank has written its checkpoint files, the manifest and
+``latest`` are not yet written). Unset, it does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+ENV = "VILSCALE_INJECT_FAULT"
+POINTS = ("mid-step", "checkpoint-files-written")
+
+
+def maybe_die(point: str, *, step: int, rank: int, run_dir: Path) -> None:
+    setting = os.environ.get(ENV)
+    if not setting:
+        return
+    parts = setting.split(":")
+    if parts[0] not in POINTS or len(parts) not in (2, 3):
+        raise ValueError(f"{ENV}={setting!r} is not valid; use POINT:STEP[:RANK] with POINT in {POINTS}")
+    target_rank = int(parts[2]) if len(parts) == 3 else 0
+    if parts[0] != point or int(parts[1]) != step or target_rank != rank:
+        return
+    marker = Path(run_dir) / f".fault-{point}-{step}-{rank}"
+    if marker.exists():
+        return
+    marker.touch()
+    os.kill(os.getpid(), signal.SIGKILL)
