@@ -1,0 +1,214 @@
+"""ViL models over the registry: forward, backward and no NaN at capped sizes; shapes at any
+resolution; backbone mode; parameter and FLOP counts against the official figures; bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vilscale.model import VARIANTS, count_flops, create_model, list_models
+from vilscale.model.attention import FullAttention, ViLAttention
+from vilscale.model.bench import OFFICIAL
+
+PAPER_VARIANTS = [name for name in list_models() if name != "vil_nano"]
+HEAVY = {"vil_base_deep", "vil_base_wide", "vil_medium_wide", "vil_medium_deep"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small CPU models run faster on one thread, and much faster when other processes share the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _small_size(name: str) -> int:
+    return 32 if name == "vil_nano" else 64  # the smallest size at which window 7 fits the ViL stages
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in list_models()])
+def test_every_variant_trains_one_step_without_nan(name):
+    torch.manual_seed(0)
+    size = _small_size(name)
+    model = create_model(name, img_size=size, num_classes=7, pos_embed="rpe" if name == "vil_small" else "ape")
+    image = torch.randn(1, 3, size, size)
+    logits = model(image)
+    assert logits.shape == (1, 7) and torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits, torch.tensor([3])).backward()
+    for param_name, parameter in model.named_parameters():
+        assert parameter.grad is not None, f"{param_name} got no gradient"
+        assert torch.isfinite(parameter.grad).all(), f"{param_name} has a non-finite gradient"
+
+
+@pytest.mark.parametrize("name", PAPER_VARIANTS)
+def test_parameter_counts_match_the_paper(name):
+    with torch.device("meta"):
+        model = create_model(name)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    assert params == pytest.approx(VARIANTS[name].params_m, rel=0.01)
+
+
+@pytest.mark.parametrize("name,img_size", sorted(OFFICIAL))
+def test_flops_match_the_official_figures(name, img_size):
+    with torch.device("meta"):
+        model = create_model(name, img_size=img_size)
+    assert count_flops(model) / 1e9 == pytest.approx(OFFICIAL[(name, img_size)][1], rel=0.015)
+
+
+def test_flops_count_windowed_attention_the_papers_way():
+    # Local queries x 9 w^2 neighbourhood keys + local x global + global x all, for q.k and for p.v.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vilscale.kernels.chunked import vil_attention_chunked
+
+    height = width = 56
+    window, num_global, dim = 7, 1, 48
+    tokens = num_global + height * width
+    q = torch.zeros(1, 1, tokens, dim, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        vil_attention_chunked(q, q, q, map_hw=(height, width), num_global=num_global, window=window)
+    local = height * width
+    macs = local * 9 * window**2 * dim + local * num_global * dim + num_global * tokens * dim
+    assert counter.get_total_flops() // 2 == 2 * macs
+    assert 2 * macs < tokens * tokens * dim  # far below dense attention
+
+
+def test_vil_nano_is_small_and_fits_32px_digits():
+    model = create_model("vil_nano", num_classes=10)
+    params = sum(p.numel() for p in model.parameters())
+    assert 100_000 <= params <= 500_000
+    assert model.config.img_size == (32, 32)
+    for window in (2, 4):
+        out = create_model("vil_nano", num_classes=10, window=window)(torch.randn(2, 3, 32, 32))
+        assert out.shape == (2, 10)
+
+
+def test_s1_stages_use_vil_attention_and_s0_full_attention():
+    model = create_model("vil_tiny", img_size=64)
+    kinds = [type(stage.blocks[0].attn) for stage in model.stages]
+    assert kinds == [ViLAttention, ViLAttention, FullAttention, FullAttention]
+    backbone = create_model("vil_tiny", img_size=224, backbone=True)
+    assert all(isinstance(stage.blocks[0].attn, ViLAttention) for stage in backbone.stages)
+
+
+def test_drop_path_follows_the_official_linear_schedule():
+    model = create_model("vil_tiny", img_size=64, drop_path_rate=0.3)
+    rates = [block.drop_path.rate for stage in model.stages for block in stage.blocks]
+    assert len(rates) == 12
+    assert rates == pytest.approx(torch.linspace(0, 0.3, 12).tolist())
+
+
+def test_layernorm_eps_and_mlp_ratio():
+    model = create_model("vil_nano")
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(m.eps == 1e-6 for m in norms)
+    block = model.stages[0].blocks[0]
+    assert block.mlp.fc1.out_features == 4 * block.mlp.fc1.in_features
+
+
+@pytest.mark.parametrize("pos_embed", ["ape", "rpe"])
+@pytest.mark.parametrize("window_mode", ["chunk", "exact"])
+def test_any_resolution_forward_and_intermediates(pos_embed, window_mode):
+    model = create_model("vil_nano", pos_embed=pos_embed, window_mode=window_mode, num_classes=5).eval()
+    with torch.no_grad():
+        for height, width in [(32, 32), (45, 37), (70, 24)]:
+            image = torch.randn(1, 3, height, width)
+            maps = model.forward_intermediates(image)
+            expected, h, w = [], height, width
+            for stage, dim in zip(model.config.stages, model.feature_dims):
+                h, w = h // stage.patch_size, w // stage.patch_size
+                expected.append((1, dim, h, w))
+            assert [tuple(m.shape) for m in maps] == expected
+            logits = model(image)
+            assert logits.shape == (1, 5) and torch.isfinite(logits).all()
+            torch.testing.assert_close(model.forward_head(model.forward_features(image)), logits)
+
+
+def test_ape_is_interpolated_to_a_new_grid():
+    model = create_model("vil_nano", num_classes=5).eval()
+    embed = model.stages[0].pos_embed
+    tokens = torch.zeros(1, 1 + 16 * 12, 32)
+    out = embed(tokens, (16, 12))
+    rows = out[0, 1:, :16].reshape(16, 12, 16)
+    assert torch.allclose(rows[:, 0], rows[:, 7])  # the row half depends on the row only
+    # the end rows of a linearly interpolated table stay close to the table's ends
+    assert torch.allclose(rows[0, 0], embed.row_embed[0, 0], atol=0.5 * embed.row_embed.abs().max().item())
+
+
+def test_backbone_at_a_non_square_size_returns_four_maps_and_no_head():
+    model = create_model("vil_tiny", backbone=True, img_size=224).eval()
+    assert isinstance(model.head, torch.nn.Identity)
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, 96, 160))
+    assert [tuple(m.shape) for m in maps] == [(1, 48, 24, 40), (1, 96, 12, 20), (1, 192, 6, 10), (1, 384, 3, 5)]
+    assert all(torch.isfinite(m).all() for m in maps)
+
+
+def test_attention_backends_agree_inside_the_model():
+    torch.manual_seed(0)
+    model = create_model("vil_nano", pos_embed="rpe", num_classes=4).eval()
+    image = torch.randn(2, 3, 40, 36)
+    with torch.no_grad():
+        model.set_attn_backend("reference")
+        reference = model(image)
+        model.set_attn_backend("chunked")
+        chunked = model(image)
+    torch.testing.assert_close(chunked, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_no_weight_decay_lists_the_official_exclusions():
+    model = create_model("vil_nano", pos_embed="rpe")
+    names = dict(model.named_parameters())
+    skip = model.no_weight_decay()
+    assert skip <= set(names)
+    assert "stages.0.global_tokens" in skip and "head.bias" in skip and "norm.weight" in skip
+    assert "stages.0.patch_embed.norm.weight" in skip and "stages.1.blocks.0.norm1.bias" in skip
+    assert "stages.0.blocks.0.attn.rel_bias_local" in skip and "stages.0.blocks.0.attn.rel_bias_g2g" in skip
+    assert "head.weight" not in skip and "stages.0.blocks.0.attn.qkv.weight" not in skip
+    assert "stages.0.blocks.0.attn.qkv.bias" not in skip  # the official recipe decays these biases
+    ape = create_model("vil_nano").no_weight_decay()
+    assert {"stages.0.pos_embed.row_embed", "stages.0.pos_embed.col_embed", "stages.0.pos_embed.global_embed"} <= ape
+
+
+def test_unknown_model_lists_the_valid_names():
+    with pytest.raises(ValueError, match="vil_small") as error:
+        create_model("vil_huge")
+    assert "vil_huge" in str(error.value)
+
+
+def test_window_larger_than_the_map_is_refused_naming_the_window():
+    with pytest.raises(ValueError, match="window=9"):
+        create_model("vil_nano", window=9)
+
+
+def test_heads_not_dividing_the_width_are_refused_naming_the_heads():
+    with pytest.raises(ValueError, match="heads=5"):
+        create_model("vil_nano", heads=(5, 2, 4))
+
+
+def test_image_smaller_than_the_patch_is_refused():
+    with pytest.raises(ValueError, match="img_size"):
+        create_model("vil_nano", img_size=3)
+    model = create_model("vil_nano")
+    with pytest.raises(ValueError, match="3x3 pixels"):
+        model(torch.randn(1, 3, 3, 3))
+
+
+def test_unknown_override_and_bad_options_are_refused():
+    with pytest.raises(ValueError, match="frobnicate"):
+        create_model("vil_nano", frobnicate=1)
+    with pytest.raises(ValueError, match="pos_embed"):
+        create_model("vil_nano", pos_embed="sinusoidal")
+    with pytest.raises(ValueError, match="window_mode"):
+        create_model("vil_nano", window_mode="shifted")
+    with pytest.raises(ValueError, match="one value per stage"):
+        create_model("vil_nano", depths=(1, 1))
+
+
+def test_global_token_overrides_many_and_none():
+    for num_global in [(0, 0, 0), (3, 2, 1)]:
+        model = create_model("vil_nano", num_global=num_global, pos_embed="rpe", num_classes=3)
+        out = model(torch.randn(1, 3, 32, 32))
+        out.sum().backward()
+        assert torch.isfinite(out).all()
