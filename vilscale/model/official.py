@@ -61,8 +61,13 @@ def read_official(path_or_state_dict) -> dict[str, torch.Tensor]:
 
 
 def _flip(table: torch.Tensor) -> torch.Tensor:
-    """(entries, heads) indexed by query - key <-> (heads, entries) indexed by key - query."""
+    """Official (entries, heads) indexed by query - key -> ours (heads, entries) indexed by key - query."""
     return table.flip(0).t().contiguous()
+
+
+def _unflip(table: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``_flip``."""
+    return table.flip(1).t().contiguous()
 
 
 def _square_side(entries: int, key: str) -> int:
@@ -254,7 +259,7 @@ def _attention_to_official(model, stage_index, block, name, value, prefix) -> di
     if name == "rel_bias_g2g":
         return {f"{prefix}.g2g_relative_position_bias": value}
     if name == "rel_bias_local":
-        return {f"{prefix}.local_relative_position_bias_table": _flip(value)}
+        return {f"{prefix}.local_relative_position_bias_table": _unflip(value)}
     if not isinstance(attn, ViLAttention):
         return {f"{prefix}.{name}": value}
     leaf = name.split(".")[-1]
