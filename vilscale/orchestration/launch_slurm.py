@@ -38,10 +38,16 @@ class TrainTask(submitit.helpers.Checkpointable):
         """The job spec as plain data (`JobSpec.to_dict()`), with absolute paths."""
 
     def __call__(self) -> dict:
-        from vilscale.orchestration.trainer import run_worker
-
         spec = spec_from_dict(self.spec)
         os.environ.update(spec.launcher.env)
+        # One compute thread per allocated core: with torch's default (every core of the node) per task,
+        # the tasks of a node oversubscribe it, which slowed CPU steps 15x on a 2-core node.
+        os.environ.setdefault("OMP_NUM_THREADS", str(spec.launcher.cpus_per_task))
+        import torch
+
+        from vilscale.orchestration.trainer import run_worker
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         # LOCAL_RANK indexes the node's GPUs, so CUDA_VISIBLE_DEVICES stays as SLURM set it. A requeued
         # task inherits nothing from its previous allocation, but overwrite in case the batch script set any.
         environment = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
