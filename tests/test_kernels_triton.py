@@ -259,5 +259,51 @@ def test_key_width_covers_every_visible_column():
                     assert stop - start <= width, (window, tile_x, chunk, x0)
 
 
+@pytest.mark.slow
+def test_kernels_compile_for_an_h100_without_a_gpu():
+    """Every kernel goes through Triton's whole CUDA pipeline (TTIR, TTGIR, LLVM, PTX, ptxas cubin)
+    for sm_90: catches what the interpreter cannot, e.g. tl.dot shapes, gather/reshape lowering."""
+    triton = pytest.importorskip("triton")
+    if _interpreter_on():
+        pytest.skip("this process runs Triton's interpreter; the kernels are not compilable objects here")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from vilscale.kernels import _triton_vil as kernels
+    from vilscale.kernels.triton_attention import key_width
+
+    head_dim, window = 48, 7  # 48 exercises the padded head dim
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=64, BLOCK_G=16, PRECISE=False, UPCAST=False)
+    tiled = dict(WINDOW=window, CHUNK=True, TILE_Y=8, TILE_X=8, KEY_W=key_width(8, window, True, 56), **common)
+    split = dict(BLOCK_N=64, **{**common, "PRECISE": True})
+    fp32_buffers = {"LSE", "DELTA", "LB", "L2G", "G2L", "G2G", "PLB", "PO", "PM", "PL", "PDQ", "PG2L", "PG2G",
+                    "PDK", "PDV", "PL2G"}
+    launches = [
+        (kernels.fwd_local_kernel, dict(HAS_LB=True, HAS_L2G=True, **tiled)),
+        (kernels.bwd_local_dq_kernel, dict(HAS_LB=True, HAS_L2G=True, LB_GRAD=True, RADIUS=2 * window - 1,
+                                           OFFSETS=32, **tiled)),
+        (kernels.bwd_local_dkdv_kernel, dict(HAS_LB=True, HAS_G2L=True, **tiled)),
+        (kernels.fwd_global_kernel, dict(HAS_G2L=True, HAS_G2G=True, **split)),
+        (kernels.bwd_global_dq_kernel, dict(HAS_G2L=True, HAS_G2G=True, **split)),
+        (kernels.bwd_global_dkdv_kernel, dict(HAS_L2G=True, HAS_G2G=True, **split)),
+    ]
+    for kernel, constexprs in launches:
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name in ("qk_scale", "scale"):
+                signature[name] = "fp32"
+            elif name in ("heads", "G", "H", "W", "n_local", "split_tokens") or name.islower():
+                signature[name] = "i32"  # sizes and strides
+            elif name in fp32_buffers:
+                signature[name] = "*fp32"
+            else:
+                signature[name] = "*bf16"  # q, k, v, do and the outputs
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert compiled.asm["cubin"], kernel.fn.__name__
+
+
 if __name__ == "__main__":
     print(json.dumps(compute_all()))
