@@ -10,8 +10,11 @@ flip, uint8 CHW batches of 64. The Pillow side reads the JPEG files (`Image.open
 side reads the same images from FFCV shards with numba decode threads, stored two ways: all as JPEG
 (quality 90, original size: the like-for-like comparison) and half of them raw (FFCV's
 ``compress_probability=0.5``, which its ImageNet recipes use: larger shards, less decoding).
-"Workers" is processes for the DataLoader and decode threads for vilscale; images/s per core divides
-by it.
+"Workers" is processes for the DataLoader and decode threads for vilscale.
+
+Per core means per CPU-second: images divided by the CPU time (user + system) that the pipeline used
+during the epoch, its main process and (DataLoader) worker processes together. On a shared machine
+this is far steadier than wall-clock rates, which are reported too.
 
 Start-up is the time from constructing a loader to its first batch (FFCV: numba compilation, paid once
 per process; DataLoader: starting its worker processes). It is reported next to the steady epoch time
@@ -69,8 +72,18 @@ class PillowRandomResizedCrop(torch.utils.data.Dataset):
         return torch.from_numpy(array.copy()).permute(2, 0, 1), self.labels[index]
 
 
-def _time_epochs(make_iterable, epochs: int, count_images) -> tuple[float, list[float]]:
-    """(seconds from construction to the first batch, seconds of each later full epoch)."""
+def _cpu_seconds(loader) -> float:
+    """CPU time (user + system) used so far by this process and, for a DataLoader, its worker processes."""
+    import psutil
+
+    processes = [psutil.Process()]
+    workers = getattr(getattr(loader, "_iterator", None), "_workers", None) or []
+    processes += [psutil.Process(w.pid) for w in workers]
+    return sum(p.cpu_times().user + p.cpu_times().system for p in processes)
+
+
+def _time_epochs(make_iterable, epochs: int) -> tuple[float, list[float], list[float]]:
+    """(seconds from construction to the first batch, wall seconds and CPU seconds of each later epoch)."""
     started = time.perf_counter()
     loader = make_iterable()
     iterator = iter(loader)
@@ -79,18 +92,18 @@ def _time_epochs(make_iterable, epochs: int, count_images) -> tuple[float, list[
     for _ in iterator:
         pass
     del first
-    times = []
+    times, cpu = [], []
     for epoch in range(1, epochs + 1):
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         if hasattr(getattr(loader, "dataset", None), "epoch"):
             loader.dataset.epoch = epoch
-        t0 = time.perf_counter()
-        seen = 0
-        for batch in loader:
-            seen += count_images(batch)
+        t0, c0 = time.perf_counter(), _cpu_seconds(loader)
+        for _ in loader:
+            pass
         times.append(time.perf_counter() - t0)
-    return startup, times
+        cpu.append(_cpu_seconds(loader) - c0)
+    return startup, times, cpu
 
 
 def run(args) -> dict:
@@ -125,31 +138,34 @@ def run(args) -> dict:
         row = {"workers": workers}
         rates = {}
         for name, path in shard_sets.items():
-            startup, times = _time_epochs(
+            startup, times, cpu = _time_epochs(
                 lambda config=config, path=path: ShardedLoader(path / "manifest.json", rank=0, world_size=1,
                                                                batch_size=BATCH, seed=0, train=True, config=config,
                                                                augment=crop_only),
-                args.epochs, lambda batch: batch[0].shape[0])
-            rates[name] = steps * BATCH / statistics.median(times)
+                args.epochs)
+            rates[name] = steps * BATCH / statistics.median(cpu)
             row[f"vilscale_ffcv_{name}"] = {
                 "startup_s": round(startup, 2), "epoch_s": [round(t, 3) for t in times],
-                "images_per_s": round(rates[name], 1), "images_per_s_per_core": round(rates[name] / workers, 1),
+                "cpu_s": [round(t, 3) for t in cpu], "images_per_s": round(steps * BATCH / statistics.median(times), 1),
+                "images_per_cpu_s": round(rates[name], 1),
                 # start-up against one rank's share of an ImageNet-1K epoch (1,281,167 images over 8 ranks)
                 "startup_fraction_of_in1k_rank_epoch": round(startup / (1_281_167 / 8 / rates[name]), 5)}
         dataset = PillowRandomResizedCrop([r[1] for r in plan.refs], plan.labels, seed=0)
-        pil_startup, pil_times = _time_epochs(
+        pil_startup, pil_times, pil_cpu = _time_epochs(
             lambda dataset=dataset, workers=workers: torch.utils.data.DataLoader(
                 dataset, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True,
-                persistent_workers=True, generator=torch.Generator().manual_seed(0)),
-            args.epochs, lambda batch: batch[0].shape[0])
-        pil_rate = steps * BATCH / statistics.median(pil_times)
+                persistent_workers=True, generator=torch.Generator().manual_seed(0),
+                multiprocessing_context="spawn"),  # forking after numba has started threads is unsafe
+            args.epochs)
+        pil_rate = steps * BATCH / statistics.median(pil_cpu)
         row["torch_pillow"] = {"startup_s": round(pil_startup, 2), "epoch_s": [round(t, 3) for t in pil_times],
-                               "images_per_s": round(pil_rate, 1),
-                               "images_per_s_per_core": round(pil_rate / workers, 1)}
+                               "cpu_s": [round(t, 3) for t in pil_cpu],
+                               "images_per_s": round(steps * BATCH / statistics.median(pil_times), 1),
+                               "images_per_cpu_s": round(pil_rate, 1)}
         row["speedup_per_core_jpeg"] = round(rates["jpeg"] / pil_rate, 2)
         row["speedup_per_core_half_raw"] = round(rates["half_raw"] / pil_rate, 2)
         first = row["vilscale_ffcv_jpeg"]
-        print(f"workers={workers}: torch+Pillow {pil_rate:6.1f} img/s/{workers} core(s) (start-up {pil_startup:.2f} s)"
+        print(f"workers={workers}: torch+Pillow {pil_rate:6.1f} img/CPU-s (start-up {pil_startup:.2f} s)"
               f" | vilscale JPEG {rates['jpeg']:6.1f} (x{row['speedup_per_core_jpeg']:.2f}, start-up "
               f"{first['startup_s']:.2f} s, epoch {statistics.median(first['epoch_s']):.2f} s) | vilscale half raw "
               f"{rates['half_raw']:6.1f} (x{row['speedup_per_core_half_raw']:.2f})", flush=True)
