@@ -197,3 +197,21 @@ def test_state_from_another_world_size_is_refused_mid_epoch(digits):
     other = _loader(manifest, world_size=4)
     other.load_state_dict(at_boundary)
     assert other.epoch == 3
+
+
+@pytest.mark.gpu
+def test_cuda_batches_equal_cpu_batches_and_augment_on_device(digits):
+    from vilscale.data.augment import BatchAugment
+
+    manifest = digits / "train" / "manifest.json"
+    on_cpu = _clone(_loader(manifest, batch_size=64))
+    on_gpu = list(_loader(manifest, batch_size=64, device="cuda"))
+    assert on_gpu[0][0].device.type == "cuda" and on_gpu[0][0].is_contiguous()
+    for got, want in zip(on_gpu, on_cpu):
+        for got_t, want_t in zip(got, want):
+            assert torch.equal(got_t.cpu(), want_t)
+    augment = BatchAugment(AugmentConfig(), num_classes=10, seed=0)
+    images, labels, _ = on_gpu[0]
+    first = augment(images, labels, step=3)
+    second = augment(images, labels, step=3)
+    assert first[0].device.type == "cuda" and torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
