@@ -7,6 +7,7 @@ cores); every other loader in this module reuses it, so the tests share module-s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 
@@ -197,6 +198,17 @@ def test_state_from_another_world_size_is_refused_mid_epoch(digits):
     other = _loader(manifest, world_size=4)
     other.load_state_dict(at_boundary)
     assert other.epoch == 3
+
+
+def test_process_cache_reads_the_same_batches_as_the_os_cache(digits):
+    """os_cache=False (FFCV's per-process page cache, for data larger than RAM) compiles its own reader."""
+    manifest = digits / "train" / "manifest.json"
+    private = dataclasses.replace(DIGITS, os_cache=False)
+    for train in (True, False):
+        shared = _clone(_loader(manifest, rank=1, world_size=2, batch_size=50, train=train))
+        own = _clone(_loader(manifest, rank=1, world_size=2, batch_size=50, train=train, config=private))
+        assert len(own) == len(shared)
+        assert all(torch.equal(x, y) for a, b in zip(own, shared) for x, y in zip(a, b))
 
 
 @pytest.mark.gpu
