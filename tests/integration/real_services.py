@@ -79,6 +79,10 @@ def tail(path: Path, lines: int = 40) -> str:
         return f"({path} does not exist)"
 
 
+class ServiceDied(RuntimeError):
+    """The process being waited for has exited: waiting longer cannot help."""
+
+
 def wait_until(predicate, *, timeout_s: float, what: str, logs: tuple[Path, ...] = (), poll_s: float = 0.5):
     """Poll ``predicate`` until it returns something truthy; fail with the logs' tails after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
@@ -88,6 +92,8 @@ def wait_until(predicate, *, timeout_s: float, what: str, logs: tuple[Path, ...]
             value = predicate()
             if value:
                 return value
+        except ServiceDied:
+            raise
         except Exception as error:  # the service is not up yet
             last_error = error
         time.sleep(poll_s)
@@ -110,6 +116,14 @@ def stop_process(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=10)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _alive(pid: int) -> bool:
@@ -138,7 +152,15 @@ class RayHead:
     def stop(self) -> None:
         # `ray start --block` tears down the processes it started when it gets SIGTERM (`ray stop` would
         # stop every Ray cluster on the machine, other people's included).
-        stop_process(self.process, timeout_s=60)
+        # The head was started in a session of its own, so its process group holds only this cluster's
+        # processes: whatever is left of it after a grace period is killed.
+        group = self.process.pid
+        stop_process(self.process, timeout_s=15)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _group_alive(group):
+            time.sleep(0.2)
+        if _group_alive(group):
+            os.killpg(group, signal.SIGKILL)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def alive_workers(self, class_name: str = "RayTrainWorker") -> list[int]:
@@ -178,7 +200,7 @@ def start_ray_head(num_cpus: int = 2, env: dict | None = None) -> RayHead:
     try:
         def ready():
             if process.poll() is not None:
-                raise RuntimeError(f"ray start exited with code {process.returncode}:\n{tail(log)}")
+                raise ServiceDied(f"ray start exited with code {process.returncode}:\n{tail(log)}")
             from ray.util.state import list_nodes
 
             nodes = list_nodes(address=head.dashboard_url, raise_on_missing_output=False)
@@ -347,6 +369,7 @@ def start_prometheus(scrape_interval: str = "1s") -> Prometheus:
     config["global"]["evaluation_interval"] = scrape_interval
     for job in config["scrape_configs"]:
         job.pop("scrape_interval", None)
+        job.pop("scrape_timeout", None)  # must not exceed the interval
         for sd in job.get("file_sd_configs", []):
             sd["refresh_interval"] = scrape_interval
     (root / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -363,7 +386,7 @@ def start_prometheus(scrape_interval: str = "1s") -> Prometheus:
     try:
         def ready():
             if process.poll() is not None:
-                raise RuntimeError(f"prometheus exited with code {process.returncode}:\n{tail(log)}")
+                raise ServiceDied(f"prometheus exited with code {process.returncode}:\n{tail(log)}")
             with urllib.request.urlopen(f"{server.url}/-/ready", timeout=2) as response:
                 return response.status == 200
 

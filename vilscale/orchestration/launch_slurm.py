@@ -160,8 +160,6 @@ def make_executor(spec: JobSpec, backend: str):
             parameters["slurm_partition"] = launcher.partition
         if launcher.account:
             parameters["slurm_account"] = launcher.account
-    else:
-        parameters["local_signal_delay_s"] = min(SIGNAL_DELAY_S, 30)
     executor.update_parameters(**parameters)
     return executor
 

@@ -1,0 +1,89 @@
+"""`vilscale submit --backend ray` and the plain `ray job submit` against a real Ray head on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import real_services as services
+from real_services import SMOKE, metric_steps, smoke_overrides, vilscale
+
+pytestmark = pytest.mark.integration
+
+
+def test_unreachable_address_is_an_error_before_anything_is_submitted(tmp_path):
+    address = f"http://127.0.0.1:{services.free_port()}"
+    result = vilscale("submit", str(SMOKE), "--backend", "ray", "--address", address,
+                      "--set", f"run_dir={tmp_path / 'run'}", timeout_s=60)
+    assert result.returncode == 2, result.stderr
+    assert "cannot reach the Ray cluster" in result.stderr and address.split("//")[1] in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("launcher.gpus_per_node=4", "asks for 4 GPUs (1 node(s) x 4 launcher.gpus_per_node)"),
+    ("launcher.cpus_per_task=3", "asks for 6 CPUs (1 node(s) x 2 rank(s) x 3 launcher.cpus_per_task)"),
+])
+def test_a_job_larger_than_the_cluster_is_refused_with_the_numbers(ray_head, tmp_path, override, expected):
+    result = vilscale("submit", str(SMOKE), "--backend", "ray", "--address", ray_head.dashboard_url,
+                      "--set", override, "--set", f"run_dir={tmp_path / 'run'}", timeout_s=120)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert "has 0 GPU(s) and 2 CPU(s) on 1 node(s)" in result.stderr
+    from ray.job_submission import JobSubmissionClient
+
+    assert JobSubmissionClient(ray_head.dashboard_url).list_jobs() == []
+
+
+@pytest.mark.slow
+def test_killed_worker_is_restarted_and_resumes_from_the_latest_checkpoint(ray_head, digits, tmp_path):
+    run_dir = tmp_path / "run"
+    max_steps = 60
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "vilscale.cli", "submit", str(SMOKE), "--backend", "ray", "--wait",
+         "--address", ray_head.dashboard_url, *smoke_overrides(digits, run_dir, max_steps=max_steps, ckpt_every=4)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=services.REPO)
+    try:
+        latest = run_dir / "checkpoints" / "latest"
+        services.wait_until(latest.exists, timeout_s=300, what="first checkpoint", poll_s=0.1,
+                            logs=(ray_head.log,))
+        step_at_kill = int(latest.read_text().strip().split("_")[-1])
+        assert not (run_dir / "summary.json").exists(), "the run ended before a worker could be killed"
+        workers = ray_head.alive_workers()
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGKILL)
+        output, _ = submit.communicate(timeout=600)
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+    assert submit.returncode == 0, output
+    assert "succeeded" in output
+    resumed = [int(step) for step in re.findall(r"resumed from step_\d+ \(step (\d+)", output)]
+    assert len(resumed) == 1 and step_at_kill <= resumed[0] < max_steps, output
+    steps = metric_steps(run_dir)
+    assert steps.count(2) == 1, f"step 2 was trained twice: the restarted group started over ({steps})"
+    assert steps[-1] == max_steps
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == max_steps
+    assert latest.read_text().strip() == f"step_{max_steps:08d}"
+
+
+@pytest.mark.slow
+def test_plain_ray_job_submit_runs_the_trainer_on_ray(ray_head, digits, tmp_path):
+    """The README's raw command: `ray job submit --working-dir . -- <python> -m vilscale.cli train ... --launcher ray`
+    (one worker, a few steps: what matters is that the entrypoint finds vilscale and trains)."""
+    run_dir = tmp_path / "run"
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    command = [ray, "job", "submit", "--address", ray_head.dashboard_url, "--working-dir", ".", "--",
+               sys.executable, "-m", "vilscale.cli", "train", "jobs/smoke.yaml", "--launcher", "ray",
+               *smoke_overrides(digits, run_dir, {"launcher.cpu_workers_per_node": 1}, max_steps=4)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=services.REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "succeeded" in result.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 4
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
