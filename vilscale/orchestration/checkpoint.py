@@ -142,22 +142,21 @@ class Checkpointer:
             if directory.exists():  # an earlier, interrupted attempt at the same step
                 shutil.rmtree(directory)
         _barrier()
-        failure = None
+        self._check_free_space(engine, step)
         try:
             engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
             torch.save(client_state, directory / f"client_rank{_rank()}.pt")
-        except Exception as error:  # noqa: BLE001 - reported below, on every rank, with the cause
-            failure = f"rank {_rank()}: {type(error).__name__}: {error}"
-        failures = [failure]
-        if dist.is_initialized():
-            failures = [None] * _world()
-            dist.all_gather_object(failures, failure)
-        failures = [f for f in failures if f]
-        if failures:
-            raise CheckpointError(f"saving checkpoint {directory} failed ({'; '.join(failures)}); "
-                                  f"'latest' still points to the previous complete checkpoint")
+        except Exception as error:
+            # Raise at once, without another collective: a rank that failed inside DeepSpeed's save leaves
+            # the others waiting in its barrier, and only this process exiting lets the launcher stop them.
+            free = shutil.disk_usage(self.root).free
+            raise CheckpointError(
+                f"saving checkpoint {directory} failed on rank {_rank()}: {type(error).__name__}: {error} "
+                f"({free / 2**20:.1f} MiB free on that filesystem); 'latest' still points to the previous "
+                f"complete checkpoint") from error
         maybe_die("checkpoint-files-written", step=step, rank=_rank(), run_dir=self.root.parent)
         files = self._hash_files(directory)
+        failure = None
         if _rank() == 0:
             manifest = {"step": step, "world_size": _world(), "spec_digest": self.spec_digest,
                         "created": time.time(), "files": files}
@@ -173,6 +172,22 @@ class Checkpointer:
             self._prune()
         _barrier()
         return directory
+
+    def _check_free_space(self, engine, step: int) -> None:
+        """Refuse to start a checkpoint that cannot fit: about the size of the previous one (or, for the
+        first, fp32 weights plus two Adam moments, the upper end of what one rank writes)."""
+        complete = self.complete_tags()
+        if complete:
+            manifest = json.loads((self.root / complete[-1] / MANIFEST).read_text())
+            needed = sum(entry["bytes"] for entry in manifest["files"].values())
+        else:
+            needed = sum(p.numel() for p in engine.module.parameters()) * 4 * 3 // _world()
+        free = shutil.disk_usage(self.root).free
+        if free < needed:
+            raise CheckpointError(
+                f"not enough free space for checkpoint step {step} in {self.root}: about {needed / 2**20:.1f} MiB "
+                f"needed, {free / 2**20:.1f} MiB free (No space left on device); free space or move run_dir. "
+                f"'latest' still points to the previous complete checkpoint")
 
     def _hash_files(self, directory: Path) -> dict:
         """sha256 and size of every file, hashed in parallel: rank r takes every world-th file."""

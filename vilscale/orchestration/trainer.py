@@ -284,14 +284,15 @@ def _train(spec: JobSpec, ctx: RankContext, *, run_id: str | None, fault_hook) -
                     state.last_eval = _evaluate(spec, engine, ema, ctx, metrics, state, val_loader)
         if last_saved_step != state.step:
             save("end of this launch" if exit_early else "end of training")
-        if not exit_early and not state.last_eval:
+        if not exit_early and state.last_eval.get("step") != state.step and val_loader is not None:
             state.last_eval = _evaluate(spec, engine, ema, ctx, metrics, state, val_loader)
     finally:
         if progress is not None:
             progress.close()
         metrics.close()
+    evaluation = {f"eval_{k}" if k == "step" else k: v for k, v in state.last_eval.items()}
     summary = {"step": state.step, "epoch": state.epoch, "total_steps": total_steps, "exited_early": exit_early,
-               "nonfinite_steps": state.nonfinite_total, "run_id": run_id, **state.last_eval}
+               "nonfinite_steps": state.nonfinite_total, "run_id": run_id, **evaluation}
     if ctx.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -373,7 +374,8 @@ def _evaluate(spec, engine, ema, ctx, metrics, state, val_loader) -> dict:
         if ema is not None and spec.eval.use_ema:
             ema.swap(engine.module)
     metrics.val_top1.set(result["val_top1"])
-    metrics.log({"step": state.step, "epoch": state.epoch, **result})
+    result["step"] = state.step
+    metrics.log({"epoch": state.epoch, **result})
     _log(ctx, f"epoch {state.epoch}: val top-1 {100 * result['val_top1']:.1f}%, "
               f"top-5 {100 * result['val_top5']:.1f}%")
     return result

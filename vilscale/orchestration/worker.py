@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from vilscale.orchestration.checkpoint import CheckpointError
 from vilscale.orchestration.spec import SpecError, load_spec
 from vilscale.orchestration.trainer import NonFiniteLossError, run_worker
 
@@ -18,6 +19,9 @@ def main(argv: list[str]) -> int:
     except SpecError as error:
         print(f"vilscale: invalid job spec: {error}", file=sys.stderr)
         return EXIT_SPEC_ERROR
+    except CheckpointError as error:
+        print(f"vilscale: rank failed: {error}", file=sys.stderr, flush=True)
+        return 1
     except NonFiniteLossError as error:
         print(f"vilscale: {error}", file=sys.stderr)
         return EXIT_NONFINITE
