@@ -39,8 +39,15 @@ def test_a_job_larger_than_the_cluster_is_refused_with_the_numbers(slurm, tmp_pa
     assert slurm.command("squeue", "--noheader").strip() == ""
 
 
+def _latest_step(run_dir) -> int:
+    latest = run_dir / "checkpoints" / "latest"
+    return int(latest.read_text().strip().split("_")[-1]) if latest.exists() else -1
+
+
 @pytest.mark.slow
-def test_requeued_job_resumes_from_its_latest_checkpoint(slurm, digits, tmp_path):
+def test_preempted_then_requeued_job_resumes_from_its_latest_checkpoint_each_time(slurm, digits, tmp_path):
+    """USR2 (what SLURM sends before the time limit, and on preemption) makes rank 0 requeue the job; an
+    administrator's `scontrol requeue` restarts it too. Both allocations after the first resume."""
     run_dir = tmp_path / "run"
     max_steps = 60
     submit = subprocess.Popen(
@@ -51,24 +58,39 @@ def test_requeued_job_resumes_from_its_latest_checkpoint(slurm, digits, tmp_path
     try:
         job_id = services.wait_until(lambda: slurm.command("squeue", "--noheader", "--format=%i").split(),
                                      timeout_s=60, what="job in the queue")[0]
-        latest = run_dir / "checkpoints" / "latest"
-        services.wait_until(latest.exists, timeout_s=300, what="first checkpoint", poll_s=0.1,
-                            logs=tuple((run_dir / "submitit").glob("*_0_log.*")))
-        step_at_requeue = int(latest.read_text().strip().split("_")[-1])
-        assert not (run_dir / "summary.json").exists(), "the job ended before it could be requeued"
+        logs = tuple((run_dir / "submitit").glob("*_0_log.*"))
+        services.wait_until(lambda: _latest_step(run_dir) >= 0, timeout_s=300, what="first checkpoint",
+                            poll_s=0.1, logs=logs)
+        step_at_signal = _latest_step(run_dir)
+        slurm.command("scancel", "--signal=USR2", job_id)
+        # Rank 0 requeues the job and exits, so this allocation cannot finish the run.
+        services.wait_until(lambda: "Restarts=1" in slurm.command("scontrol", "show", "job", job_id),
+                            timeout_s=60, what="job requeued by rank 0", logs=logs)
+        rank0_err = run_dir / "submitit" / f"{job_id}_0_log.err"
+        services.wait_until(lambda: "restart 1" in rank0_err.read_text() and _latest_step(run_dir) > step_at_signal,
+                            timeout_s=300, what="a new checkpoint in the second allocation", poll_s=0.1, logs=logs)
+        step_at_requeue = _latest_step(run_dir)
         slurm.command("scontrol", "requeue", job_id)
         output, _ = submit.communicate(timeout=600)
+        # After `scontrol requeue` the tasks keep running until SLURM kills them (KillWait), and may finish
+        # the run first; the third allocation then resumes from the final checkpoint. Wait for it either way.
+        services.wait_until(lambda: slurm.command("squeue", "--noheader", "--states=all", "--jobs", job_id,
+                                                  "--format=%T").strip() == "COMPLETED",
+                            timeout_s=300, what="job COMPLETED", logs=logs)
     finally:
         if submit.poll() is None:
             submit.kill()
     assert submit.returncode == 0, output
-    assert "Restarts=1" in slurm.command("scontrol", "show", "job", job_id)
-    assert "restart 1" in output  # printed by rank 0 of the second allocation
-    resumed = [int(step) for step in re.findall(r"resumed from step_\d+ \(step (\d+)", output)]
-    assert len(resumed) == 1 and step_at_requeue <= resumed[0] < max_steps, output
+    assert "Restarts=2" in slurm.command("scontrol", "show", "job", job_id)
+    log = rank0_err.read_text()
+    assert "Caught signal SIGUSR2" in log and "this job is preempted" in log, log
+    resumed = [int(step) for step in re.findall(r"resumed from step_\d+ \(step (\d+)", log)]
+    assert len(resumed) == 2, log
+    assert step_at_signal <= resumed[0] < max_steps, log
+    assert step_at_requeue <= resumed[1] <= max_steps, log
     steps = metric_steps(run_dir)
-    assert steps.count(2) == 1, f"step 2 was trained twice: the requeued job started over ({steps})"
-    assert steps[-1] == max_steps
+    assert steps.count(2) == 1, f"step 2 was trained twice: a requeued allocation started over ({steps})"
+    assert max(steps) == max_steps
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == max_steps
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{max_steps:08d}"
+    assert _latest_step(run_dir) == max_steps

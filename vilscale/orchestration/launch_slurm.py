@@ -25,9 +25,9 @@ from vilscale.orchestration.spec import JobSpec, spec_from_dict
 
 # Seconds between SLURM's USR2 and the kill at the time limit: enough for rank 0 to requeue.
 SIGNAL_DELAY_S = 120
-# squeue states after which a job will not run again by itself.
-FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-                 "PREEMPTED"}
+# squeue states of a job that is running or will run (again) without anyone's help.
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
+                 "RESIZING", "SIGNALING", "STAGE_OUT"}
 
 
 class TrainTask(submitit.helpers.Checkpointable):
@@ -204,28 +204,29 @@ def _squeue_state(job_id: str) -> str | None:
 
 
 def wait_for_submitit(job, *, backend: str, out=None, poll_s: float = 2.0) -> int:
-    """Follow rank 0's log until every task has a result (or SLURM gave up on the job)."""
+    """Follow rank 0's log until the job has ended with every task's result (or without them)."""
     out = out or sys.stdout
     tasks = [job.task(i) for i in range(len(job._tasks))] if len(job._tasks) > 1 else [job]
     rank0 = tasks[0]
     follower = LogFollower([rank0.paths.stdout, rank0.paths.stderr], out=out)
-    gone_since = None
+    ended_since = None
     while True:
         follower.poll()
-        if all(task.paths.result_pickle.exists() for task in tasks):
-            break
+        results = all(task.paths.result_pickle.exists() for task in tasks)
         if backend == "local":
-            if job.done():
+            if results or job.done():
                 break
+        elif _squeue_state(job.job_id) in ACTIVE_STATES:
+            # Running, or requeued and waiting to run again: result files of an earlier attempt may exist,
+            # but the allocation now running will write the final ones.
+            ended_since = None
+        elif results:
+            break
         else:
-            state = _squeue_state(job.job_id)
-            if state in FAILED_STATES or state is None or state == "COMPLETED":
-                # Result files can trail the job's end on a shared file system: give them a moment.
-                gone_since = gone_since or time.monotonic()
-                if time.monotonic() - gone_since > 30:
-                    break
-            else:
-                gone_since = None
+            # Result files can trail the job's end on a shared file system: give them a moment.
+            ended_since = ended_since or time.monotonic()
+            if time.monotonic() - ended_since > 30:
+                break
         time.sleep(poll_s)
     follower.poll()
     try:
