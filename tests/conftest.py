@@ -48,6 +48,10 @@ class SmokeRuns:
     def __init__(self, digits: Path):
         self.digits = digits
 
+    def using(self, digits: Path) -> SmokeRuns:
+        """The same runner over other shards (e.g. a damaged copy)."""
+        return SmokeRuns(digits)
+
     def args(self, run_dir: Path, *extra: str) -> list[str]:
         return ["--set", f"run_dir={run_dir}",
                 "--set", f"data.train_manifest={self.digits / 'train' / 'manifest.json'}",

@@ -23,6 +23,7 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import tarfile
 import time
 from collections.abc import Sequence
@@ -297,6 +298,7 @@ def _write_shard(task) -> dict:
     writer.prepare()
     skipped = []
     written = 0
+    metadata = images = None
     try:
         metadata = np.frombuffer(writer.metadata_sm.buf, dtype=writer.metadata_type)
         allocator = MemoryAllocator(str(temporary), writer.data_region_start, settings.page_size)
@@ -320,8 +322,13 @@ def _write_shard(task) -> dict:
         images = metadata["f0"][:written]
         max_height = int(images["height"].max()) if written else 0
         max_width = int(images["width"].max()) if written else 0
-        del metadata, images
+    except OSError as error:  # disk full, quota, I/O error: nothing of this shard is kept
+        temporary.unlink(missing_ok=True)
+        free = shutil.disk_usage(out_dir).free
+        raise DataError(f"writing shard {final} failed: {error} ({free / 2**20:.1f} MiB free there); free space or "
+                        f"choose another OUT, then run the same command again: finished shards are kept") from None
     finally:
+        metadata = images = None  # release the views of the shared buffer before closing it
         writer.metadata_sm.close()
         writer.metadata_sm.unlink()
     digest = sha256_of(temporary)

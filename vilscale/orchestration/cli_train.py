@@ -18,6 +18,8 @@ from pathlib import Path
 from vilscale.orchestration.spec import JobSpec, SpecError, load_spec, write_resolved
 
 EXIT_SPEC_ERROR = 2
+# Worker exit codes (vilscale.orchestration.worker) that a restart cannot fix.
+NOT_RESTARTABLE = {2: "invalid job spec", 3: "repeated non-finite losses", 4: "bad data"}
 
 
 def add_parser(parser) -> None:
@@ -60,7 +62,9 @@ def train_local(spec: JobSpec, nproc: int, *, max_restarts: int | None = None) -
         if code == 0:
             summary_path = run_dir / "summary.json"
             return json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-        if code in (EXIT_SPEC_ERROR, 3):  # bad spec or repeated non-finite loss: a restart cannot help
+        if code in NOT_RESTARTABLE:  # a restart cannot fix these; the rank printed why
+            print(f"[vilscale] a rank stopped with exit code {code} ({NOT_RESTARTABLE[code]}); not restarting",
+                  file=sys.stderr, flush=True)
             return None
         if attempt < restarts:
             print(f"[vilscale] a rank failed (exit code {code}); restarting from the latest checkpoint "
@@ -87,8 +91,11 @@ def _run_group(spec_path: Path, nproc: int, spec: JobSpec) -> int:
             codes = [p.poll() for p in processes]
             failed = [c for c in codes if c not in (None, 0)]
             if failed:
+                time.sleep(1.0)  # let the rank that caused it finish saying why
                 _stop(processes)
-                return failed[0]
+                codes = [p.returncode for p in processes]
+                # The root cause outranks the survivors that only lost their peer.
+                return next((c for c in codes if c in NOT_RESTARTABLE), failed[0])
             if all(c == 0 for c in codes):
                 return 0
             time.sleep(0.2)
