@@ -87,3 +87,12 @@ def test_plain_ray_job_submit_runs_the_trainer_on_ray(ray_head, digits, tmp_path
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 4
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+
+
+@pytest.mark.slow
+def test_wait_exits_nonzero_with_the_reason_when_the_job_fails(ray_head, digits, tmp_path):
+    result = vilscale("submit", str(SMOKE), "--backend", "ray", "--wait", "--address", ray_head.dashboard_url,
+                      *smoke_overrides(digits, tmp_path / "run", {"launcher.max_restarts": 0}, device="cuda"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "no CUDA device is visible" in result.stdout  # the trainer's error, streamed from the job's log
+    assert "ended FAILED" in result.stderr

@@ -94,3 +94,11 @@ def test_preempted_then_requeued_job_resumes_from_its_latest_checkpoint_each_tim
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == max_steps
     assert _latest_step(run_dir) == max_steps
+
+
+@pytest.mark.slow
+def test_wait_exits_nonzero_with_the_reason_when_the_job_fails(slurm, digits, tmp_path):
+    result = vilscale("submit", str(SMOKE), "--backend", "slurm", "--wait",
+                      *smoke_overrides(digits, tmp_path / "run", device="cuda"), env=slurm.env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "no CUDA device is visible" in result.stderr

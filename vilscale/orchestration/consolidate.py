@@ -45,7 +45,7 @@ def consolidated_state_dict(run_dir: Path, *, zero_stage: int, tag: str | None =
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpointer.root), tag=tag)
     else:
         model_file = directory / "mp_rank_00_model_states.pt"
-        state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+        state = torch.load(model_file, map_location="cpu", weights_only=True)["module"]
     state = {key.removeprefix("_orig_mod."): value.float().contiguous() for key, value in state.items()}
     return state, manifest
 
