@@ -155,7 +155,7 @@ class RayHead:
         # The head was started in a session of its own, so its process group holds only this cluster's
         # processes: whatever is left of it after a grace period is killed.
         group = self.process.pid
-        stop_process(self.process, timeout_s=15)
+        stop_process(self.process, timeout_s=5)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and _group_alive(group):
             time.sleep(0.2)
@@ -178,7 +178,7 @@ def start_ray_head(num_cpus: int = 2, env: dict | None = None) -> RayHead:
         raise FileNotFoundError(str(ray))
     # Short path: Ray's unix sockets live under it (108-character limit).
     temp_dir = Path(tempfile.mkdtemp(prefix="vsray-", dir="/tmp"))
-    log = temp_dir.with_suffix(".log")
+    log = temp_dir / "ray-start.log"
     dashboard_port, gcs_port = free_port(), free_port()
     ports = {name: free_port() for name in ("--ray-client-server-port", "--dashboard-agent-listen-port",
                                             "--dashboard-agent-grpc-port", "--metrics-export-port",
@@ -243,16 +243,20 @@ class SlurmCluster:
         except Exception:
             pass
         self.command("scontrol", "shutdown", check=False)
-        for pid_file in (self.root / "slurmd.pid", self.root / "slurmctld.pid", self.munged_pid_file):
+        for pid_file, grace_s in ((self.root / "slurmd.pid", 10), (self.root / "slurmctld.pid", 10),
+                                  (self.munged_pid_file, 0)):  # munged does not stop with the cluster
             try:
                 pid = int(pid_file.read_text().strip())
             except (FileNotFoundError, ValueError):
                 continue
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + grace_s
             while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
+                time.sleep(0.1)
             if _alive(pid):
                 os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
