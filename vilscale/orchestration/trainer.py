@@ -174,7 +174,6 @@ def _train(spec: JobSpec, ctx: RankContext, *, run_id: str | None, fault_hook) -
                       "restarts its data order from the beginning")
             state.micro_in_epoch = 0
         _log(ctx, f"resumed from {manifest['tag']} (step {state.step}, epoch {state.epoch})")
-    # DeepSpeed holds bf16/fp16 weights but does not cast the inputs.
     compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.train.precision]
     peak = device_peak_flops(ctx.device, spec.train.precision, spec.metrics.peak_flops)
 
@@ -192,7 +191,7 @@ def _train(spec: JobSpec, ctx: RankContext, *, run_id: str | None, fault_hook) -
         progress = _progress_bar(ctx, total_steps, state.step)
         launch_start_step = state.step
         last_saved_step = state.step if manifest is not None else -1
-        window_start, window_images = time.perf_counter(), 0
+        window = _MetricsWindow(metrics, ctx, flops_per_image=flops_per_image, peak_flops=peak)
         exit_early = False
         while state.step < total_steps and not exit_early:
             if not resumed_mid_epoch:
@@ -205,29 +204,9 @@ def _train(spec: JobSpec, ctx: RankContext, *, run_id: str | None, fault_hook) -
                 lr = lr_at(state.step, **schedule)
                 for group in engine.optimizer.param_groups:
                     group["lr"] = lr
-                losses, data_wait, skipped, step_indices = [], 0.0, False, []
-                for micro in range(accum):
-                    wait_start = time.perf_counter()
-                    images, labels, indices = next(batches)
-                    step_indices.append(indices)
-                    data_wait += time.perf_counter() - wait_start
-                    state.micro_in_epoch += 1
-                    images, targets = augment(images, labels, step=state.step * accum + micro)
-                    logits = engine(images.to(compute_dtype))
-                    maybe_die("mid-step", step=state.step + 1, rank=ctx.rank, run_dir=run_dir)
-                    loss = torch.sum(-targets * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-                    if fault_hook is not None:
-                        loss = fault_hook(state.step, loss)
-                    if not _finite_everywhere(loss, ctx.device):
-                        skipped = True
-                        if accum == 1:
-                            break
-                        engine.step()  # keeps DeepSpeed's accumulation counter aligned; no gradient added
-                        continue
-                    engine.backward(loss)
-                    engine.step()
-                    losses.append(loss.detach())
-                if skipped:
+                batch = _forward_backward(engine, batches, augment, state, accum=accum, dtype=compute_dtype,
+                                          ctx=ctx, run_dir=run_dir, fault_hook=fault_hook)
+                if batch.skipped:
                     state.bad_in_row += 1
                     state.nonfinite_total += 1
                     metrics.nonfinite.inc()
@@ -245,32 +224,17 @@ def _train(spec: JobSpec, ctx: RankContext, *, run_id: str | None, fault_hook) -
                     state.bad_in_row = 0
                 state.step += 1
                 if spec.train.record_samples:
-                    _record_samples(run_dir, ctx.rank, state.step, step_indices)
+                    _record_samples(run_dir, ctx.rank, state.step, batch.indices)
                 if ema is not None:
                     ema.update(engine.module)
-                images_done = spec.train.micro_batch * accum
-                window_images += images_done
-                metrics.samples.inc(images_done)
-                metrics.steps.inc()
-                metrics.step_duration.observe(time.perf_counter() - step_start)
-                metrics.data_wait.observe(data_wait)
-                if losses:
-                    loss_value = torch.stack(losses).mean().item()
-                    metrics.loss.set(loss_value)
-                metrics.learning_rate.set(lr)
+                window.observe(batch, lr=lr, images=spec.train.micro_batch * accum,
+                               seconds=time.perf_counter() - step_start)
                 if progress is not None:
                     progress.update(1)
                 if state.step % spec.train.log_every == 0 or state.step == total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    throughput = window_images / elapsed if elapsed > 0 else 0.0
-                    grad_norm = engine.get_global_grad_norm()
-                    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-                    record = _step_record(state, lr, loss_value if losses else float("nan"), grad_norm,
-                                          throughput, flops_per_image, peak, ctx, metrics, data_wait)
-                    metrics.log(record)
+                    record = window.flush(state, engine)
                     if progress is not None:
-                        progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{throughput * ctx.world_size:.0f}")
-                    window_start, window_images = time.perf_counter(), 0
+                        progress.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_second']:.0f}")
                 if state.step % spec.train.ckpt_every == 0:
                     save("every ckpt_every steps")
                     last_saved_step = state.step
@@ -349,18 +313,88 @@ def _training_flops_per_image(model: torch.nn.Module, spec: JobSpec) -> float:
     return 6.0 * count_flops(model, spec.model.img_size)
 
 
-def _step_record(state, lr, loss, grad_norm, throughput, flops_per_image, peak, ctx, metrics, data_wait) -> dict:
-    metrics.grad_norm.set(grad_norm)
-    metrics.images_per_second.set(throughput)
-    mfu = flops_per_image * throughput / peak if peak else float("nan")
-    if peak:
-        metrics.mfu.set(mfu)
-    memory = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else 0
-    if memory:
-        metrics.device_memory.set(memory)
-    return {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-            "images_per_second": throughput * ctx.world_size, "mfu": mfu, "data_wait_s": data_wait,
-            "device_memory_bytes": memory, "nonfinite_total": state.nonfinite_total}
+@dataclass
+class _Accumulated:
+    losses: list
+    """Finite micro-batch losses of the step."""
+    skipped: bool
+    """Some micro-batch had a non-finite loss on some rank."""
+    data_wait: float
+    """Seconds spent waiting for batches."""
+    indices: list
+    """Dataset indices of every micro-batch."""
+
+
+def _forward_backward(engine, batches, augment, state: TrainState, *, accum: int, dtype, ctx: RankContext,
+                      run_dir: Path, fault_hook) -> _Accumulated:
+    """The micro-batches of one optimizer step: augment, forward, loss, backward, engine step."""
+    out = _Accumulated(losses=[], skipped=False, data_wait=0.0, indices=[])
+    for micro in range(accum):
+        wait_start = time.perf_counter()
+        images, labels, indices = next(batches)
+        out.data_wait += time.perf_counter() - wait_start
+        out.indices.append(indices)
+        state.micro_in_epoch += 1
+        images, targets = augment(images, labels, step=state.step * accum + micro)
+        logits = engine(images.to(dtype))  # DeepSpeed holds bf16/fp16 weights but does not cast inputs
+        maybe_die("mid-step", step=state.step + 1, rank=ctx.rank, run_dir=run_dir)
+        loss = torch.sum(-targets * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        if fault_hook is not None:
+            loss = fault_hook(state.step, loss)
+        if not _finite_everywhere(loss, ctx.device):
+            out.skipped = True
+            if accum == 1:
+                break
+            engine.step()  # keeps DeepSpeed's accumulation counter aligned; no gradient added
+            continue
+        engine.backward(loss)
+        engine.step()
+        out.losses.append(loss.detach())
+    return out
+
+
+class _MetricsWindow:
+    """Per-step Prometheus updates, and the averaged record written every log interval."""
+
+    def __init__(self, metrics: TrainingMetrics, ctx: RankContext, *, flops_per_image: float, peak_flops: float):
+        self.metrics, self.ctx = metrics, ctx
+        self.flops_per_image, self.peak_flops = flops_per_image, peak_flops
+        self.start, self.images, self.loss, self.lr, self.data_wait = time.perf_counter(), 0, float("nan"), 0.0, 0.0
+
+    def observe(self, batch: _Accumulated, *, lr: float, images: int, seconds: float) -> None:
+        m = self.metrics
+        self.images += images
+        self.lr, self.data_wait = lr, batch.data_wait
+        m.samples.inc(images)
+        m.steps.inc()
+        m.step_duration.observe(seconds)
+        m.data_wait.observe(batch.data_wait)
+        m.learning_rate.set(lr)
+        if batch.losses:
+            self.loss = torch.stack(batch.losses).mean().item()
+            m.loss.set(self.loss)
+
+    def flush(self, state: TrainState, engine) -> dict:
+        elapsed = time.perf_counter() - self.start
+        throughput = self.images / elapsed if elapsed > 0 else 0.0  # this rank's images/s
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        mfu = self.flops_per_image * throughput / self.peak_flops if self.peak_flops else float("nan")
+        device = self.ctx.device
+        memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+        m = self.metrics
+        m.grad_norm.set(grad_norm)
+        m.images_per_second.set(throughput)
+        if self.peak_flops:
+            m.mfu.set(mfu)
+        if memory:
+            m.device_memory.set(memory)
+        record = {"step": state.step, "epoch": state.epoch, "loss": self.loss, "lr": self.lr, "grad_norm": grad_norm,
+                  "images_per_second": throughput * self.ctx.world_size, "mfu": mfu, "data_wait_s": self.data_wait,
+                  "device_memory_bytes": memory, "nonfinite_total": state.nonfinite_total}
+        m.log(record)
+        self.start, self.images = time.perf_counter(), 0
+        return record
 
 
 def _evaluate(spec, engine, ema, ctx, metrics, state, val_loader) -> dict:
