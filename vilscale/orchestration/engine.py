@@ -29,12 +29,14 @@ class RankContext:
 
 
 def use_environment_ninja() -> None:
-    """Put this interpreter's bin folder first on PATH: DeepSpeed rebuilds its JIT op (a minute and
-    several GB on a small machine) whenever the ninja it finds changes, and `make setup` built it with
-    the environment's ninja."""
+    """Put this interpreter's bin folder first on PATH and build extensions inside the environment:
+    DeepSpeed rebuilds its JIT op (a minute and several GB on a small machine) whenever the ninja it
+    finds changes, and `make setup` built it with the environment's ninja."""
     bin_dir = os.path.dirname(sys.executable)
     if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    # Each environment keeps its own build, so two checkouts never rebuild each other's op.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
 def free_port() -> int:
