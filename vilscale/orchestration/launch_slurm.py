@@ -41,7 +41,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         spec = spec_from_dict(self.spec)
         os.environ.update(spec.launcher.env)
         # One compute thread per allocated core: with torch's default (every core of the node) per task,
-        # the tasks of a node oversubscribe it, which slowed CPU steps 15x on a 2-core node.
+        # the tasks of a node oversubscribe it (CPU steps ran many times slower on a 2-core node).
         os.environ.setdefault("OMP_NUM_THREADS", str(spec.launcher.cpus_per_task))
         import torch
 
