@@ -49,30 +49,18 @@ def test_truncated_shard_is_detected_by_checksum_naming_the_shard(smoke, digits_
     assert "Traceback" not in result.stderr
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mount)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {result.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_disk_full_while_writing_shards_is_a_clear_error_and_the_rerun_completes(small_disk):
     """Fault: the output filesystem fills up while shards are written. Outcome: exit code 2 and a message
     naming the shard and the cause; no partial shard under a final name; after space is freed, the same
     command finishes and the manifest's shards all verify."""
-    out = small_disk / "digits"
+    disk = small_disk("2M")
+    out = disk / "digits"
     result = prepare_digits(out)
     assert result.returncode == 2, result.stderr
     assert "writing shard" in result.stderr and "No space left on device" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (out / "train" / "manifest.json").exists()
-    subprocess.run(["mount", "-o", "remount,size=64M", str(small_disk)], check=True)
+    subprocess.run(["mount", "-o", "remount,size=64M", str(disk)], check=True)
     result = prepare_digits(out)
     assert result.returncode == 0, result.stderr
 

@@ -9,7 +9,6 @@ import json
 import pickle
 import shutil
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -82,25 +81,12 @@ def test_flipped_bytes_in_a_checkpoint_are_detected_by_checksum(smoke, baseline_
     assert checkpointer.find_resumable(log=lambda message: None)["tag"] == "step_00000004"
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 7 MiB filesystem: room for one smoke checkpoint (about 5 MiB), not for two."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=7M", "tmpfs", str(mount)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {result.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_previous_checkpoint(smoke, small_disk):
     """Fault: the run dir's filesystem fills up while the step-8 checkpoint is written. Outcome: the run
     stops with an error that says the save failed and that `latest` still names the previous checkpoint;
     the step-4 checkpoint is intact and verifies."""
-    run_dir = small_disk / "run"
+    disk = small_disk("7M")
+    run_dir = disk / "run"
     result = smoke.train(run_dir, "--set", "launcher.max_restarts=0", check=False)
     assert result.returncode != 0
     assert "checkpoint step_00000008" in result.stderr or "checkpoint step 8" in result.stderr
