@@ -43,9 +43,20 @@ def run(args) -> int:
         print(f"vilscale train: invalid job spec: {error}", file=sys.stderr)
         return EXIT_SPEC_ERROR
     if args.launcher == "ray":
+        if args.nproc is not None:
+            print("vilscale train: --nproc does not apply to --launcher ray; the worker count is "
+                  "launcher.nodes x launcher.gpus_per_node (or cpu_workers_per_node)", file=sys.stderr)
+            return EXIT_SPEC_ERROR
+        from ray.train import TrainingFailedError  # Ray Train v2's; v1 raises a RuntimeError subclass
+
         from vilscale.orchestration.launch_ray import train_on_ray
 
-        summary = train_on_ray(spec)
+        try:
+            summary = train_on_ray(spec)
+        except (TrainingFailedError, RuntimeError) as error:
+            print(f"vilscale train: the Ray Train run failed after {spec.launcher.max_restarts} restarts: "
+                  f"{str(error).splitlines()[0][:300]}", file=sys.stderr)
+            return 1
         print(json.dumps(summary))
         return 0
     summary = train_local(spec, nproc)

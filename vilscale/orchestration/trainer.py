@@ -173,6 +173,7 @@ def _train(spec: JobSpec, ctx: RankContext, *, run_id: str | None, fault_hook) -
             _log(ctx, f"world size changed ({manifest['world_size']} -> {ctx.world_size}): epoch {state.epoch} "
                       "restarts its data order from the beginning")
             state.micro_in_epoch = 0
+        metrics.last_checkpoint.set(manifest["created"])
         _log(ctx, f"resumed from {manifest['tag']} (step {state.step}, epoch {state.epoch})")
     compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.train.precision]
     peak = device_peak_flops(ctx.device, spec.train.precision, spec.metrics.peak_flops)
