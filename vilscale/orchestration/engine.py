@@ -148,9 +148,11 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> int:
     """Recompute every transformer block in backward; returns how many blocks were wrapped."""
     from torch.utils.checkpoint import checkpoint
 
+    from vilscale.model.block import Block
+
     wrapped = 0
     for module in model.modules():
-        if type(module).__name__ == "Block" and not getattr(module, "_vilscale_checkpointed", False):
+        if isinstance(module, Block) and not getattr(module, "_vilscale_checkpointed", False):
             forward = module.forward
 
             def checkpointed(*args, _forward=forward, **kwargs):
