@@ -336,14 +336,13 @@ def _coerce(path: str, value, tp):
             raise SpecError(f"{path} must be a mapping of {_describe_type(tp)} keys, got {value!r}")
         return _build(path, tp, value)
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in typing.get_args(tp):
             if option is type(None) and value is None:
                 return None
             try:
                 return _coerce(path, value, option)
-            except SpecError as error:
-                errors.append(str(error))
+            except SpecError:
+                continue
         raise SpecError(f"{path}={value!r} has the wrong type; expected {_describe_type(tp)}")
     if origin is tuple:
         args = typing.get_args(tp)
