@@ -17,9 +17,12 @@ from pathlib import Path
 
 from vilscale.orchestration.spec import JobSpec, SpecError, load_spec, write_resolved
 
+# Exit codes of a rank (vilscale.orchestration.worker); these three a restart cannot fix.
 EXIT_SPEC_ERROR = 2
-# Worker exit codes (vilscale.orchestration.worker) that a restart cannot fix.
-NOT_RESTARTABLE = {2: "invalid job spec", 3: "repeated non-finite losses", 4: "bad data"}
+EXIT_NONFINITE = 3
+EXIT_DATA_ERROR = 4
+NOT_RESTARTABLE = {EXIT_SPEC_ERROR: "invalid job spec", EXIT_NONFINITE: "repeated non-finite losses",
+                   EXIT_DATA_ERROR: "bad data"}
 
 
 def add_parser(parser) -> None:

@@ -7,12 +7,10 @@ import sys
 
 from vilscale.data.manifest import DataError
 from vilscale.orchestration.checkpoint import CheckpointError
+from vilscale.orchestration.cli_train import EXIT_DATA_ERROR, EXIT_NONFINITE, EXIT_SPEC_ERROR
 from vilscale.orchestration.spec import SpecError, load_spec
 from vilscale.orchestration.trainer import NonFiniteLossError, run_worker
 
-EXIT_SPEC_ERROR = 2
-EXIT_NONFINITE = 3
-EXIT_DATA_ERROR = 4
 # What gloo/nccl collectives raise on the survivors when a peer process dies.
 PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
                       "Broken pipe")
