@@ -21,6 +21,17 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small CPU models run faster on one thread, and much faster when other processes share the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if any("gpu" in item.keywords for item in items) and not _cuda_available():
         skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none on this machine")

@@ -15,12 +15,8 @@ HEAVY = {"vil_base_deep", "vil_base_wide", "vil_medium_wide", "vil_medium_deep"}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small CPU models run faster on one thread, and much faster when other processes share the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def _small_size(name: str) -> int:

@@ -14,11 +14,8 @@ from vilscale.model import create_model, load_official, read_official, vilscale_
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def _randomised(model):
