@@ -30,7 +30,7 @@ $(STAMP): setup.py pyproject.toml Makefile
 	# installed torch and numpy (with build isolation they would pull another torch build).
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy ninja pkgconfig
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]" "$(TORCH_SPEC)"
-	$(PY) -m vilscale.orchestration.prebuild
+	$(PY) -m vilscale.orchestration.training.prebuild
 	touch $(STAMP)
 
 system-packages:

@@ -27,14 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def measure(args, backend: str) -> dict:
-    import deepspeed
-
-    from vilscale.model import create_model
     from vilscale.model.flops import count_flops
-    from vilscale.orchestration.engine import deepspeed_config
-    from vilscale.orchestration.metrics import device_peak_flops
-    from vilscale.orchestration.optim import build_optimizer
-    from vilscale.orchestration.spec import spec_from_dict
+    from vilscale.orchestration.config import spec_from_dict
+    from vilscale.orchestration.training.engine import build_engine, build_model
+    from vilscale.orchestration.training.metrics import device_peak_flops
 
     spec = spec_from_dict({
         "run_dir": "/tmp/vilscale-bench", "data": {},
@@ -45,16 +41,9 @@ def measure(args, backend: str) -> dict:
     })
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = create_model(args.model, img_size=args.img_size, window=args.window, attn_backend=backend,
-                         num_classes=args.num_classes)
+    model = build_model(spec)
     flops_per_image = 6.0 * count_flops(model, args.img_size)  # fwd + bwd, 2 FLOPs per multiply-add
-    if args.activation_checkpointing:
-        from vilscale.orchestration.engine import apply_activation_checkpointing
-
-        apply_activation_checkpointing(model)
-    model = model.to(device)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, spec),
-                                      config=deepspeed_config(spec, 1, device), dist_init_required=False)
+    engine, _ = build_engine(spec, model, world_size=1, device=device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)
     labels = torch.randint(0, args.num_classes, (args.batch,), device=device)
@@ -100,7 +89,8 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
 
-    from vilscale.orchestration.engine import free_port, use_environment_ninja
+    from vilscale.orchestration.training.distributed import free_port
+    from vilscale.orchestration.training.engine import use_environment_ninja
 
     use_environment_ninja()
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",

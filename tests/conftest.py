@@ -56,6 +56,9 @@ def digits(tmp_path_factory) -> Path:
 class SmokeRuns:
     """Runs jobs/smoke.yaml through the real `vilscale` command on the session's digits shards."""
 
+    BASELINE = ("--set", "train.record_samples=true", "--set", "optim.ema_decay=0.9")
+    """What the uninterrupted reference run (`baseline_run`) sets on top of the smoke job."""
+
     def __init__(self, digits: Path):
         self.digits = digits
 
@@ -78,10 +81,10 @@ class SmokeRuns:
         return result
 
     @staticmethod
-    def export(run_dir: Path, out: Path) -> dict:
+    def export(run_dir: Path, out: Path, *extra: str) -> dict:
         from safetensors.torch import load_file
 
-        result = subprocess.run([sys.executable, "-m", "vilscale.cli", "export", str(run_dir), str(out)],
+        result = subprocess.run([sys.executable, "-m", "vilscale.cli", "export", str(run_dir), str(out), *extra],
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         return load_file(str(out))
@@ -106,8 +109,8 @@ def smoke(digits) -> SmokeRuns:
 
 @pytest.fixture(scope="session")
 def baseline_run(smoke, tmp_path_factory) -> Path:
-    """One uninterrupted 2-rank ZeRO-2 run of the smoke job (8 steps, checkpoints at 4 and 8), recording
-    every step's sample indices: the reference the resume and fault tests compare against."""
+    """One uninterrupted 2-rank ZeRO-2 run of the smoke job (8 steps, checkpoints at 4 and 8) with an EMA,
+    recording every step's sample indices: the reference the resume and fault tests compare against."""
     run_dir = tmp_path_factory.mktemp("baseline") / "run"
-    smoke.train(run_dir, "--set", "train.record_samples=true")
+    smoke.train(run_dir, *smoke.BASELINE)
     return run_dir

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vilscale.orchestration.spec import JobSpec, SpecError, load_spec, spec_from_dict
+from vilscale.orchestration.config import JobSpec, SpecError, load_spec, spec_from_dict
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 

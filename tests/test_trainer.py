@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from vilscale.orchestration.checkpoint import Checkpointer
-from vilscale.orchestration.spec import load_spec
+from vilscale.orchestration.config import load_spec
 
 pytestmark = pytest.mark.slow
 SMOKE_JOB = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
@@ -56,35 +56,52 @@ def test_a_two_rank_run_writes_checkpoints_metrics_and_loadable_weights(smoke, b
 
 
 def test_resume_is_bit_exact_with_zero2_on_two_processes(smoke, baseline_run, tmp_path):
-    """Stopped after step 3 and resumed to 8 equals the uninterrupted run to 8, bit for bit (fp32, CPU)."""
+    """Stopped after step 3 and resumed to 8 equals the uninterrupted run to 8, bit for bit (fp32, CPU):
+    the samples of every step, the weights, the EMA of the weights and the final evaluation."""
     split = tmp_path / "split"
-    smoke.train(split, "--set", "train.exit_after_steps=3", "--set", "train.record_samples=true")
+    smoke.train(split, "--set", "train.exit_after_steps=3", *smoke.BASELINE)
     first = json.loads((split / "summary.json").read_text())
     assert first["exited_early"] and first["step"] == 3
-    result = smoke.train(split, "--set", "train.record_samples=true")
+    result = smoke.train(split, *smoke.BASELINE)
     assert "resumed from step_00000003" in result.stderr
-    assert json.loads((split / "summary.json").read_text())["step"] == 8
+    resumed, uninterrupted = (json.loads((run / "summary.json").read_text()) for run in (split, baseline_run))
+    assert resumed["step"] == 8
     assert smoke.samples(split) == smoke.samples(baseline_run), "the resumed run read other samples"
-    a = smoke.export(baseline_run, tmp_path / "a.safetensors")
-    b = smoke.export(split, tmp_path / "b.safetensors")
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert a.keys() == b.keys() and not different, f"resumed weights differ in {different[:5]}"
+    for kind in ((), ("--ema",)):
+        a = smoke.export(baseline_run, tmp_path / "a.safetensors", *kind)
+        b = smoke.export(split, tmp_path / "b.safetensors", *kind)
+        different = [k for k in a if not torch.equal(a[k], b[k])]
+        assert a.keys() == b.keys() and not different, f"resumed {kind or 'live'} weights differ in {different[:5]}"
+    assert resumed["weights"] == uninterrupted["weights"] == "ema"
+    assert (resumed["val_top1"], resumed["val_top5"]) == (uninterrupted["val_top1"], uninterrupted["val_top5"])
 
 
 def test_resume_on_a_different_number_of_ranks_goes_through_a_universal_checkpoint(smoke, baseline_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(baseline_run, run_dir)
     before = smoke.export(run_dir, tmp_path / "before.safetensors")
-    result = smoke.train(run_dir, "--set", "train.max_steps=10", nproc=1)
+    result = smoke.train(run_dir, "--set", "train.max_steps=10", "--allow-spec-change", nproc=1)
     assert "written by 2 ranks, this run has 1: converting it to a universal checkpoint" in result.stderr
     assert "resumed from step_00000008" in result.stderr
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 10
     after = smoke.export(run_dir, tmp_path / "after.safetensors")
-    assert any(not torch.equal(before[k], after[k]) for k in before), "training must go on from the loaded weights"
+    from vilscale.model import create_model
+
+    torch.manual_seed(0)  # train.seed: the weights the run started from
+    initial = create_model("vil_nano", img_size=32, window=2, num_classes=10, drop_path_rate=0.0).state_dict()
+
+    def distance(x, y):
+        return sum((x[k].float() - y[k].float()).square().sum() for k in x).sqrt().item()
+
+    # Two more steps from the step-8 weights stay close to them; a run restarted from scratch would not.
+    assert 0 < distance(after, before) < 0.5 * distance(before, initial)
 
 
-def test_nonfinite_losses_are_skipped_then_stop_the_run_after_restoring(smoke, tmp_path):
-    from vilscale.orchestration.trainer import NonFiniteLossError, run_worker
+def test_nonfinite_losses_are_skipped_then_stop_the_run(smoke, tmp_path, capsys):
+    """Isolated non-finite steps are skipped and training goes on; max_bad_steps of them in a row stop the
+    run (exit code 3 from a rank, never restarted). Skipped steps leave the weights alone, so the latest
+    checkpoint is good as it is and nothing is restored."""
+    from vilscale.orchestration.training.loop import NonFiniteLossError, run_worker
 
     assignments = [a for a in smoke.args(tmp_path / "run") if a != "--set"]
     spec = load_spec(SMOKE_JOB, assignments + ["train.max_bad_steps=3", "metrics.enabled=false"])
@@ -93,8 +110,10 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run_after_restoring(smoke, t
     def inject(step, loss):
         return loss * float("nan") if step in bad_steps else loss
 
-    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row at step 7"):
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row at step 7; the run stopped"):
         run_worker(spec, fault_hook=inject)
+    log = capsys.readouterr().err
+    assert "step 2: non-finite loss, step skipped" in log and "restored" not in log
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("nonfinite_total", 0) for r in lines) >= 1
     # the step-4 checkpoint is still the newest complete one: nothing after the NaNs replaced it
@@ -102,7 +121,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run_after_restoring(smoke, t
 
 
 def test_metrics_endpoint_serves_prometheus_text_on_loopback(tmp_path):
-    from vilscale.orchestration.metrics import TrainingMetrics
+    from vilscale.orchestration.training.metrics import TrainingMetrics
 
     metrics = TrainingMetrics(tmp_path, run_id="r1", rank=0, host="127.0.0.1", port=0, serve=True)
     try:

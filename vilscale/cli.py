@@ -1,8 +1,9 @@
 """The ``vilscale`` command: one program, one subcommand per task.
 
-Each subcommand lives with its concern (``vilscale.data``, ``vilscale.model``,
-``vilscale.orchestration``) and registers itself here through ``add_parser(subparsers)``; this
-module only wires them together, so ``vilscale --help`` stays cheap (no torch import).
+Each subcommand is a small module with ``add_parser(parser)`` and ``run(args)``: ``prepare`` lives with
+the data (``vilscale.data.cli``), ``convert`` and ``bench`` with the model, the run commands in
+``vilscale.orchestration.cli``. This module only wires them together and imports a subcommand's module
+only when it runs, so ``vilscale --help`` stays cheap (no torch import).
 """
 
 from __future__ import annotations
@@ -11,37 +12,25 @@ import argparse
 import importlib
 import sys
 
-# subcommand -> (module providing ``add_parser`` and ``run``, one-line help, issue area when missing)
+# subcommand -> (module providing ``add_parser`` and ``run``, one-line help)
 SUBCOMMANDS = {
-    "prepare": ("vilscale.data.cli", "write FFCV shards from an ImageFolder, ImageNet-21K tars or digits", "data"),
-    "train": ("vilscale.orchestration.cli_train", "train from a job spec (YAML), on 1 or N local processes",
-              "trainer"),
-    "submit": ("vilscale.orchestration.cli_submit", "submit a job to Ray, SLURM (submitit) or locally",
-               "launchers"),
-    "eval": ("vilscale.orchestration.cli_eval", "evaluate a run's checkpoint (top-1/top-5)", "trainer"),
-    "export": ("vilscale.orchestration.cli_export", "export a run's consolidated weights to safetensors",
-               "trainer"),
-    "convert": ("vilscale.model.cli", "convert an official ViL checkpoint to vilscale weights", "model"),
-    "report": ("vilscale.orchestration.report", "plot a run's metrics.jsonl to PNG files", "trainer"),
-    "bench": ("vilscale.model.bench", "measure FLOPs and parameters of the model variants", "model"),
-    "demo": ("vilscale.orchestration.demo", "the quickstart: digits shards, training, eval, report", "trainer"),
+    "prepare": ("vilscale.data.cli", "write FFCV shards from an ImageFolder, ImageNet-21K tars or digits"),
+    "train": ("vilscale.orchestration.cli.train", "train from a job spec (YAML), on 1 or N local processes"),
+    "submit": ("vilscale.orchestration.cli.submit", "submit a job to Ray, SLURM (submitit) or locally"),
+    "eval": ("vilscale.orchestration.cli.eval", "evaluate a run's checkpoint (top-1/top-5)"),
+    "export": ("vilscale.orchestration.cli.export", "export a run's consolidated weights to safetensors"),
+    "convert": ("vilscale.model.cli", "convert an official ViL checkpoint to vilscale weights"),
+    "report": ("vilscale.orchestration.cli.report", "plot a run's metrics.jsonl to PNG files"),
+    "bench": ("vilscale.model.bench", "measure FLOPs and parameters of the model variants"),
+    "demo": ("vilscale.orchestration.cli.demo", "the quickstart: digits shards, training, eval, report"),
 }
-
-
-def _load(module_name: str):
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name == module_name:
-            return None
-        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vilscale", description="Pretrain Multi-Scale Vision Longformer (ViL) at cluster scale.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text, _area) in SUBCOMMANDS.items():
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text, add_help=False)
         sub.set_defaults(_module=module_name, _name=name)
     return parser
@@ -56,11 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     if name not in SUBCOMMANDS:
         parser.error(f"unknown command {name!r}; valid commands: {', '.join(SUBCOMMANDS)}")
-    module_name, help_text, area = SUBCOMMANDS[name]
-    module = _load(module_name)
-    if module is None:
-        print(f"vilscale {name}: not built yet; the {area} issue provides it", file=sys.stderr)
-        return 3
+    module_name, help_text = SUBCOMMANDS[name]
+    module = importlib.import_module(module_name)
     sub_parser = argparse.ArgumentParser(prog=f"vilscale {name}", description=help_text)
     module.add_parser(sub_parser)
     args = sub_parser.parse_args(argv[1:])

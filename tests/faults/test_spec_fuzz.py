@@ -12,7 +12,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vilscale.orchestration.spec import JobSpec, SpecError, load_spec, spec_from_dict
+from vilscale.orchestration.config import JobSpec, SpecError, load_spec, spec_from_dict
 
 pytestmark = pytest.mark.faults
 

@@ -25,13 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from vilscale.data.config import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
-
-
-def resolve_device(device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+from vilscale.devices import resolve_device
 
 
 def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:

@@ -31,8 +31,9 @@ class DataConfig:
     """Path to the training shards' manifest.json (written by `vilscale prepare`); "" when not used."""
     val_manifest: str = ""
     """Path to the validation shards' manifest.json; "" when not used."""
-    img_size: int = 224
-    """Side of the square crops the loader produces (training and validation)."""
+    img_size: int = 0
+    """Side of the square crops the loader produces (training and validation); 0 in a job spec means
+    `model.img_size`, which it must equal when set."""
     num_workers: int = 2
     """Decode threads per rank (numba threads of the FFCV pipeline)."""
     os_cache: bool = True
@@ -62,8 +63,8 @@ class DataConfig:
     restart does not hash it again."""
 
     def __post_init__(self):
-        _check(isinstance(self.img_size, int) and self.img_size >= 8, "data.img_size", self.img_size,
-               "use an integer >= 8")
+        _check(isinstance(self.img_size, int) and (self.img_size >= 8 or self.img_size == 0), "data.img_size",
+               self.img_size, "use an integer >= 8 (or 0: the model's img_size)")
         _check(isinstance(self.num_workers, int) and self.num_workers >= 1, "data.num_workers", self.num_workers,
                "use an integer >= 1")
         _check(0.0 < self.val_resize_ratio <= 1.0, "data.val_resize_ratio", self.val_resize_ratio,

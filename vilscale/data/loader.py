@@ -35,11 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vilscale.data.augment import resolve_device
 from vilscale.data.config import AugmentConfig, DataConfig
 from vilscale.data.manifest import DataError, load_manifest, verify_shard
 from vilscale.data.pipeline import CompiledPipeline, ShardHandle, center_boxes, random_resized_boxes
 from vilscale.data.sharding import EpochOrder, assign_pieces, epoch_order, segments, steps_per_epoch
+from vilscale.devices import resolve_device
 
 _STATE_KEYS = ("epoch", "batches_done", "seed", "world_size", "batch_size", "num_samples", "train")
 
@@ -70,6 +70,8 @@ class ShardedLoader:
             raise ValueError(f"rank={rank}, world_size={world_size} is not valid; need 0 <= rank < world_size")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if config.img_size == 0:
+            raise ValueError("config.img_size is 0 (the job spec's 'same as the model'); give the loader a size")
         self.manifest = load_manifest(manifest_path)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.seed, self.train, self.config = int(seed), bool(train), config

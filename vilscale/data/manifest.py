@@ -25,8 +25,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from vilscale.files import sha256_of
+
 FORMAT = "vilscale-shards/1"
-_HASH_CHUNK = 8 << 20
 
 
 class DataError(ValueError):
@@ -98,14 +99,6 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
                         f"run `vilscale prepare` again")
     return Manifest(path=path.resolve(), num_samples=int(raw["num_samples"]), classes=tuple(raw["classes"]),
                     shards=shards, skipped=tuple(raw["skipped"]), writer=dict(raw["writer"]))
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _cache_dir() -> Path:

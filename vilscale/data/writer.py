@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vilscale.data.manifest import FORMAT, DataError, Manifest, load_manifest, sha256_of
+from vilscale.data.manifest import FORMAT, DataError, Manifest, load_manifest
+from vilscale.files import atomic_write_json, sha256_of
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".gif", ".tif", ".tiff")
 STATE_NAME = ".prepare-state.json"
@@ -345,12 +346,6 @@ def _plan_digest(plan: Plan, order: np.ndarray, num_shards: int, settings: Write
     return digest.hexdigest()
 
 
-def _write_json_atomic(path: Path, content) -> None:
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(content, indent=1))
-    os.replace(temporary, path)
-
-
 def num_shards_for(plan: Plan, *, num_shards: int | None, shard_size_mb: float | None) -> int:
     if num_shards is not None and shard_size_mb is not None:
         raise DataError("give --num-shards or --shard-size-mb, not both")
@@ -433,7 +428,7 @@ def write_shards(plan: Plan, out_dir: str | os.PathLike, *, num_shards: int, set
     to_write = sum(bounds[t[0] + 1] - bounds[t[0]] for t in tasks)
 
     def save_state():
-        _write_json_atomic(state_path, {"plan_digest": digest, "done": {str(k): v for k, v in done.items()}})
+        atomic_write_json(state_path, {"plan_digest": digest, "done": {str(k): v for k, v in done.items()}})
 
     save_state()
     workers = workers or os.cpu_count() or 1
@@ -477,7 +472,7 @@ def write_shards(plan: Plan, out_dir: str | os.PathLike, *, num_shards: int, set
         "writer": {"kind": plan.kind, "source": plan.source, "num_shards": num_shards, **asdict(settings),
                    "plan_digest": digest},
     }
-    _write_json_atomic(manifest_path, manifest)
+    atomic_write_json(manifest_path, manifest)
     state_path.unlink(missing_ok=True)
     elapsed = time.perf_counter() - started
     log(f"{out / 'manifest.json'}: {manifest['num_samples']} images in {num_shards} shard(s), {len(plan.classes)} "

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from vilscale.kernels.reference import WINDOW_MODES
+from vilscale.kernels import BACKEND_NAMES, WINDOW_MODES
 
 POS_EMBEDS = ("ape", "rpe")
-ATTN_BACKENDS = ("auto", "reference", "chunked", "triton")
+ATTN_BACKENDS = ("auto", *BACKEND_NAMES)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

@@ -24,15 +24,14 @@ truncated to the first ``num_classes`` rows, or remapped with ``class_map``.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence
 
 import torch
 
+from vilscale.model.adapt import adapt_state_dict
 from vilscale.model.attention import ViLAttention
-from vilscale.model.position import resize_1d, resize_table_2d
 from vilscale.model.registry import create_model
 from vilscale.model.vil import VisionLongformer
 
@@ -70,36 +69,39 @@ def _unflip(table: torch.Tensor) -> torch.Tensor:
     return table.flip(1).t().contiguous()
 
 
-def _square_side(entries: int, key: str) -> int:
-    side = math.isqrt(entries)
-    if side * side != entries:
-        raise ValueError(f"{key}: a relative table of {entries} entries is not square; cannot infer its grid")
-    return side
-
-
 def official_to_vilscale(official: Mapping[str, torch.Tensor], model: VisionLongformer, *,
-                         class_map: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-    """Translate an official state dict into ``model``'s state dict, resizing position tables to
-    the model's resolution and windows and adapting the classifier."""
-    config = model.config
-    maps = config.stage_maps()
-    target = model.state_dict()
+                         class_map: Sequence[int] | None = None, head: str = "truncate") -> dict[str, torch.Tensor]:
+    """Translate an official state dict into ``model``'s state dict: official names and layouts become
+    vilscale's (``translate_official``), then ``vilscale.model.adapt`` resizes position tables to the
+    model's resolution and windows and adapts the classifier on a class-count change (``head``:
+    "truncate" to the model's classes or "replace" by the model's fresh head; or remapped by
+    ``class_map``)."""
+    translated = translate_official(official, num_stages=len(model.config.stages))
+    adapted, _ = adapt_state_dict(translated, model, head=head, class_map=class_map)
+    return adapted
+
+
+def translate_official(official: Mapping[str, torch.Tensor], *, num_stages: int) -> dict[str, torch.Tensor]:
+    """Official names and layouts -> vilscale's (tables reoriented, query/kv joined into qkv), no resizing.
+
+    Raises ValueError for keys that have no vilscale counterpart or for separately trained global
+    projections (``SHARE_W=False``)."""
     out: dict[str, torch.Tensor] = {}
     pending: dict[str, dict[str, torch.Tensor]] = {}  # our qkv key -> official query/kv parts
     unused = []
+    n_stages = num_stages
     for key, value in official.items():
         if key.endswith("relative_position_index"):
             continue  # a buffer derived from the shapes
         match = _BLOCK_KEY.match(key)
         if match is None:
             if key.startswith(("norm.", "head.")):
-                if not config.backbone and key in target and not (key.startswith("head.") and not config.num_classes):
-                    out[key] = _adapt_head(key, value, target[key], class_map) if key.startswith("head.") else value
-                continue
-            unused.append(key)
+                out[key] = value
+            else:
+                unused.append(key)
             continue
         stage_index, position, rest = int(match.group(1)) - 1, int(match.group(2)), match.group(3)
-        if not 0 <= stage_index < len(config.stages):
+        if not 0 <= stage_index < n_stages:
             unused.append(key)
             continue
         prefix = f"stages.{stage_index}"
@@ -107,16 +109,10 @@ def official_to_vilscale(official: Mapping[str, torch.Tensor], model: VisionLong
             mapped = _patch_embed_key(rest)
             if mapped is None:
                 unused.append(key)
-                continue
-            ours = f"{prefix}.{mapped}"
-            if mapped == "pos_embed.global_embed" and value.numel() == 0:
-                continue
-            if mapped in ("pos_embed.row_embed", "pos_embed.col_embed"):
-                value = resize_1d(value, maps[stage_index][0 if mapped.endswith("row_embed") else 1])
-            out[ours] = value
+            elif not (mapped == "pos_embed.global_embed" and value.numel() == 0):
+                out[f"{prefix}.{mapped}"] = value
             continue
-        block = (position - 1) // 2
-        block_prefix = f"{prefix}.blocks.{block}"
+        block_prefix = f"{prefix}.blocks.{(position - 1) // 2}"
         if position % 2 == 0:  # MLP block
             if rest.startswith("norm."):
                 out[f"{block_prefix}.norm2.{rest[5:]}"] = value
@@ -146,7 +142,7 @@ def official_to_vilscale(official: Mapping[str, torch.Tensor], model: VisionLong
         elif name.startswith(("qkv.", "proj.")):
             out[f"{attn}.{name}"] = value
         elif name == "local_relative_position_bias_table":
-            out[f"{attn}.rel_bias_local"] = _adapt_local_table(key, _flip(value), model, stage_index, maps)
+            out[f"{attn}.rel_bias_local"] = _flip(value)
         elif name == "g2l_relative_position_bias":
             out[f"{attn}.rel_bias_g2l"], out[f"{attn}.rel_bias_l2g"] = value[0], value[1]
         elif name == "g2g_relative_position_bias":
@@ -158,18 +154,8 @@ def official_to_vilscale(official: Mapping[str, torch.Tensor], model: VisionLong
             raise ValueError(f"{key}: the checkpoint has {sorted(parts)} but needs both query and kv")
         out[key] = torch.cat([parts["query"], parts["kv"]], dim=0)
     if unused:
-        raise ValueError(f"checkpoint keys that {type(model).__name__} has no place for: {unused[:10]}"
+        raise ValueError(f"checkpoint keys that a {n_stages}-stage ViL has no place for: {unused[:10]}"
                          f"{' ...' if len(unused) > 10 else ''}; is the model name right?")
-    missing = sorted(set(target) - set(out))
-    if missing:
-        raise ValueError(f"the checkpoint lacks {len(missing)} weights of the model, e.g. {missing[:6]}; "
-                         "is the model name (or pos_embed='ape'/'rpe') right?")
-    for key, value in out.items():
-        if key not in target:
-            raise ValueError(f"checkpoint weight {key} has no place in the model; is the model name right?")
-        if value.shape != target[key].shape:
-            raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} != model shape {tuple(target[key].shape)}; "
-                             "is the model name right?")
     return out
 
 
@@ -184,33 +170,6 @@ def _patch_embed_key(rest: str) -> str | None:
              "cls_token": "global_tokens", "cls_pos_embed": "pos_embed.global_embed",
              "x_pos_embed": "pos_embed.row_embed", "y_pos_embed": "pos_embed.col_embed"}
     return names.get(rest)
-
-
-def _adapt_local_table(key: str, table: torch.Tensor, model: VisionLongformer, stage_index: int,
-                       maps: list[tuple[int, int]]) -> torch.Tensor:
-    """(heads, entries) in our orientation -> the shape this stage's attention wants."""
-    side = _square_side(table.shape[1], key)
-    attention = model.stages[stage_index].blocks[0].attn
-    if isinstance(attention, ViLAttention):
-        new_hw = (4 * attention.window - 1,) * 2
-    else:
-        height, width = maps[stage_index]
-        new_hw = (2 * height - 1, 2 * width - 1)
-    return resize_table_2d(table, (side, side), new_hw)
-
-
-def _adapt_head(key: str, value: torch.Tensor, target: torch.Tensor, class_map) -> torch.Tensor:
-    if class_map is not None:
-        index = torch.as_tensor(list(class_map), dtype=torch.long)
-        if len(index) != target.shape[0]:
-            raise ValueError(f"class_map has {len(index)} entries but the model has {target.shape[0]} classes")
-        if int(index.max()) >= value.shape[0] or int(index.min()) < 0:
-            raise ValueError(f"class_map indexes outside the checkpoint's {value.shape[0]} classes")
-        return value[index]
-    if value.shape[0] < target.shape[0]:
-        raise ValueError(f"the checkpoint head has {value.shape[0]} classes, fewer than num_classes={target.shape[0]}; "
-                         "pass num_classes<= that, or class_map")
-    return value[: target.shape[0]]
 
 
 def vilscale_to_official(model: VisionLongformer) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vilscale.model.attention import FullAttention, ViLAttention
 from vilscale.model.block import Block
@@ -76,6 +77,7 @@ class Stage(nn.Module):
                 attn = FullAttention(dim, config.heads, num_global=g, map_hw=map_hw, rpe=rpe, qkv_bias=qkv_bias)
             blocks.append(Block(dim, attn, mlp_ratio=mlp_ratio, drop_path=rate, ln_eps=ln_eps))
         self.blocks = nn.ModuleList(blocks)
+        self.grad_checkpointing = False
 
     def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, C_in, H, W) -> tokens (B, G + h*w, C) after the blocks, and (h, w)."""
@@ -85,7 +87,11 @@ class Stage(nn.Module):
         if self.pos_embed is not None:
             tokens = self.pos_embed(tokens, map_hw)
         for block in self.blocks:
-            tokens = block(tokens, map_hw)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                # Recompute the block in backward instead of keeping its activations.
+                tokens = checkpoint(block, tokens, map_hw, use_reentrant=False)
+            else:
+                tokens = block(tokens, map_hw)
         return tokens, map_hw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,13 @@ class VisionLongformer(nn.Module):
             if hasattr(module, "backend"):
                 module.backend = backend
 
+    def set_grad_checkpointing(self, enable: bool = True) -> int:
+        """Recompute every block's activations in backward instead of storing them (less memory, about
+        one more forward of compute); returns how many blocks are affected."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+        return sum(len(stage.blocks) for stage in self.stages) if enable else 0
+
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One ``(B, C_s, h_s, w_s)`` map per stage, global tokens dropped, before the final norm."""
         maps = []

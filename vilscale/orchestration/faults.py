@@ -1,10 +1,13 @@
-"""Deterministic fault injection for the fault-tolerance tests.
+"""Deterministic fault injection for the fault-tolerance tests (no effect unless the variables are set).
 
 ``VILSCALE_INJECT_FAULT=POINT:STEP[:RANK]`` makes rank RANK (default 0) SIGKILL itself when it
 reaches POINT at optimizer step STEP, once per run directory (a marker file keeps a restarted run
 from dying again). Points: ``mid-step`` (after the forward of a step, before its backward) and
 ``checkpoint-files-written`` (every rank has written its checkpoint files, the manifest and
-``latest`` are not yet written). Unset, it does nothing.
+``latest`` are not yet written).
+
+``VILSCALE_INJECT_NONFINITE=STEP:MICRO:RANK[,STEP:MICRO:RANK...]`` makes the loss of micro-batch MICRO
+(0-based) of step STEP (1-based) on rank RANK NaN.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import os
 import signal
 from pathlib import Path
 
+import torch
+
 ENV = "VILSCALE_INJECT_FAULT"
+NONFINITE_ENV = "VILSCALE_INJECT_NONFINITE"
 POINTS = ("mid-step", "checkpoint-files-written")
 
 
@@ -32,3 +38,14 @@ def maybe_die(point: str, *, step: int, rank: int, run_dir: Path) -> None:
         return
     marker.touch()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_poison_loss(loss: torch.Tensor, *, step: int, micro: int, rank: int) -> torch.Tensor:
+    setting = os.environ.get(NONFINITE_ENV)
+    if not setting:
+        return loss
+    try:
+        targets = {tuple(int(x) for x in item.split(":")) for item in setting.split(",")}
+    except ValueError:
+        raise ValueError(f"{NONFINITE_ENV}={setting!r} is not valid; use STEP:MICRO:RANK[,...]") from None
+    return loss * float("nan") if (step, micro, rank) in targets else loss

@@ -34,7 +34,7 @@ def clear_stale_locks(root: Path) -> list[Path]:
 
 def main() -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from vilscale.orchestration.engine import use_environment_ninja
+    from vilscale.orchestration.training.engine import use_environment_ninja
 
     use_environment_ninja()
     root = torch_extensions_root()

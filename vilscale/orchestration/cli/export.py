@@ -5,8 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from vilscale.orchestration.checkpoint import CheckpointError
-
 
 def add_parser(parser) -> None:
     parser.add_argument("run_dir", help="run directory (the job's run_dir)")
@@ -18,15 +16,17 @@ def add_parser(parser) -> None:
 def run(args) -> int:
     from safetensors.torch import save_file
 
-    from vilscale.orchestration.consolidate import consolidated_state_dict, load_run_spec
+    from vilscale.orchestration.checkpoint import CheckpointError
+    from vilscale.orchestration.checkpoint.consolidate import consolidated_state_dict
+    from vilscale.orchestration.checkpoint.rundir import RunDirError, load_run_spec
 
     try:
         spec = load_run_spec(Path(args.run_dir))
         state, manifest = consolidated_state_dict(Path(args.run_dir), zero_stage=spec.train.zero_stage, tag=args.tag,
                                                   ema=args.ema)
-    except CheckpointError as error:
+    except (CheckpointError, RunDirError) as error:
         print(f"vilscale export: {error}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(error, RunDirError) else 1
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(out.name + ".tmp")

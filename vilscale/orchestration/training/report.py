@@ -1,5 +1,4 @@
-"""`vilscale report RUN_DIR`: PNG plots of a run's metrics.jsonl (loss, learning rate, throughput,
-data wait, eval accuracy)."""
+"""PNG plots of a run's metrics.jsonl (loss, learning rate, throughput, data wait, eval accuracy)."""
 
 from __future__ import annotations
 
@@ -14,11 +13,6 @@ PLOTS = (
     ("data_wait_s", "data wait per step (s)", "data_wait.png"),
     ("val_top1", "val top-1", "eval_accuracy.png"),
 )
-
-
-def add_parser(parser) -> None:
-    parser.add_argument("run_dir", help="run directory holding metrics.jsonl")
-    parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
 
 
 def read_records(path: Path) -> list[dict]:
@@ -58,16 +52,3 @@ def write_report(run_dir: Path, out: Path) -> list[Path]:
         plt.close(figure)
         written.append(out / filename)
     return written
-
-
-def run(args) -> int:
-    run_dir = Path(args.run_dir)
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        print(f"vilscale report: {metrics} does not exist; give the run_dir of a job that has started",
-              file=sys.stderr)
-        return 1
-    written = write_report(run_dir, Path(args.out) if args.out else run_dir / "report")
-    for path in written:
-        print(path)
-    return 0 if written else 1

@@ -10,15 +10,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vilscale.data.config import AugmentConfig, DataConfig
+from vilscale.devices import DEVICE_CHOICES
+from vilscale.kernels import BACKEND_NAMES, WINDOW_MODES
+from vilscale.model.config import POS_EMBEDS
 
 
 class SpecError(ValueError):
@@ -36,7 +34,7 @@ class ModelConfig:
     window: int = 7
     """Attention window w (a local query sees a (2w+1)^2 or 3w x 3w neighbourhood)."""
     img_size: int = 224
-    """Training resolution (square)."""
+    """Training resolution (square); `data.img_size` follows it unless set (and must then agree)."""
     num_classes: int = 1000
     """Classifier width; must match the data's class count."""
     attn_backend: str = "auto"
@@ -44,12 +42,14 @@ class ModelConfig:
     drop_path_rate: float = 0.1
     """Stochastic depth at the last block (linear schedule over the blocks)."""
     init_weights: str = ""
-    """Weights to start from: an official ViL checkpoint (.pth) or a vilscale .safetensors export."""
+    """Weights to start from (fine-tuning): a vilscale export (.safetensors), an official ViL checkpoint
+    (.pth), or a run directory (its newest verified checkpoint). Position tables are interpolated to this
+    model's img_size and window, and the head is replaced when the class count differs."""
 
     def __post_init__(self):
-        _one_of("model.pos_embed", self.pos_embed, ("ape", "rpe"))
-        _one_of("model.window_mode", self.window_mode, ("chunk", "exact"))
-        _one_of("model.attn_backend", self.attn_backend, ("auto", "reference", "chunked", "triton"))
+        _one_of("model.pos_embed", self.pos_embed, POS_EMBEDS)
+        _one_of("model.window_mode", self.window_mode, WINDOW_MODES)
+        _one_of("model.attn_backend", self.attn_backend, ("auto", *BACKEND_NAMES))
         _positive("model.window", self.window)
         _positive("model.img_size", self.img_size)
         _positive("model.num_classes", self.num_classes)
@@ -161,7 +161,7 @@ class TrainConfig:
         if self.zero_stage not in (0, 1, 2, 3):
             raise SpecError(f"train.zero_stage={self.zero_stage!r} is not valid; use 0, 1, 2 or 3")
         _one_of("train.precision", self.precision, ("fp32", "bf16", "fp16"))
-        _one_of("train.device", self.device, ("auto", "cpu", "cuda"))
+        _one_of("train.device", self.device, DEVICE_CHOICES)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -268,6 +268,14 @@ class JobSpec:
     def __post_init__(self):
         if not self.run_dir:
             raise SpecError("run_dir is empty; give the directory this run writes to")
+        if self.data.img_size == 0:  # not set: the loader produces what the model is built for
+            object.__setattr__(self, "data", dataclasses.replace(self.data, img_size=self.model.img_size))
+        elif self.data.img_size != self.model.img_size:
+            raise SpecError(
+                f"model.img_size={self.model.img_size} but data.img_size={self.data.img_size}: the loader would feed "
+                f"{self.data.img_size}-pixel images to a model built for {self.model.img_size}. Set both (e.g. "
+                f"--set model.img_size={self.data.img_size} --set data.img_size={self.data.img_size}), or leave "
+                "data.img_size out and it follows model.img_size")
 
     def grad_accum(self, world_size: int) -> int:
         """Micro-batches per step on `world_size` ranks (derived from train.global_batch when set)."""
@@ -283,12 +291,8 @@ class JobSpec:
 
     def digest(self) -> str:
         """Hash of everything that changes what is trained (not where it runs or how often it saves)."""
-        plain = self.to_dict()
-        for volatile in ("launcher", "metrics", "run_dir"):
-            plain.pop(volatile, None)
-        for key in ("ckpt_every", "keep_checkpoints", "exit_after_steps", "log_every"):
-            plain["train"].pop(key, None)
-        return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+        trained = {key: value for key, value in flatten(self.to_dict()).items() if key_kind(key) != "execution"}
+        return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
 
     def check_world(self, world_size: int) -> None:
         """Combinations that only the world size reveals."""
@@ -324,137 +328,48 @@ def _to_plain(value):
     return value
 
 
-def _describe_type(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+# Keys (or sections) that say where and how a run executes, never what it trains: a resumed run may
+# change them freely.
+EXECUTION_KEYS = (
+    "run_dir", "launcher", "metrics", "eval.batch_size", "eval.every_epochs",
+    "train.ckpt_every", "train.keep_checkpoints", "train.exit_after_steps", "train.log_every",
+    "train.record_samples", "train.max_bad_steps", "train.device", "train.activation_checkpointing",
+    "train.compile", "model.attn_backend",
+    "data.num_workers", "data.batches_ahead", "data.os_cache", "data.verify_checksums",
+)
+# Keys a resumed run may change only when the user says so (`--allow-spec-change`): the checkpoint still
+# loads, and the change is a deliberate decision about the rest of the run (train longer, moved shards,
+# a lower learning rate from here on). Everything else (the model, batch layout, precision, ZeRO stage,
+# optimizer, seed, data order) is fixed for the life of a run dir.
+ADJUSTABLE_KEYS = (
+    "train.max_steps", "train.epochs", "data.train_manifest", "data.val_manifest", "model.init_weights",
+    "model.drop_path_rate", "optim.lr", "optim.lr_batch_ref", "optim.weight_decay", "optim.clip_grad",
+    "optim.ema_decay", "schedule", "augment", "eval.use_ema",
+)
 
 
-def _coerce(path: str, value, tp):
-    """Check ``value`` against the annotation ``tp`` (ints are accepted where floats are expected)."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise SpecError(f"{path} must be a mapping of {_describe_type(tp)} keys, got {value!r}")
-        return _build(path, tp, value)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
-            if option is type(None) and value is None:
-                return None
-            try:
-                return _coerce(path, value, option)
-            except SpecError:
-                continue
-        raise SpecError(f"{path}={value!r} has the wrong type; expected {_describe_type(tp)}")
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, list | tuple):
-            raise SpecError(f"{path}={value!r} must be a list")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise SpecError(f"{path}={value!r} must be a list of {len(args)} values")
-        return tuple(_coerce(f"{path}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if origin is dict:
-        key_type, value_type = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise SpecError(f"{path}={value!r} must be a mapping")
-        return {str(k): _coerce(f"{path}.{k}", v if value_type is not str or v is None else str(v), value_type)
-                for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise SpecError(f"{path}={value!r} must be a number")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SpecError(f"{path}={value!r} must be an integer")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise SpecError(f"{path}={value!r} must be true or false")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise SpecError(f"{path}={value!r} must be a string")
-        return value
-    raise SpecError(f"{path}: unsupported field type {_describe_type(tp)}")
+def flatten(plain: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"max_steps": 8}} -> {"train.max_steps": 8} (lists and mappings of values kept whole)."""
+    out = {}
+    for key, value in plain.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and path != "launcher.env":
+            out.update(flatten(value, f"{path}."))
+        else:
+            out[path] = value
+    return out
 
 
-def _build(prefix: str, cls, raw: dict):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(str(k) for k in raw if k not in fields)
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise SpecError(f"unknown key {where}{unknown[0]}; valid keys{' of ' + prefix if prefix else ''}: "
-                        f"{sorted(fields)}")
-    kwargs = {}
-    for name, value in raw.items():
-        path = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _coerce(path, value, hints[name])
-    missing = [name for name, f in fields.items() if name not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise SpecError(f"missing key {prefix + '.' if prefix else ''}{missing[0]} (required)")
-    try:
-        return cls(**kwargs)
-    except SpecError:
-        raise
-    except (ValueError, TypeError) as error:
-        raise SpecError(f"{prefix or 'spec'}: {error}") from None
+def key_kind(path: str) -> str:
+    """"execution", "adjustable" or "fixed" (see EXECUTION_KEYS and ADJUSTABLE_KEYS)."""
+    def listed(keys):
+        return any(path == key or path.startswith(key + ".") for key in keys)
+
+    return "execution" if listed(EXECUTION_KEYS) else "adjustable" if listed(ADJUSTABLE_KEYS) else "fixed"
 
 
-def apply_override(raw: dict, assignment: str) -> None:
-    """Apply one ``a.b=value`` to the raw mapping (the value is parsed as YAML)."""
-    if "=" not in assignment:
-        raise SpecError(f"--set {assignment!r} must look like key.path=value")
-    path, text = assignment.split("=", 1)
-    keys = [k for k in path.strip().split(".") if k]
-    if not keys:
-        raise SpecError(f"--set {assignment!r} has an empty key path")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError as error:
-        raise SpecError(f"--set {path}: value {text!r} is not valid YAML: {error}") from None
-    node = raw
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise SpecError(f"--set {path}: {key} is not a section")
-        node = child
-    node[keys[-1]] = value
-
-
-def spec_from_dict(raw: Any) -> JobSpec:
-    if not isinstance(raw, dict):
-        raise SpecError(f"a job spec must be a YAML mapping of sections, got {type(raw).__name__}")
-    return _build("", JobSpec, raw)
-
-
-def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
-    """Read, override and validate a job spec. Raises SpecError (exit code 2 in the CLI)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"job spec {path} does not exist; give the path of a YAML file such as jobs/smoke.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise SpecError(f"{path} is not valid YAML: {error}") from None
-    except UnicodeDecodeError:
-        raise SpecError(f"{path} is not a text file") from None
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: a job spec must be a mapping of sections, got {type(raw).__name__}")
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    return spec_from_dict(raw)
-
-
-def write_resolved(spec: JobSpec, run_dir: Path) -> Path:
-    """Write the resolved spec into the run dir (atomically) and return its path."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "spec.yaml"
-    temporary = target.with_suffix(".yaml.tmp")
-    temporary.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    temporary.replace(target)
-    return target
+def spec_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every key whose value differs, execution keys left out."""
+    before, after = flatten(old), flatten(new)
+    return [(key, before.get(key), after.get(key)) for key in sorted(before.keys() | after.keys())
+            if before.get(key) != after.get(key) and key_kind(key) != "execution"]

@@ -14,8 +14,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from vilscale.orchestration.spec import SpecError, load_spec
-
 EXIT_JOB_FAILED = 1
 EXIT_NOT_SUBMITTED = 2
 
@@ -34,30 +32,39 @@ def add_parser(parser) -> None:
     parser.add_argument("--python", default=None,
                         help="Ray: the interpreter the job runs on the cluster (default: this one, "
                              f"{sys.executable}); the entrypoint runs under /bin/sh with the head's PATH")
+    parser.add_argument("--allow-spec-change", action="store_true",
+                        help="resume a run dir whose spec differs in adjustable keys (max_steps, epochs, lr, ...)")
     parser.add_argument("--skip-resource-check", action="store_true",
                         help="submit even if the cluster has fewer GPUs/CPUs now (e.g. an autoscaling cluster)")
 
 
 def run(args) -> int:
-    from vilscale.orchestration.launch_common import LaunchError
+    from vilscale.orchestration.checkpoint.rundir import RunDirError
+    from vilscale.orchestration.config import SpecError, load_spec
+    from vilscale.orchestration.launch.common import LaunchError, with_absolute_paths
+    from vilscale.orchestration.launch.preflight import preflight
 
     try:
         spec = load_spec(args.job, args.overrides)
-        spec.check_world(spec.launcher.world_size)
+        backend = args.backend or spec.launcher.backend
+        # The checks the job's ranks would otherwise fail on, with the paths pinned as the job will see them.
+        preflight(with_absolute_paths(spec, Path.cwd()), world_size=spec.launcher.world_size, local=backend == "local",
+                  allow_spec_change=args.allow_spec_change)
     except SpecError as error:
-        print(f"vilscale submit: invalid job spec: {error}", file=sys.stderr)
+        prefix = "" if isinstance(error, RunDirError) else "invalid job spec: "
+        print(f"vilscale submit: nothing submitted: {prefix}{error}", file=sys.stderr)
         return EXIT_NOT_SUBMITTED
-    backend = args.backend or spec.launcher.backend
     try:
         if backend == "ray":
-            from vilscale.orchestration.launch_ray import submit_ray
+            from vilscale.orchestration.launch.ray import submit_ray
 
             code = submit_ray(spec, spec_path=Path(args.job), overrides=args.overrides, address=args.address,
-                              wait=args.wait, python=args.python, check_resources=not args.skip_resource_check)
+                              wait=args.wait, python=args.python, check_resources=not args.skip_resource_check,
+                              allow_spec_change=args.allow_spec_change)
         else:
             if args.address:
                 print(f"vilscale submit: --address is for --backend ray (ignored for {backend})", file=sys.stderr)
-            from vilscale.orchestration.launch_slurm import submit_submitit
+            from vilscale.orchestration.launch.slurm import submit_submitit
 
             code = submit_submitit(spec, backend=backend, wait=args.wait,
                                    check_resources=not args.skip_resource_check)

@@ -2,12 +2,17 @@
 `TorchTrainer` (`train_on_ray`).
 
 `vilscale submit JOB --backend ray` ships the working dir to the cluster through the Job Submission
-API and runs ``<python> -m vilscale.cli train JOB --launcher ray`` there; that driver calls
-`train_on_ray`, which starts one Ray Train worker per rank and runs `run_worker(spec)` in each. Ray
-Train v2 creates the torch process group before the train function runs, and `run_worker` reuses it.
-When a worker dies, `FailureConfig(max_failures=launcher.max_restarts)` restarts the worker group,
-and `run_worker` resumes from the run dir's own `checkpoints/latest` (never from Ray's checkpoint
-registry, which can miss a checkpoint reported just before a crash).
+API and runs ``<python> -m vilscale.cli train JOB --launcher ray`` there; that driver runs the
+pre-flight checks, holds the run dir's lock and calls `train_on_ray`, which starts one Ray Train
+worker per rank and runs `run_worker(spec)` in each. Ray Train v2 creates the torch process group
+before the train function runs, and `run_worker` reuses it.
+
+Restarts: Ray's own ``FailureConfig`` retries whatever failed, but an error no retry can fix (a bad
+spec, bad data, repeated non-finite losses) must end the run at once. So each `TorchTrainer.fit` runs
+with ``max_failures=0``; a rank that meets such an error raises `FatalRankError`, and the driver
+stops; after any other failure (a worker or node lost) it fits again, up to ``launcher.max_restarts``
+times, and `run_worker` resumes from the run dir's own ``checkpoints/latest`` (never from Ray's
+checkpoint registry, which can miss a checkpoint reported just before a crash).
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import time
 import uuid
 from pathlib import Path
 
-from vilscale.orchestration.launch_common import LaunchError, path_overrides, probe_tcp, with_absolute_paths
-from vilscale.orchestration.spec import JobSpec, spec_from_dict
+from vilscale.orchestration.checkpoint.rundir import LOCK_HELD_ENV
+from vilscale.orchestration.config import JobSpec, spec_from_dict
+from vilscale.orchestration.launch.common import LaunchError, path_overrides, probe_tcp, with_absolute_paths
+from vilscale.orchestration.launch.exit_codes import EXIT_FAILED, classify, is_restartable
 
 RAY_DASHBOARD_PORT = 8265
 RAY_CLIENT_PORT = 10001
@@ -99,7 +106,8 @@ def check_fits(spec: JobSpec, resources: dict[str, float], where: str) -> None:
                           "ranks, or add nodes")
 
 
-def entrypoint_for(spec_path: Path, working_dir: Path, spec: JobSpec, overrides: list[str], python: str) -> str:
+def entrypoint_for(spec_path: Path, working_dir: Path, spec: JobSpec, overrides: list[str], python: str, *,
+                   allow_spec_change: bool = False) -> str:
     """The shell command the Ray job runs on the cluster, inside its copy of ``working_dir``."""
     try:
         relative = Path(spec_path).resolve().relative_to(working_dir.resolve())
@@ -109,11 +117,14 @@ def entrypoint_for(spec_path: Path, working_dir: Path, spec: JobSpec, overrides:
     command = [python, "-m", "vilscale.cli", "train", relative.as_posix(), "--launcher", "ray"]
     for assignment in [*overrides, *path_overrides(spec)]:
         command += ["--set", assignment]
+    if allow_spec_change:
+        command.append("--allow-spec-change")
     return shlex.join(command)
 
 
 def submit_ray(spec: JobSpec, *, spec_path: Path, overrides: list[str], address: str | None = None,
-               wait: bool = False, python: str | None = None, check_resources: bool = True, out=None) -> int:
+               wait: bool = False, python: str | None = None, check_resources: bool = True,
+               allow_spec_change: bool = False, out=None) -> int:
     """Submit the job to a Ray cluster; with ``wait``, stream its log and return 0 only if it succeeded.
 
     Raises LaunchError before submitting when the cluster cannot be reached or is too small.
@@ -129,7 +140,8 @@ def submit_ray(spec: JobSpec, *, spec_path: Path, overrides: list[str], address:
         raise LaunchError(f"launcher.working_dir={spec.launcher.working_dir!r} is not a directory (it is resolved "
                           f"against the current directory, {Path.cwd()})")
     pinned = with_absolute_paths(spec, Path.cwd())
-    entrypoint = entrypoint_for(spec_path, working_dir, pinned, overrides, python or sys.executable)
+    entrypoint = entrypoint_for(spec_path, working_dir, pinned, overrides, python or sys.executable,
+                                allow_spec_change=allow_spec_change)
     env = {**DEFAULT_JOB_ENV, **spec.launcher.env}
     submission_id = f"vilscale-{Path(pinned.run_dir).name}-{uuid.uuid4().hex[:8]}"
     job_id = client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
@@ -171,27 +183,65 @@ def wait_for_job(client, job_id: str, *, out=None) -> int:
 # ----------------------------------------------------------------------------------------- cluster side
 
 
+class FatalRankError(RuntimeError):
+    """Raised by a Ray Train worker for an error no restart can fix; carries the rank's exit code and line."""
+
+    def __init__(self, code: int, line: str):
+        super().__init__(f"[exit code {code}] {line}")
+        self.code, self.line = code, line
+
+    def __reduce__(self):
+        return (self.__class__, (self.code, self.line))
+
+
+class RayTrainFailed(Exception):
+    """The Ray Train run failed for good; ``exit_code`` is what the driver ends with."""
+
+    def __init__(self, exit_code: int, message: str):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def _train_worker(config: dict) -> None:
     """Ray Train's train function: one call per worker, in the worker's process."""
     import ray.train
 
-    from vilscale.orchestration.trainer import run_worker
+    from vilscale.orchestration.training.loop import run_worker
 
     spec = spec_from_dict(config["spec"])
     os.environ.update(spec.launcher.env)
-    summary = run_worker(spec)
+    os.environ[LOCK_HELD_ENV] = "1"  # the driver holds the run dir's lock
+    try:
+        summary = run_worker(spec)
+    except Exception as error:
+        code, line = classify(error)
+        if not is_restartable(code):
+            print(f"vilscale: rank {ray.train.get_context().get_world_rank()}: {line}", file=sys.stderr, flush=True)
+            raise FatalRankError(code, line) from None
+        raise
     # Every worker reports (a report is a collective); the Result carries rank 0's summary.
     ray.train.report({key: value for key, value in summary.items() if isinstance(value, int | float | str | bool)})
+
+
+def _fatal_failure(error: BaseException) -> FatalRankError | None:
+    """The FatalRankError among a failed fit's worker errors, if any."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        if isinstance(failure, FatalRankError):
+            return failure
+        cause = getattr(failure, "cause", None)  # a RayTaskError wraps the worker's exception
+        if isinstance(cause, FatalRankError):
+            return cause
+    return None
 
 
 def train_on_ray(spec: JobSpec) -> dict:
     """Train on a Ray Train `TorchTrainer` from inside a Ray job's driver; returns rank 0's summary.
 
     One worker per rank (launcher.world_size), each with launcher.cpus_per_task CPUs and one GPU when
-    launcher.gpus_per_node > 0. Failed worker groups restart up to launcher.max_restarts times and
-    resume from the run dir's latest checkpoint. Raises ray.train.TrainingFailedError after that.
+    launcher.gpus_per_node > 0, spread over the nodes. Raises RayTrainFailed when a rank met an error no
+    restart can fix, or after launcher.max_restarts restarts.
     """
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     spec = with_absolute_paths(spec, Path.cwd())
@@ -200,20 +250,38 @@ def train_on_ray(spec: JobSpec) -> dict:
               "dir; checkpoints will be lost with it. Pass --set run_dir=/shared/path/run (absolute) or use "
               "`vilscale submit`, which pins relative paths to the submitting machine's directory.",
               file=sys.stderr, flush=True)
-    Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
     launcher = spec.launcher
     use_gpu = launcher.gpus_per_node > 0
     resources = {"CPU": float(launcher.cpus_per_task), **({"GPU": 1.0} if use_gpu else {})}
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={"spec": spec.to_dict()},
-        scaling_config=ScalingConfig(num_workers=launcher.world_size, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=RAY_TRAIN_RUN_NAME, storage_path=str(Path(spec.run_dir) / "ray"),
-                             failure_config=FailureConfig(max_failures=launcher.max_restarts)),
-    )
-    result = trainer.fit()
-    return dict(result.metrics or {})
+    last = None
+    for attempt in range(launcher.max_restarts + 1):
+        trainer = TorchTrainer(
+            _train_worker,
+            train_loop_config={"spec": spec.to_dict()},
+            scaling_config=ScalingConfig(num_workers=launcher.world_size, use_gpu=use_gpu,
+                                         resources_per_worker=resources,
+                                         placement_strategy="SPREAD" if launcher.nodes > 1 else "PACK"),
+            run_config=RunConfig(name=RAY_TRAIN_RUN_NAME, storage_path=str(Path(spec.run_dir) / "ray"),
+                                 failure_config=FailureConfig(max_failures=0)),
+        )
+        try:
+            return dict(trainer.fit().metrics or {})
+        except TrainingFailedError as error:
+            fatal = _fatal_failure(error)
+            if fatal is not None:
+                raise RayTrainFailed(fatal.code, f"a rank stopped: {fatal.line} (not restarting)") from None
+            last = str(error).strip().splitlines()
+            if attempt < launcher.max_restarts:
+                print(f"[vilscale] the Ray Train worker group failed ({_first_reason(last)}); restarting from the "
+                      f"latest checkpoint ({attempt + 1}/{launcher.max_restarts})", file=sys.stderr, flush=True)
+    raise RayTrainFailed(EXIT_FAILED, f"the Ray Train run failed after {launcher.max_restarts} restarts: "
+                                      f"{_first_reason(last or [])}")
 
 
-__all__ = ["check_fits", "cluster_resources", "connect", "submit_ray", "train_on_ray", "wait_for_job"]
+def _first_reason(lines: list[str]) -> str:
+    meaningful = [line for line in lines if line and not line.startswith("Training failed due to")]
+    return (meaningful[0] if meaningful else "unknown error")[:300]
+
+
+__all__ = ["FatalRankError", "RayTrainFailed", "check_fits", "cluster_resources", "connect", "submit_ray",
+           "train_on_ray", "wait_for_job"]

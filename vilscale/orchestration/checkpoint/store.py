@@ -4,6 +4,7 @@ Layout under ``<run_dir>/checkpoints/``::
 
     step_00000100/           DeepSpeed's files (model, per-rank optimizer shards) written by the engine
         client_rank0.pt      per-rank client state: RNG states, loader state (weights_only loadable)
+        ema.safetensors      the fp32 EMA of the weights (written by rank 0; identical on every rank)
         manifest.json        written last, by rank 0, once every rank finished: step, world size, spec
                              digest and the sha256 and size of every file above
     latest                   the tag of the newest complete checkpoint, replaced atomically (os.replace)
@@ -15,23 +16,26 @@ A checkpoint counts only when its manifest exists and every checksum matches; re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
+from vilscale.files import atomic_write_text, sha256_of
 from vilscale.orchestration.faults import maybe_die
+from vilscale.orchestration.ranks import barrier as _barrier
+from vilscale.orchestration.ranks import broadcast_object as _broadcast
+from vilscale.orchestration.ranks import gather_objects
+from vilscale.orchestration.ranks import rank as _rank
+from vilscale.orchestration.ranks import world_size as _world
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
 TAG_PREFIX = "step_"
+EMA_FILE = "ema.safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -40,84 +44,6 @@ class CheckpointError(RuntimeError):
 
 def tag_for(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
-
-
-def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old content or the new, never a mix."""
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync_dir(path.parent)
-
-
-def rng_state() -> dict:
-    """Every RNG a training step can draw from, in a form ``torch.load(weights_only=True)`` accepts."""
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(_as_python_random_state(state["python"]))
-    numpy_state = state["numpy"]
-    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
-                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _as_python_random_state(value):
-    # torch.save keeps tuples, but be tolerant of lists from other writers.
-    version, internal, gauss = value
-    return version, tuple(internal), gauss
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _broadcast(value):
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class Checkpointer:
@@ -129,11 +55,12 @@ class Checkpointer:
         self.spec_digest = spec_digest
 
     # ---- saving -------------------------------------------------------------------------------
-    def save(self, engine, *, step: int, client_state: dict) -> Path:
+    def save(self, engine, *, step: int, client_state: dict, ema: dict | None = None) -> Path:
         """Write a complete checkpoint for ``step`` and move ``latest`` to it.
 
-        ``client_state`` is this rank's state (RNG, loader, counters). Any failure (disk full, a rank
-        dying) leaves ``latest`` on the previous complete checkpoint.
+        ``client_state`` is this rank's state (RNG, loader, counters); ``ema`` the EMA weights, the same
+        on every rank, written once by rank 0. Any failure (disk full, a rank dying) leaves ``latest`` on
+        the previous complete checkpoint.
         """
         tag = tag_for(step)
         directory = self.root / tag
@@ -146,6 +73,11 @@ class Checkpointer:
         try:
             engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
             torch.save(client_state, directory / f"client_rank{_rank()}.pt")
+            if ema is not None and _rank() == 0:
+                from safetensors.torch import save_file
+
+                save_file({name: tensor.detach().cpu().contiguous() for name, tensor in ema.items()},
+                          str(directory / EMA_FILE))
         except Exception as error:
             # Raise at once, without another collective: a rank that failed inside DeepSpeed's save leaves
             # the others waiting in its barrier, and only this process exiting lets the launcher stop them.
@@ -190,17 +122,25 @@ class Checkpointer:
                 f"'latest' still points to the previous complete checkpoint")
 
     def _hash_files(self, directory: Path) -> dict:
-        """sha256 and size of every file, hashed in parallel: rank r takes every world-th file."""
-        _barrier()
-        names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()
-                       and p.name != MANIFEST)
-        mine = {name: {"sha256": sha256_of(directory / name), "bytes": (directory / name).stat().st_size}
-                for name in names[_rank()::_world()]}
-        if not dist.is_initialized():
-            return mine
-        gathered = [None] * _world()
-        dist.all_gather_object(gathered, mine)
-        return {name: entry for part in gathered for name, entry in part.items()}
+        """sha256 and size of every file of the checkpoint, hashed in parallel across ranks.
+
+        Each rank lists the directory after writing its own files, and the manifest covers the union of
+        the listings: on shared storage with attribute caching (NFS) a rank may not yet see another node's
+        files, but it always sees its own, so no file escapes the manifest. Each file is hashed by one of
+        the ranks that listed it.
+        """
+        listed = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()
+                        and p.name != MANIFEST)
+        listings = gather_objects(listed)
+        owners: dict[str, list[int]] = {}
+        for rank, names in enumerate(listings):
+            for name in names:
+                owners.setdefault(name, []).append(rank)
+        mine = {}
+        for index, (name, ranks) in enumerate(sorted(owners.items())):
+            if ranks[index % len(ranks)] == _rank():
+                mine[name] = {"sha256": sha256_of(directory / name), "bytes": (directory / name).stat().st_size}
+        return {name: entry for part in gather_objects(mine) for name, entry in part.items()}
 
     def _prune(self) -> None:
         complete = self.complete_tags()
@@ -293,3 +233,12 @@ class Checkpointer:
         if not client_file.is_file():
             client_file = self.root / manifest["tag"] / "client_rank0.pt"
         return torch.load(client_file, map_location="cpu", weights_only=True)
+
+    def load_ema(self, manifest: dict, device: torch.device) -> dict[str, torch.Tensor] | None:
+        """The checkpoint's fp32 EMA weights on ``device`` (every rank reads the same file), or None."""
+        path = self.root / manifest["tag"] / EMA_FILE
+        if not path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        return {name: tensor.to(device=device, dtype=torch.float32) for name, tensor in load_file(str(path)).items()}

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import submitit
 
-from vilscale.orchestration.launch_common import LaunchError, LogFollower, with_absolute_paths
-from vilscale.orchestration.spec import JobSpec, spec_from_dict
+from vilscale.orchestration.config import JobSpec, spec_from_dict
+from vilscale.orchestration.launch.common import LaunchError, LogFollower, with_absolute_paths
 
 # Seconds between SLURM's USR2 and the kill at the time limit: enough for rank 0 to requeue.
 SIGNAL_DELAY_S = 120
@@ -45,7 +45,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         os.environ.setdefault("OMP_NUM_THREADS", str(spec.launcher.cpus_per_task))
         import torch
 
-        from vilscale.orchestration.trainer import run_worker
+        from vilscale.orchestration.training.loop import run_worker
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         # LOCAL_RANK indexes the node's GPUs, so CUDA_VISIBLE_DEVICES stays as SLURM set it. A requeued

@@ -6,17 +6,8 @@ import json
 from pathlib import Path
 
 import torch
-import yaml
 
-from vilscale.orchestration.checkpoint import MANIFEST, Checkpointer, CheckpointError
-from vilscale.orchestration.spec import JobSpec, spec_from_dict
-
-
-def load_run_spec(run_dir: Path) -> JobSpec:
-    path = Path(run_dir) / "spec.yaml"
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir} is not a vilscale run directory (no spec.yaml); give the run_dir of a job")
-    return spec_from_dict(yaml.safe_load(path.read_text()))
+from vilscale.orchestration.checkpoint.store import EMA_FILE, MANIFEST, Checkpointer, CheckpointError
 
 
 def consolidated_state_dict(run_dir: Path, *, zero_stage: int, tag: str | None = None,
@@ -35,10 +26,11 @@ def consolidated_state_dict(run_dir: Path, *, zero_stage: int, tag: str | None =
         manifest = json.loads((checkpointer.root / tag / MANIFEST).read_text()) | {"tag": tag}
     directory = checkpointer.root / tag
     if ema:
-        client = torch.load(directory / "client_rank0.pt", map_location="cpu", weights_only=True)
-        if not client.get("ema"):
-            raise CheckpointError(f"checkpoint {tag} has no EMA weights (optim.ema_decay was 0)")
-        state = client["ema"]
+        if not (directory / EMA_FILE).is_file():
+            raise CheckpointError(f"checkpoint {tag} has no EMA weights (the run had optim.ema_decay=0)")
+        from safetensors.torch import load_file
+
+        state = load_file(str(directory / EMA_FILE))
     elif zero_stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

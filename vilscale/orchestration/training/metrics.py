@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from vilscale.orchestration.checkpoint import atomic_write_text
+from vilscale.files import atomic_write_text
 
 # Dense peak FLOP/s per device for MFU, by a substring of torch.cuda.get_device_name(), per precision.
 PEAK_FLOPS = {
@@ -111,3 +111,66 @@ class TrainingMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class MetricsWindow:
+    """Per-step Prometheus updates, and every ``log_every`` steps (and at the last step) an averaged record
+    in metrics.jsonl and on the progress bar.
+
+    Args:
+        metrics: this rank's metric families.
+        world_size: ranks (throughput in the record is for the whole run).
+        log_every: steps between records.
+        total_steps: the run's last step (always recorded).
+        flops_per_image: training FLOPs of one image (forward + backward), for MFU.
+        peak_flops: the device's peak FLOP/s (0: MFU not reported).
+        device: the training device (CUDA memory is reported).
+        progress: rank 0's progress bar or None.
+    """
+
+    def __init__(self, metrics: TrainingMetrics, *, world_size: int, log_every: int, total_steps: int,
+                 flops_per_image: float, peak_flops: float, device: torch.device, progress=None):
+        self.metrics, self.world_size, self.log_every, self.total_steps = metrics, world_size, log_every, total_steps
+        self.flops_per_image, self.peak_flops = flops_per_image, peak_flops
+        self.device, self.progress = device, progress
+        self.start, self.images, self.loss, self.lr, self.data_wait = time.perf_counter(), 0, float("nan"), 0.0, 0.0
+
+    def observe(self, result, *, state, lr: float, images: int, seconds: float, engine) -> None:
+        m = self.metrics
+        self.images += images
+        self.lr, self.data_wait = lr, result.data_wait
+        m.samples.inc(images)
+        m.steps.inc()
+        m.step_duration.observe(seconds)
+        m.data_wait.observe(result.data_wait)
+        m.learning_rate.set(lr)
+        if result.losses:
+            self.loss = torch.stack(result.losses).mean().item()
+            m.loss.set(self.loss)
+        if self.progress is not None:
+            self.progress.update(1)
+        if state.step % self.log_every == 0 or state.step == self.total_steps:
+            self.flush(state, engine)
+
+    def flush(self, state, engine) -> dict:
+        elapsed = time.perf_counter() - self.start
+        throughput = self.images / elapsed if elapsed > 0 else 0.0  # this rank's images/s
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        mfu = self.flops_per_image * throughput / self.peak_flops if self.peak_flops else float("nan")
+        memory = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        m = self.metrics
+        m.grad_norm.set(grad_norm)
+        m.images_per_second.set(throughput)
+        if self.peak_flops:
+            m.mfu.set(mfu)
+        if memory:
+            m.device_memory.set(memory)
+        record = {"step": state.step, "epoch": state.epoch, "loss": self.loss, "lr": self.lr, "grad_norm": grad_norm,
+                  "images_per_second": throughput * self.world_size, "mfu": mfu, "data_wait_s": self.data_wait,
+                  "device_memory_bytes": memory, "nonfinite_total": state.nonfinite_total}
+        m.log(record)
+        if self.progress is not None:
+            self.progress.set_postfix(loss=f"{self.loss:.3f}", img_s=f"{record['images_per_second']:.0f}")
+        self.start, self.images = time.perf_counter(), 0
+        return record

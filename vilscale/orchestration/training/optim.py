@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from vilscale.orchestration.spec import JobSpec
+from vilscale.orchestration.config import JobSpec
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -49,3 +50,36 @@ def lr_at(step: int, *, peak: float, total_steps: int, warmup_steps: int, warmup
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LrSchedule:
+    """The per-step learning rate of a run: linear warmup, then cosine to ``min_lr`` at ``total_steps``."""
+
+    peak: float
+    """Peak learning rate (the spec's lr scaled to the global batch)."""
+    total_steps: int
+    """Optimizer steps of the whole run."""
+    warmup_steps: int
+    """Steps of the linear warmup."""
+    warmup_lr: float
+    """Learning rate at step 0."""
+    min_lr: float
+    """Learning rate at the end."""
+
+    @classmethod
+    def for_run(cls, spec: JobSpec, *, world_size: int, steps_per_epoch: int, total_steps: int) -> LrSchedule:
+        return cls(peak=peak_lr(spec, world_size), total_steps=total_steps,
+                   warmup_steps=round(spec.schedule.warmup_epochs * steps_per_epoch),
+                   warmup_lr=spec.schedule.warmup_lr, min_lr=spec.schedule.min_lr)
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, peak=self.peak, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                     warmup_lr=self.warmup_lr, min_lr=self.min_lr)
+
+    def apply(self, optimizer, step: int) -> float:
+        """Set every parameter group's lr for ``step``; returns it."""
+        lr = self.lr(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr

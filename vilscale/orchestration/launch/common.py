@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from vilscale.orchestration.spec import JobSpec
+from vilscale.orchestration.config import JobSpec
 
 
 class LaunchError(RuntimeError):

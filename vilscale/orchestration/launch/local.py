@@ -1,0 +1,112 @@
+"""Local multi-process runs through torchrun's elastic agent (`torch.distributed.run`).
+
+`train_local` starts N ranks on this machine with ``elastic_launch`` (the API behind ``torchrun``:
+c10d rendezvous on a port the agent binds itself, so there is no free-port race, worker environment,
+signal forwarding, stopping the survivors when a rank dies). The restart policy stays ours: torchrun's
+``--max-restarts`` restarts whatever the exit code, but an error no restart can fix (a bad spec, bad
+data, repeated non-finite losses; see `exit_codes`) must stop the run at once. So the agent runs with
+``max_restarts=0`` and this module relaunches the group, from the latest checkpoint, only after a
+restartable failure, up to ``launcher.max_restarts`` times.
+
+The launcher holds the run dir's lock for the whole run, restarts included; its ranks know it through
+``VILSCALE_RUN_LOCK_HELD``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from vilscale.orchestration.checkpoint.rundir import LOCK_HELD_ENV
+from vilscale.orchestration.config import JobSpec
+from vilscale.orchestration.launch.exit_codes import EXIT_FAILED, NOT_RESTARTABLE
+
+RANK_MODULE = "vilscale.orchestration.launch.rank"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalResult:
+    summary: dict | None
+    """The run's summary; None when it failed (the reason is already printed)."""
+    code: int
+    """0, or the exit code the failed run ends with (a rank's own code when no restart could fix it)."""
+
+
+def train_local(spec: JobSpec, spec_path: Path, nproc: int, *, max_restarts: int | None = None) -> LocalResult:
+    """Run the job (its resolved spec at ``spec_path``) on ``nproc`` local processes."""
+    restarts = spec.launcher.max_restarts if max_restarts is None else max_restarts
+    env = {LOCK_HELD_ENV: "1", **spec.launcher.env}
+    if nproc > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    for attempt in range(restarts + 1):
+        code = _run_group(spec_path, nproc, env)
+        if code == 0:
+            summary_path = Path(spec.run_dir) / "summary.json"
+            return LocalResult(json.loads(summary_path.read_text()) if summary_path.is_file() else {}, 0)
+        if code in NOT_RESTARTABLE:  # a restart cannot fix these; the rank printed why
+            _say(f"a rank stopped with exit code {code} ({NOT_RESTARTABLE[code]}); not restarting")
+            return LocalResult(None, code)
+        if attempt < restarts:
+            _say(f"a rank failed (exit code {code}); restarting from the latest checkpoint ({attempt + 1}/{restarts})")
+    _say(f"giving up after {restarts} restarts")
+    return LocalResult(None, EXIT_FAILED)
+
+
+def _run_group(spec_path: Path, nproc: int, env: dict[str, str]) -> int:
+    """One attempt: the agent runs the ranks until all succeed (0) or one fails (the root cause's code)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"vilscale-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.2,
+                          start_method="spawn", local_addr="127.0.0.1", shutdown_timeout=10)
+    with _quiet_agent(), _environment(env):
+        try:
+            elastic_launch(config, sys.executable)("-m", RANK_MODULE, str(spec_path))
+        except ChildFailedError as error:
+            codes = [failure.exitcode for failure in error.failures.values()]
+            # The root cause outranks the survivors that only lost their peer.
+            return next((code for code in codes if code in NOT_RESTARTABLE), error.get_first_failure()[1].exitcode)
+    return 0
+
+
+@contextlib.contextmanager
+def _environment(extra: dict[str, str]):
+    """The agent passes this process's environment to the ranks: add ``extra`` for the duration."""
+    saved = {key: os.environ.get(key) for key in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _quiet_agent():
+    """The agent logs every worker it stops and a report per failure; the ranks and this module already say
+    what matters in one line each."""
+    loggers = [logging.getLogger(name) for name in logging.root.manager.loggerDict
+               if name.startswith("torch.distributed.elastic") or name.startswith("torch.distributed.launcher")]
+    loggers.append(logging.getLogger("torch.distributed.elastic"))
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _say(message: str) -> None:
+    print(f"[vilscale] {message}", file=sys.stderr, flush=True)

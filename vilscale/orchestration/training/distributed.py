@@ -1,0 +1,128 @@
+"""Joining the process group and choosing this rank's device.
+
+Every launcher describes the group in the torch convention (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``): torchrun locally, submitit's
+``TorchDistributedEnvironment`` on SLURM; Ray Train creates the group itself before the train function
+runs. What a launcher leaves out is an error here, never a silent default: a rank that guessed
+``MASTER_ADDR=127.0.0.1`` on a multi-node job would wait forever for peers that never come.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from vilscale.devices import resolve_device
+from vilscale.orchestration.config import SpecError
+
+RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT")
+
+
+class RendezvousError(RuntimeError):
+    """The launcher described the process group incompletely or inconsistently; the message says what to set."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RankContext:
+    rank: int
+    """Global rank of this process."""
+    world_size: int
+    """Number of ranks."""
+    local_rank: int
+    """Rank on this node, as the launcher defines it (selects the GPU)."""
+    local_world_size: int
+    """Ranks on this node."""
+    device: torch.device
+    """Where the model and batches live."""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise RendezvousError(f"{name}={value!r} is not an integer") from None
+
+
+def init_distributed(requested_device: str) -> RankContext:
+    """Join the process group (Ray Train's if it exists, else the one the environment describes; a
+    one-rank group when the environment describes none) and pick this rank's device."""
+    try:
+        device_type = resolve_device(requested_device).type
+    except ValueError as error:
+        raise SpecError(f"train.device={requested_device!r}: {error}") from None
+    if not dist.is_initialized():
+        _init_from_environment(device_type)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    local_rank, local_world_size, one_gpu_each = _local_layout(rank, world_size)
+    device = _device_for(device_type, local_rank, local_world_size, one_gpu_each=one_gpu_each)
+    return RankContext(rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_world_size,
+                       device=device)
+
+
+def _init_from_environment(device_type: str) -> None:
+    rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
+    if rank is None and world_size is None:
+        # Nobody launched a group: one rank on this machine.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    else:
+        missing = [name for name in ("RANK", "WORLD_SIZE", *RENDEZVOUS_VARS) if not os.environ.get(name)]
+        if missing:
+            raise RendezvousError(
+                f"the launcher set {'RANK' if rank is not None else 'WORLD_SIZE'} but not {', '.join(missing)}: a rank "
+                "cannot find its peers without them. Launch through `vilscale train --nproc N`, `vilscale submit` "
+                "or torchrun, or set every one of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT")
+        if not 0 <= rank < world_size:
+            raise RendezvousError(f"RANK={rank} is not in [0, WORLD_SIZE={world_size})")
+        if world_size > 1 and _env_int("LOCAL_RANK") is None:
+            raise RendezvousError("LOCAL_RANK is not set in a multi-rank run; it chooses this rank's device on its "
+                                  "node. Set it (torchrun and submitit do), or launch through vilscale")
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", init_method="env://")
+
+
+def _local_layout(rank: int, world_size: int) -> tuple[int, int, bool]:
+    """(local rank, ranks on this node, whether the launcher gave each rank its own GPU): from Ray Train's
+    context under Ray (which makes one GPU visible to each worker), else the environment."""
+    try:
+        import ray.train
+
+        context = ray.train.get_context()
+        return context.get_local_rank(), context.get_local_world_size(), True
+    except Exception:  # not inside a Ray Train worker
+        pass
+    local_rank = _env_int("LOCAL_RANK")
+    local_world = _env_int("LOCAL_WORLD_SIZE")
+    if local_rank is None:
+        local_rank = 0 if world_size == 1 else rank
+    local_world = local_world if local_world is not None else (1 if world_size == 1 else world_size)
+    return local_rank, local_world, False
+
+
+def _device_for(device_type: str, local_rank: int, local_world_size: int, *, one_gpu_each: bool) -> torch.device:
+    if device_type != "cuda":
+        return torch.device("cpu")
+    visible = torch.cuda.device_count()
+    if one_gpu_each and visible == 1:
+        index = 0
+    elif local_rank < visible and local_world_size <= visible:
+        index = local_rank
+    else:
+        raise RendezvousError(
+            f"local rank {local_rank} of {local_world_size} ranks on this node, but {visible} GPU(s) are visible: "
+            "two ranks would share a GPU or a rank would have none. Start one rank per GPU (launcher.gpus_per_node "
+            "= the node's GPUs), or make CUDA_VISIBLE_DEVICES show one GPU per rank")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)

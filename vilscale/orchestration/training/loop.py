@@ -1,0 +1,299 @@
+"""The training of one rank: `run_worker(spec)`.
+
+Every launcher (torchrun processes, Ray Train workers, SLURM tasks) calls `run_worker` once per rank.
+`TrainingRun` builds everything once (engine, loaders, schedule, checkpoints, metrics, EMA, evaluation)
+and resumes from the run dir's own ``checkpoints/latest`` (the source of truth, whatever launched it);
+`TrainingRun.train` is the loop. The step runner, the non-finite policy, the metrics window, the
+checkpoint cadence and the evaluator each decide their own cadence.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from vilscale.orchestration.checkpoint import Checkpointer
+from vilscale.orchestration.checkpoint.rank_state import rng_state, set_rng_state
+from vilscale.orchestration.checkpoint.rundir import (
+    LOCK_HELD_ENV,
+    RunDirError,
+    RunLock,
+    read_or_create_run_id,
+    write_spec,
+)
+from vilscale.orchestration.config import JobSpec, SpecError
+from vilscale.orchestration.ranks import broadcast_object as _broadcast
+from vilscale.orchestration.training.distributed import RankContext, init_distributed
+from vilscale.orchestration.training.ema import ExponentialMovingAverage
+from vilscale.orchestration.training.engine import COMPUTE_DTYPES, build_engine, build_model, use_environment_ninja
+from vilscale.orchestration.training.evaluation import Evaluator
+from vilscale.orchestration.training.metrics import MetricsWindow, TrainingMetrics, device_peak_flops
+from vilscale.orchestration.training.optim import LrSchedule
+from vilscale.orchestration.training.step import NonFiniteLossError, NonFinitePolicy, StepRunner
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    """Optimizer steps completed (skipped ones included: their data was consumed)."""
+    epoch: int = 0
+    """Current epoch."""
+    micro_in_epoch: int = 0
+    """Micro-batches of the current epoch already consumed (0: the epoch has not started)."""
+    bad_in_row: int = 0
+    """Consecutive steps skipped for a non-finite loss."""
+    nonfinite_total: int = 0
+    """Steps skipped for a non-finite loss over the whole run."""
+    last_eval: dict = field(default_factory=dict)
+    """Latest evaluation result."""
+
+
+def run_worker(spec: JobSpec, *, run_id: str | None = None, fault_hook=None) -> dict:
+    """Train (or resume) the job on this rank; returns the run's summary.
+
+    ``fault_hook(step, loss) -> loss`` lets the fault-injection tests replace a step's loss.
+    """
+    use_environment_ninja()
+    owns_group = not dist.is_initialized()
+    ctx = init_distributed(spec.train.device)
+    lock = None
+    try:
+        lock = _take_run_lock(spec, ctx)
+        run = TrainingRun(spec, ctx, run_id=run_id, fault_hook=fault_hook)
+        try:
+            return run.train()
+        finally:
+            run.close()
+    finally:
+        if lock is not None:
+            lock.release()
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class TrainingRun:
+    """One rank's run, built once: model, engine, data, schedule, checkpoints, metrics, EMA, evaluation."""
+
+    def __init__(self, spec: JobSpec, ctx: RankContext, *, run_id: str | None = None, fault_hook=None):
+        from vilscale.data.augment import BatchAugment
+        from vilscale.data.loader import ShardedLoader
+
+        spec.check_world(ctx.world_size)
+        if spec.optim.ema_decay and spec.train.zero_stage == 3:
+            raise SpecError("optim.ema_decay needs full parameters on every rank; use train.zero_stage <= 2 with EMA")
+        self.spec, self.ctx, self.run_dir = spec, ctx, Path(spec.run_dir)
+        if ctx.rank == 0:
+            write_spec(spec)
+        self.run_id = run_id or _broadcast(read_or_create_run_id(self.run_dir) if ctx.rank == 0 else None)
+
+        torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
+        model = build_model(spec, log=self.log)
+        flops_per_image = _training_flops_per_image(model, spec)
+        self.checkpointer = Checkpointer(self.run_dir, keep=spec.train.keep_checkpoints, spec_digest=spec.digest())
+        self.resume_from = self.checkpointer.find_resumable(log=self.log)
+        rescaled = self.resume_from is not None and self.resume_from["world_size"] != ctx.world_size
+        self.engine, self.optimizer = build_engine(spec, model, world_size=ctx.world_size, device=ctx.device,
+                                                   load_universal=rescaled)
+        torch.manual_seed(spec.train.seed * 1000 + ctx.rank + 1)  # per-rank stream for drop path
+
+        self.train_loader = ShardedLoader(
+            spec.data.train_manifest, rank=ctx.rank, world_size=ctx.world_size, batch_size=spec.train.micro_batch,
+            seed=spec.train.seed, train=True, config=spec.data, augment=spec.augment, device=ctx.device,
+            return_indices=True)
+        self.accum = spec.grad_accum(ctx.world_size)
+        self.steps_per_epoch = len(self.train_loader) // self.accum
+        if self.steps_per_epoch < 1:
+            raise SpecError(f"an epoch has {len(self.train_loader)} micro-batches per rank, fewer than grad_accum="
+                            f"{self.accum}; lower train.micro_batch or train.grad_accum")
+        self.total_steps = spec.train.max_steps or spec.train.epochs * self.steps_per_epoch
+        self.schedule = LrSchedule.for_run(spec, world_size=ctx.world_size, steps_per_epoch=self.steps_per_epoch,
+                                           total_steps=self.total_steps)
+        augment = BatchAugment(spec.augment, num_classes=spec.model.num_classes, seed=spec.train.seed,
+                               mean=spec.data.mean, std=spec.data.std, rank=ctx.rank)
+        self.stepper = StepRunner(self.engine, self.optimizer, augment, accum=self.accum,
+                                  dtype=COMPUTE_DTYPES[spec.train.precision], rank=ctx.rank, device=ctx.device,
+                                  run_dir=self.run_dir, fault_hook=fault_hook)
+        self.nonfinite = NonFinitePolicy(spec.train.max_bad_steps, log=self.log)
+
+        self.metrics = TrainingMetrics(self.run_dir, run_id=self.run_id, rank=ctx.rank, host=spec.metrics.host,
+                                       port=spec.metrics.port + ctx.rank if spec.metrics.port else 0,
+                                       serve=spec.metrics.enabled)
+        self.metrics.publish_targets(self.run_id)
+        self.ema = ExponentialMovingAverage(self.engine.module, spec.optim.ema_decay) if spec.optim.ema_decay else None
+        self.evaluator = Evaluator(spec, ctx, self.engine, self.ema, self.metrics, log=self.log)
+        self.state = TrainState()
+        self._resume()
+        self.progress = _progress_bar(ctx, self.total_steps, self.state.step)
+        self.window = MetricsWindow(self.metrics, world_size=ctx.world_size, log_every=spec.train.log_every,
+                                    total_steps=self.total_steps, flops_per_image=flops_per_image,
+                                    peak_flops=device_peak_flops(ctx.device, spec.train.precision,
+                                                                 spec.metrics.peak_flops),
+                                    device=ctx.device, progress=self.progress)
+
+    def train(self) -> dict:
+        """The loop: steps until the run's last step (or ``train.exit_after_steps`` of this launch)."""
+        spec, state = self.spec, self.state
+        first_step, saved_step, stop_early = state.step, state.step if self.resume_from else -1, False
+        while state.step < self.total_steps and not stop_early:
+            batches = self._epoch_batches()
+            while state.micro_in_epoch < self.steps_per_epoch * self.accum and state.step < self.total_steps:
+                started = time.perf_counter()
+                lr = self.schedule.apply(self.optimizer, state.step)
+                result = self.stepper.run(batches, state.step)
+                self.nonfinite.observe(state, result.skipped, self.metrics)  # raises after too many in a row
+                state.step += 1
+                state.micro_in_epoch += self.accum
+                if self.ema is not None and not result.skipped:
+                    self.ema.update(self.engine.module)
+                if spec.train.record_samples:
+                    _record_samples(self.run_dir, self.ctx.rank, state.step, result.indices)
+                self.window.observe(result, state=state, lr=lr, images=spec.train.micro_batch * self.accum,
+                                    seconds=time.perf_counter() - started, engine=self.engine)
+                if state.step % spec.train.ckpt_every == 0:
+                    saved_step = self.save("every ckpt_every steps")
+                if spec.train.exit_after_steps and state.step - first_step >= spec.train.exit_after_steps:
+                    stop_early = True
+                    break
+            if state.micro_in_epoch >= self.steps_per_epoch * self.accum:
+                state.epoch, state.micro_in_epoch = state.epoch + 1, 0
+                self.evaluator.at_epoch_end(state, last_step=self.total_steps)
+        if saved_step != state.step:
+            self.save("end of this launch" if stop_early else "end of training")
+        if not stop_early:
+            self.evaluator.at_run_end(state)
+        return self._summary(stop_early)
+
+    # ---- pieces of the loop ------------------------------------------------------------------------
+
+    def _epoch_batches(self):
+        """Batches of the current epoch from where it stands (a fresh epoch, or mid-epoch after a resume)."""
+        if self.state.micro_in_epoch == 0:
+            self.train_loader.set_epoch(self.state.epoch)
+        return iter(self.train_loader)
+
+    def save(self, reason: str) -> int:
+        _check_ranks_agree(self.engine, self.spec, self.state.step)
+        started = time.perf_counter()
+        client = {"train_state": vars(self.state).copy(), "rng": rng_state(),
+                  "loader": self.train_loader.state_dict()}
+        self.checkpointer.save(self.engine, step=self.state.step, client_state=client,
+                               ema=self.ema.state_dict() if self.ema is not None else None)
+        self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
+        self.metrics.last_checkpoint.set(time.time())
+        self.log(f"checkpoint at step {self.state.step} ({reason})")
+        return self.state.step
+
+    def _resume(self) -> None:
+        manifest = self.resume_from
+        if manifest is None:
+            return
+        universal = None
+        if manifest["world_size"] != self.ctx.world_size:
+            self.log(f"checkpoint {manifest['tag']} was written by {manifest['world_size']} ranks, this run has "
+                     f"{self.ctx.world_size}: converting it to a universal checkpoint")
+            universal = self.checkpointer.convert_to_universal(manifest)
+        client = self.checkpointer.load(self.engine, manifest, tag=universal)
+        self.state = TrainState(**client["train_state"])
+        set_rng_state(client["rng"])
+        if self.ema is not None:
+            saved = self.checkpointer.load_ema(manifest, self.ctx.device)
+            if saved is not None:
+                self.ema.load_state_dict(saved)
+            else:
+                self.log("the checkpoint has no EMA (optim.ema_decay was 0 when it was written): the EMA starts "
+                         "from the resumed weights")
+        if self.state.micro_in_epoch and manifest["world_size"] == self.ctx.world_size:
+            self.train_loader.load_state_dict(client["loader"])
+        elif self.state.micro_in_epoch:
+            self.log(f"world size changed ({manifest['world_size']} -> {self.ctx.world_size}): epoch "
+                     f"{self.state.epoch} restarts its data order from the beginning")
+            self.state.micro_in_epoch = 0
+        self.metrics.last_checkpoint.set(manifest["created"])
+        self.log(f"resumed from {manifest['tag']} (step {self.state.step}, epoch {self.state.epoch})")
+
+    def _summary(self, exited_early: bool) -> dict:
+        evaluation = {f"eval_{k}" if k == "step" else k: v for k, v in self.state.last_eval.items()}
+        summary = {"step": self.state.step, "epoch": self.state.epoch, "total_steps": self.total_steps,
+                   "exited_early": exited_early, "nonfinite_steps": self.state.nonfinite_total,
+                   "run_id": self.run_id, **evaluation}
+        if self.ctx.rank == 0:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def log(self, message: str) -> None:
+        if self.ctx.rank == 0:
+            print(f"[vilscale] {message}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if getattr(self, "progress", None) is not None:
+            self.progress.close()
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+
+
+def _take_run_lock(spec: JobSpec, ctx: RankContext) -> RunLock | None:
+    """Rank 0 takes the run dir's lock unless its launcher holds it for the ranks; every rank learns the
+    outcome, so a refused rank 0 never leaves the others waiting in a collective."""
+    import os
+
+    lock, refusal = None, None
+    if ctx.rank == 0 and not os.environ.get(LOCK_HELD_ENV):
+        try:
+            # A requeued or restarted job may start while its predecessor is still exiting: wait a little.
+            lock = RunLock(Path(spec.run_dir)).acquire(wait_s=60, what=f"rank 0 of {ctx.world_size}")
+        except RunDirError as error:
+            refusal = str(error)
+    refusal = _broadcast(refusal)
+    if refusal:
+        raise RunDirError(refusal)
+    return lock
+
+
+def _check_ranks_agree(engine, spec: JobSpec, step: int) -> None:
+    """Before a checkpoint: under ZeRO 0-2 every rank holds the full weights and they must be identical.
+    A difference means a step was applied on some ranks only; saving it would make the run unresumable,
+    so the run stops with a restartable error (the previous checkpoint is still good)."""
+    if spec.train.zero_stage == 3 or not dist.is_initialized():
+        return
+    from vilscale.orchestration.checkpoint import CheckpointError
+    from vilscale.orchestration.ranks import gather_objects
+
+    with torch.no_grad():
+        fingerprint = [float(p.detach().double().sum()) for p in engine.module.parameters()]
+    fingerprints = gather_objects(fingerprint)
+    differing = [r for r, other in enumerate(fingerprints) if other != fingerprints[0]]
+    if differing:
+        raise CheckpointError(f"ranks {differing} hold weights that differ from rank 0's at step {step}; not saving "
+                              "this state. 'latest' still points to the previous complete checkpoint")
+
+
+def _record_samples(run_dir: Path, rank: int, step: int, indices: list[torch.Tensor]) -> None:
+    folder = run_dir / "samples"
+    folder.mkdir(exist_ok=True)
+    with open(folder / f"rank{rank}.jsonl", "a") as handle:
+        handle.write(json.dumps({"step": step, "indices": torch.cat(indices).tolist()}) + "\n")
+
+
+def _training_flops_per_image(model: torch.nn.Module, spec: JobSpec) -> float:
+    """Forward + backward FLOPs of one image (3 x forward, 2 FLOPs per multiply-add)."""
+    from vilscale.model.flops import count_flops
+
+    return 6.0 * count_flops(model, spec.model.img_size)
+
+
+def _progress_bar(ctx: RankContext, total: int, initial: int):
+    """rank 0's progress bar, only on a terminal (logs stay clean elsewhere)."""
+    if ctx.rank != 0 or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, smoothing=0.1)
+
+
+__all__ = ["NonFiniteLossError", "TrainState", "TrainingRun", "run_worker"]

@@ -1,0 +1,127 @@
+"""One optimizer step of one rank: its micro-batches, forward and backward, and the non-finite-loss policy.
+
+A step whose loss is not finite on some rank (in any of its micro-batches) is skipped as a whole, on
+every rank: every micro-batch still runs its backward, so every rank takes part in exactly the
+collectives DeepSpeed expects (ZeRO 0/1 reduce gradients in the boundary micro-batch's backward,
+ZeRO 2/3 in every backward), but the optimizer's update is suppressed at the boundary. Weights and
+optimizer state stay those of the previous step, the gradients are dropped, and the ranks stay
+identical. `NonFinitePolicy` stops the run after ``train.max_bad_steps`` skipped steps in a row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from vilscale.data.augment import soft_target_cross_entropy
+from vilscale.orchestration.faults import maybe_die, maybe_poison_loss
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row: the run stopped (a restart would meet them again)."""
+
+
+@dataclass
+class StepResult:
+    losses: list[torch.Tensor] = field(default_factory=list)
+    """Losses of the step's micro-batches (finite ones only)."""
+    skipped: bool = False
+    """A micro-batch had a non-finite loss on some rank: the update was suppressed on every rank."""
+    data_wait: float = 0.0
+    """Seconds spent waiting for batches."""
+    indices: list[torch.Tensor] = field(default_factory=list)
+    """Dataset indices of every micro-batch."""
+
+
+def finite_everywhere(loss: torch.Tensor, device: torch.device) -> bool:
+    """True when the loss is finite on every rank; every rank gets the same answer."""
+    flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flag)
+    return flag.item() == 0.0
+
+
+@contextlib.contextmanager
+def updates_suppressed(optimizer: torch.optim.Optimizer):
+    """Inside the block the torch optimizer's ``step()`` does nothing. DeepSpeed still finishes the step
+    around it (reduces, clips and zeroes the gradients, copies the unchanged fp32 master weights back), so
+    every rank runs the same collectives and nothing changes."""
+    optimizer.step = lambda *args, **kwargs: None  # shadows the class's step on this instance only
+    try:
+        yield
+    finally:
+        del optimizer.step
+
+
+class StepRunner:
+    """Runs the micro-batches of one optimizer step on this rank.
+
+    Args:
+        engine: the DeepSpeed engine.
+        optimizer: the torch optimizer inside it (its update is what a bad step suppresses).
+        augment: the batch augmentation (uint8 images, labels, step) -> (inputs, soft targets).
+        accum: micro-batches per optimizer step.
+        dtype: the engine's compute dtype (DeepSpeed does not cast inputs).
+        rank: this rank (fault injection points name ranks).
+        device: where the non-finite flag is reduced.
+        run_dir: where fault-injection markers live.
+        fault_hook: ``(step, loss) -> loss``, for tests that replace a step's loss in-process.
+    """
+
+    def __init__(self, engine, optimizer, augment, *, accum: int, dtype: torch.dtype, rank: int,
+                 device: torch.device, run_dir: Path, fault_hook=None):
+        self.engine, self.optimizer, self.augment = engine, optimizer, augment
+        self.accum, self.dtype, self.rank, self.device = accum, dtype, rank, device
+        self.run_dir, self.fault_hook = run_dir, fault_hook
+
+    def run(self, batches, step: int) -> StepResult:
+        """Step ``step`` (0-based: the number of steps completed before it)."""
+        result = StepResult()
+        for micro in range(self.accum):
+            wait_start = time.perf_counter()
+            images, labels, indices = next(batches)
+            result.data_wait += time.perf_counter() - wait_start
+            result.indices.append(indices)
+            images, targets = self.augment(images, labels, step=step * self.accum + micro)
+            logits = self.engine(images.to(self.dtype))
+            maybe_die("mid-step", step=step + 1, rank=self.rank, run_dir=self.run_dir)
+            loss = soft_target_cross_entropy(logits, targets)
+            loss = maybe_poison_loss(loss, step=step + 1, micro=micro, rank=self.rank)
+            if self.fault_hook is not None:
+                loss = self.fault_hook(step, loss)
+            if finite_everywhere(loss, self.device):
+                result.losses.append(loss.detach())
+            else:
+                result.skipped = True
+            self.engine.backward(loss)
+            with updates_suppressed(self.optimizer) if result.skipped else contextlib.nullcontext():
+                self.engine.step()
+        return result
+
+
+class NonFinitePolicy:
+    """Counts skipped steps; raises `NonFiniteLossError` after ``max_in_row`` in a row."""
+
+    def __init__(self, max_in_row: int, *, log):
+        self.max_in_row = max_in_row
+        self.log = log
+
+    def observe(self, state, skipped: bool, metrics) -> None:
+        if not skipped:
+            state.bad_in_row = 0
+            return
+        state.bad_in_row += 1
+        state.nonfinite_total += 1
+        metrics.nonfinite.inc()
+        self.log(f"step {state.step}: non-finite loss, step skipped on every rank "
+                 f"({state.bad_in_row} in a row, {state.nonfinite_total} in total)")
+        if state.bad_in_row >= self.max_in_row:
+            raise NonFiniteLossError(
+                f"{state.bad_in_row} non-finite losses in a row at step {state.step}; the run stopped (each was "
+                "skipped, so the weights are unharmed and the latest checkpoint is good). Lower optim.lr, set "
+                "optim.clip_grad, or check the data, then relaunch to resume from the latest checkpoint.")
