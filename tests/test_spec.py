@@ -116,3 +116,22 @@ def test_cli_exits_2_with_the_key_before_anything_starts(tmp_path):
 def test_missing_spec_file_is_a_clear_error(tmp_path):
     with pytest.raises(SpecError, match="does not exist"):
         load_spec(tmp_path / "nope.yaml")
+
+
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads 2e-3 as a string; a learning rate written that way must still be a number."""
+    spec = load_spec(write(tmp_path, minimal()), ["optim.lr=2e-3", "schedule.min_lr=1E-6"])
+    assert spec.optim.lr == 2e-3 and spec.schedule.min_lr == 1e-6
+    with pytest.raises(SpecError, match=r"optim\.lr='2e-3x' must be a number"):
+        load_spec(write(tmp_path, minimal()), ["optim.lr=2e-3x"])
+
+
+def test_resumes_tell_execution_adjustable_and_fixed_keys_apart():
+    from vilscale.orchestration.config.spec import key_kind, spec_changes
+
+    assert key_kind("launcher.nodes") == key_kind("train.ckpt_every") == "execution"
+    assert key_kind("train.max_steps") == key_kind("schedule.warmup_epochs") == "adjustable"
+    assert key_kind("model.pos_embed") == key_kind("train.zero_stage") == key_kind("train.seed") == "fixed"
+    old = spec_from_dict(minimal()).to_dict()
+    new = spec_from_dict({**minimal(), "train": {"max_steps": 9, "ckpt_every": 5}, "launcher": {"nodes": 2}}).to_dict()
+    assert spec_changes(old, new) == [("train.max_steps", 0, 9)]

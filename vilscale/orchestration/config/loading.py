@@ -7,6 +7,7 @@ values raise `SpecError` naming the key path, the value and what is valid.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 import yaml
 
 from vilscale.orchestration.config.spec import JobSpec, SpecError
+
+_YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _describe_type(tp) -> str:
@@ -55,6 +58,9 @@ def _coerce(path: str, value, tp):
     if tp is Any:
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+            # YAML 1.1 reads 1e-3 (no dot) as a string; it is what people write for learning rates.
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SpecError(f"{path}={value!r} must be a number")
         return float(value)

@@ -182,6 +182,10 @@ class EvalConfig:
 class MetricsConfig:
     host: str = "127.0.0.1"
     """Interface each rank's Prometheus endpoint binds to (loopback by default; 0.0.0.0 for clusters)."""
+    advertise_host: str = ""
+    """Address of this rank's endpoint in prometheus_targets.json; "" = the bound address, or with
+    host=0.0.0.0 the node's own address on the cluster network (the one it reaches the rendezvous
+    host from; under Ray, the node's Ray address)."""
     port: int = 0
     """Port of rank 0's endpoint (rank r uses port + r); 0 picks any free port per rank."""
     enabled: bool = True

@@ -2,18 +2,22 @@
 torchrun inside; `--backend local` runs the same task on this machine through submitit's local executor.
 
 Each task exports the torch rendezvous variables (`TorchDistributedEnvironment().export()`) and calls
-`run_worker(spec)`. `TrainTask` is a submitit `Checkpointable`: on timeout or preemption SLURM sends
-USR2 (`--signal=USR2@signal_delay_s`), rank 0 pickles the task again and runs `scontrol requeue`, and
-the new allocation resumes from the run dir's latest complete checkpoint. An administrator's
-`scontrol requeue` restarts the job the same way.
+`run_worker(spec)`. `TrainTask` is a submitit `Checkpointable`. On timeout or preemption SLURM sends
+USR2 (`--signal=USR2@signal_delay_s`) to every task: the ranks finish the step they are in, save a
+checkpoint at it together, and stop; then rank 0 hands over to submitit, which pickles the task again
+and runs `scontrol requeue`, and the new allocation resumes from that checkpoint (at most the step in
+flight is lost). An administrator's `scontrol requeue`, or a node lost with the job (requeued by SLURM
+under ``--requeue``), restarts the job from the latest checkpoint the same way.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +26,17 @@ import submitit
 
 from vilscale.orchestration.config import JobSpec, spec_from_dict
 from vilscale.orchestration.launch.common import LaunchError, LogFollower, with_absolute_paths
+from vilscale.orchestration.launch.exit_codes import classify
 
 # Seconds between SLURM's USR2 and the kill at the time limit: enough for rank 0 to requeue.
 SIGNAL_DELAY_S = 120
 # squeue states of a job that is running or will run (again) without anyone's help.
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
                  "RESIZING", "SIGNALING", "STAGE_OUT"}
+
+
+class TaskFailed(RuntimeError):
+    """A task ended with an error (the one line the rank printed; the job fails, SLURM does not requeue it)."""
 
 
 class TrainTask(submitit.helpers.Checkpointable):
@@ -48,6 +57,16 @@ class TrainTask(submitit.helpers.Checkpointable):
         from vilscale.orchestration.training.loop import run_worker
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        # submitit's USR2 handler requeues at once; ours only asks the loop to save first, then hands over.
+        notice = threading.Event()
+        requeue = signal.getsignal(signal.SIGUSR2)
+
+        def preemption_notice(signum, frame):
+            print(f"[vilscale] {signal.Signals(signum).name}: saving a checkpoint at the end of this step, then "
+                  "requeueing", file=sys.stderr, flush=True)
+            notice.set()
+
+        signal.signal(signal.SIGUSR2, preemption_notice)
         # LOCAL_RANK indexes the node's GPUs, so CUDA_VISIBLE_DEVICES stays as SLURM set it. A requeued
         # task inherits nothing from its previous allocation, but overwrite in case the batch script set any.
         environment = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
@@ -56,7 +75,17 @@ class TrainTask(submitit.helpers.Checkpointable):
             print(f"[vilscale] task {environment.rank}/{environment.world_size} on {environment.master_addr}:"
                   f"{environment.master_port}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}",
                   file=sys.stderr, flush=True)
-        return run_worker(spec)
+        try:
+            summary = run_worker(spec, stop_requested=notice.is_set)
+        except Exception as error:
+            code, line = classify(error)
+            if not line:
+                raise
+            print(f"vilscale: rank {environment.rank}: {line}", file=sys.stderr, flush=True)
+            raise TaskFailed(f"[exit code {code}] {line}") from None
+        if summary.get("preempted") and callable(requeue):
+            requeue(signal.SIGUSR2, None)  # rank 0: pickle this task again, `scontrol requeue`, exit
+        return summary
 
     def checkpoint(self):
         """Called by submitit in rank 0 on USR2: resubmit this very task.

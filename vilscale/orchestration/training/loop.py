@@ -54,10 +54,13 @@ class TrainState:
     """Latest evaluation result."""
 
 
-def run_worker(spec: JobSpec, *, run_id: str | None = None, fault_hook=None) -> dict:
+def run_worker(spec: JobSpec, *, run_id: str | None = None, fault_hook=None, stop_requested=None) -> dict:
     """Train (or resume) the job on this rank; returns the run's summary.
 
-    ``fault_hook(step, loss) -> loss`` lets the fault-injection tests replace a step's loss.
+    ``stop_requested() -> bool`` is asked after every step (a launcher's preemption notice, e.g. SLURM's
+    USR2 before the time limit): when it is true on any rank, every rank saves a checkpoint at that step
+    and the run stops early with ``"preempted": True`` in its summary. ``fault_hook(step, loss) -> loss``
+    lets the fault-injection tests replace a step's loss.
     """
     use_environment_ninja()
     owns_group = not dist.is_initialized()
@@ -65,7 +68,7 @@ def run_worker(spec: JobSpec, *, run_id: str | None = None, fault_hook=None) -> 
     lock = None
     try:
         lock = _take_run_lock(spec, ctx)
-        run = TrainingRun(spec, ctx, run_id=run_id, fault_hook=fault_hook)
+        run = TrainingRun(spec, ctx, run_id=run_id, fault_hook=fault_hook, stop_requested=stop_requested)
         try:
             return run.train()
         finally:
@@ -80,7 +83,8 @@ def run_worker(spec: JobSpec, *, run_id: str | None = None, fault_hook=None) -> 
 class TrainingRun:
     """One rank's run, built once: model, engine, data, schedule, checkpoints, metrics, EMA, evaluation."""
 
-    def __init__(self, spec: JobSpec, ctx: RankContext, *, run_id: str | None = None, fault_hook=None):
+    def __init__(self, spec: JobSpec, ctx: RankContext, *, run_id: str | None = None, fault_hook=None,
+                 stop_requested=None):
         from vilscale.data.augment import BatchAugment
         from vilscale.data.loader import ShardedLoader
 
@@ -88,6 +92,7 @@ class TrainingRun:
         if spec.optim.ema_decay and spec.train.zero_stage == 3:
             raise SpecError("optim.ema_decay needs full parameters on every rank; use train.zero_stage <= 2 with EMA")
         self.spec, self.ctx, self.run_dir = spec, ctx, Path(spec.run_dir)
+        self.stop_requested, self.preempted = stop_requested, False
         if ctx.rank == 0:
             write_spec(spec)
         self.run_id = run_id or _broadcast(read_or_create_run_id(self.run_dir) if ctx.rank == 0 else None)
@@ -123,7 +128,7 @@ class TrainingRun:
 
         self.metrics = TrainingMetrics(self.run_dir, run_id=self.run_id, rank=ctx.rank, host=spec.metrics.host,
                                        port=spec.metrics.port + ctx.rank if spec.metrics.port else 0,
-                                       serve=spec.metrics.enabled)
+                                       serve=spec.metrics.enabled, advertise_host=spec.metrics.advertise_host)
         self.metrics.publish_targets(self.run_id)
         self.ema = ExponentialMovingAverage(self.engine.module, spec.optim.ema_decay) if spec.optim.ema_decay else None
         self.evaluator = Evaluator(spec, ctx, self.engine, self.ema, self.metrics, log=self.log)
@@ -157,6 +162,10 @@ class TrainingRun:
                                     seconds=time.perf_counter() - started, engine=self.engine)
                 if state.step % spec.train.ckpt_every == 0:
                     saved_step = self.save("every ckpt_every steps")
+                if self._preemption_notice():
+                    saved_step = self.save("preemption notice") if saved_step != state.step else saved_step
+                    self.preempted = stop_early = True
+                    break
                 if spec.train.exit_after_steps and state.step - first_step >= spec.train.exit_after_steps:
                     stop_early = True
                     break
@@ -176,6 +185,15 @@ class TrainingRun:
         if self.state.micro_in_epoch == 0:
             self.train_loader.set_epoch(self.state.epoch)
         return iter(self.train_loader)
+
+    def _preemption_notice(self) -> bool:
+        """True on every rank when any rank's launcher asked to stop (one tiny all-reduce per step)."""
+        if self.stop_requested is None:
+            return False
+        flag = torch.tensor([1.0 if self.stop_requested() else 0.0], device=self.ctx.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def save(self, reason: str) -> int:
         _check_ranks_agree(self.engine, self.spec, self.state.step)
@@ -220,7 +238,8 @@ class TrainingRun:
     def _summary(self, exited_early: bool) -> dict:
         evaluation = {f"eval_{k}" if k == "step" else k: v for k, v in self.state.last_eval.items()}
         summary = {"step": self.state.step, "epoch": self.state.epoch, "total_steps": self.total_steps,
-                   "exited_early": exited_early, "nonfinite_steps": self.state.nonfinite_total,
+                   "exited_early": exited_early, "preempted": self.preempted,
+                   "nonfinite_steps": self.state.nonfinite_total,
                    "run_id": self.run_id, **evaluation}
         if self.ctx.rank == 0:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

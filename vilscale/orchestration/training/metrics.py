@@ -9,6 +9,8 @@ every rank's endpoint, in Prometheus' file_sd format, and appends the same figur
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -45,10 +47,37 @@ def device_peak_flops(device: torch.device, precision: str, configured: float) -
     return 0.0
 
 
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def advertised_address(bind_host: str) -> str:
+    """The address a scraper on another machine reaches a rank at: the bound address, or for a wildcard bind
+    the node's own address on the cluster network (a bind address of 0.0.0.0 reaches nothing)."""
+    if bind_host not in WILDCARDS:
+        return bind_host
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    peer = os.environ.get("MASTER_ADDR")
+    if peer:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.connect((peer, 9))  # no packet is sent: this only picks the interface towards the peer
+                return probe.getsockname()[0]
+            except OSError:
+                pass
+    return socket.gethostbyname(socket.gethostname())
+
+
 class TrainingMetrics:
     """The metric families of one rank, its HTTP endpoint, and (rank 0) the jsonl log."""
 
-    def __init__(self, run_dir: Path, *, run_id: str, rank: int, host: str, port: int, serve: bool):
+    def __init__(self, run_dir: Path, *, run_id: str, rank: int, host: str, port: int, serve: bool,
+                 advertise_host: str = ""):
         self.run_dir = Path(run_dir)
         self.rank = rank
         self.labels = {"run_id": run_id, "rank": str(rank)}
@@ -84,7 +113,7 @@ class TrainingMetrics:
         self._server = None
         if serve:
             self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
-            self.endpoint = f"{host}:{self._server.server_port}"
+            self.endpoint = f"{advertise_host or advertised_address(host)}:{self._server.server_port}"
 
     def publish_targets(self, run_id: str) -> None:
         """Gather every rank's endpoint; rank 0 writes prometheus_targets.json (file_sd)."""
