@@ -70,8 +70,7 @@ def prepare_local_launch(job: str, overrides: list[str], *, nproc: int | None, r
         world_size = spec.launcher.world_size if nproc is None else nproc
         if world_size < 1:
             raise SpecError(f"--nproc {world_size} must be >= 1")
-        changes = preflight(spec, world_size=world_size, local=not ray, allow_spec_change=allow_spec_change,
-                            log=_log)
+        changes = preflight(spec, world_size=world_size, local=not ray, allow_spec_change=allow_spec_change)
     except SpecError as error:
         raise LaunchRefused(f"{'' if isinstance(error, RunDirError) else 'invalid job spec: '}{error}") from None
     try:
