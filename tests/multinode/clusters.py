@@ -12,7 +12,6 @@ import real_services as services
 from namespace_hosts import TestHost, TestNetwork
 from real_services import RayHead, RayWorkerNode, SlurmCluster, SlurmNode
 
-
 # ---------------------------------------------------------------------------------------------- SLURM
 
 
@@ -121,8 +120,8 @@ class RayOnHosts:
         head lists it alive."""
         self.workers[name].stop()
         self.workers[name] = services.start_ray_worker(
-            self.head, self.hosts[name].address, num_cpus=self.worker_cpus, env=self.env | {"GLOO_SOCKET_IFNAME": "eth0"},
-            launch_prefix=self.hosts[name].launch_prefix)
+            self.head, self.hosts[name].address, num_cpus=self.worker_cpus,
+            env=self.env | {"GLOO_SOCKET_IFNAME": "eth0"}, launch_prefix=self.hosts[name].launch_prefix)
         return self.workers[name]
 
     def ensure_healthy(self) -> None:

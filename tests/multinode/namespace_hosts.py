@@ -22,6 +22,7 @@ teardown finds what is left, without touching any process that the tests did not
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import ipaddress
 import json
@@ -96,10 +97,8 @@ def _used_networks() -> list[ipaddress.IPv4Network]:
     for route in json.loads(_ip("-j", "-4", "route", "show", "table", "all").stdout or "[]"):
         destination = route.get("dst", "")
         if destination and destination != "default":
-            try:
+            with contextlib.suppress(ValueError):  # e.g. a multicast or broadcast entry
                 used.append(ipaddress.ip_network(destination, strict=False))
-            except ValueError:
-                pass
     return used
 
 
@@ -127,15 +126,15 @@ def prune_stale() -> list[str]:
     removed = []
     if NETNS_DIR.is_dir():
         for path in NETNS_DIR.iterdir():
-            if (path.name.startswith(NAME_PREFIX) and path.name not in _LIVE_NAMES and not _owner_alive(path.name)
-                    and not processes_in_netns(path)):
-                if _ip("netns", "del", path.name, check=False).returncode == 0:
-                    removed.append(path.name)
+            stale = (path.name.startswith(NAME_PREFIX) and path.name not in _LIVE_NAMES
+                     and not _owner_alive(path.name) and not processes_in_netns(path))
+            if stale and _ip("netns", "del", path.name, check=False).returncode == 0:
+                removed.append(path.name)
     for link in json.loads(_ip("-j", "link", "show", "type", "bridge").stdout or "[]"):
         name = link.get("ifname", "")
-        if name.startswith(NAME_PREFIX) and name.endswith("br") and name not in _LIVE_NAMES and not _owner_alive(name):
-            if _ip("link", "del", name, check=False).returncode == 0:
-                removed.append(name)
+        stale = name.startswith(NAME_PREFIX) and name.endswith("br") and name not in _LIVE_NAMES
+        if stale and not _owner_alive(name) and _ip("link", "del", name, check=False).returncode == 0:
+            removed.append(name)
     return removed
 
 
