@@ -131,13 +131,17 @@ def _group_alive(group: int) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs; an exited daemon waiting to be reaped by init (a zombie) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 # ------------------------------------------------------------------------------------------------ Ray
@@ -179,6 +183,7 @@ class RayHead:
     log: Path
     process: subprocess.Popen
     node_ip_address: str = "127.0.0.1"
+    """The address the head was started with (on loopback Ray registers it at the machine's address)."""
 
     def stop(self) -> None:
         # `ray start --block` tears down the processes it started when it gets SIGTERM (`ray stop` would
@@ -235,7 +240,8 @@ def start_ray_head(num_cpus: int = 2, env: dict | None = None, node_ip_address: 
         def ready():
             if process.poll() is not None:
                 raise ServiceDied(f"ray start exited with code {process.returncode}:\n{tail(log)}")
-            return http_json(f"{head.dashboard_url}/api/version") and head.nodes().get(node_ip_address) == "ALIVE"
+            # Any alive node: asked for 127.0.0.1, Ray registers the head at the machine's own address.
+            return http_json(f"{head.dashboard_url}/api/version") and "ALIVE" in head.nodes().values()
 
         wait_until(ready, timeout_s=120, what="Ray head ready", logs=(log,), poll_s=1.0)
     except BaseException:
