@@ -1,10 +1,28 @@
 """Fixtures for the multinode tests: hosts made on this machine with network namespaces, a two-node SLURM
 cluster and a two-node Ray cluster on them, and a Prometheus server that scrapes the hosts.
 
-Everything is session-scoped (each comes up once, in seconds) and torn down at the end of the session even
-when tests fail; the per-test fixtures (`slurm_two_nodes`, `ray_two_nodes`) first bring back any node an
-earlier test lost, so every test starts on a whole cluster. Without root or `ip` the tests are skipped
-with the reason; a service that is installed but fails to start fails them.
+Everything is session-scoped (each comes up once) and torn down at the end of the session even when tests
+fail; the per-test fixtures (`slurm_two_nodes`, `ray_two_nodes`) first bring back any node an earlier test
+lost, so every test starts on a whole cluster. Without root or `ip` the tests are skipped with the reason;
+a service that is installed but fails to start fails them.
+
+Fixtures (see clusters.py and namespace_hosts.py for the objects):
+- `test_network` -> TestNetwork: `bridge` (interface name), `bridge_address` (the root namespace's address
+  on the test /24), `hosts`, `add_host(name)` -> TestHost (`name`, `address`, `launch_prefix`, `run`,
+  `popen`, `pids`, `crash`, `disconnect`/`reconnect`).
+- `slurm_hosts` -> [h1, h2]; `ray_hosts` -> [r1] (separate hosts: losing a SLURM node never touches Ray).
+- `slurm_two_nodes` -> SlurmOnHosts: `env` ({"SLURM_CONF": ...}, also set in os.environ for the test),
+  `hosts`, `command(...)`, `lose_node(name)`, `restore_node(name)`, `cluster` (real_services.SlurmCluster:
+  `node_states()`, `logs()`). Submit from this process as usual:
+      vilscale("submit", JOB, "--backend", "slurm", "--set", "launcher.nodes=2", ..., env=slurm_two_nodes.env)
+  Tasks run on h1/h2 with GLOO_SOCKET_IFNAME=eth0 (the cluster's TaskProlog) and resolve h1/h2.
+- `ray_two_nodes` -> RayOnHosts: `dashboard_url` (http://127.0.0.1:PORT: Job Submission and state APIs),
+  `gcs_address` (BRIDGE:PORT, for RAY_ADDRESS / ray.init), `addresses` (head first), `head`, `workers`,
+  `lose_node(name, how="raylet"|"crash")`, `restore_node(name)`. Two nodes of 1 CPU each:
+      vilscale("submit", JOB, "--backend", "ray", "--address", ray_two_nodes.dashboard_url,
+               "--set", "launcher.nodes=2", "--set", "launcher.cpu_workers_per_node=1", ...)
+- `prometheus` -> real_services.Prometheus (web on 127.0.0.1; scrapes the hosts' addresses through
+  `targets_dir`).
 """
 
 from __future__ import annotations

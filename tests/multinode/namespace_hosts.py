@@ -55,14 +55,19 @@ def unavailable_reason() -> str | None:
     if os.geteuid() != 0:
         return "network-namespace test hosts need root (ip netns add, veth pairs, a bridge)"
     for binary in ("ip", "nsenter", "unshare", "mount"):
-        if shutil.which(binary) is None and shutil.which(binary, path="/usr/sbin:/usr/bin:/sbin:/bin") is None:
+        if _binary(binary) is None:
             package = "iproute2" if binary == "ip" else "util-linux"
             return f"`{binary}` is not installed (apt-get install {package}; `make setup` installs it)"
     return None
 
 
+def _binary(name: str) -> str | None:
+    """``name`` on PATH or in the system folders (a non-login root shell may lack /usr/sbin on PATH)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([_binary("ip") or "ip", *args], capture_output=True, text=True, timeout=30)
     if check and result.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
     return result
@@ -162,7 +167,8 @@ class TestHost:
         """Command prefix that runs a program on this host: its network namespace, and a private mount
         namespace in which the test network's hosts file is /etc/hosts. Processes started under it, and
         their children, stay on the host."""
-        return ("nsenter", f"--net={self.netns_path}", "--", "unshare", "--mount", "--propagation", "private", "--",
+        return (_binary("nsenter") or "nsenter", f"--net={self.netns_path}", "--", _binary("unshare") or "unshare",
+                "--mount", "--propagation", "private", "--",
                 "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(self.hosts_file))
 
     def run(self, *args: str, env: dict | None = None, timeout_s: float = 60, check: bool = True,
