@@ -9,9 +9,10 @@ PYTHON ?= python3
 VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vilscale-installed
-# ffcv compiles against these; the integration tests start these services.
+# ffcv compiles against these; the integration tests start these services (iproute2: the multinode
+# tests' network-namespace hosts).
 FFCV_SYSTEM_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev
-SERVICE_SYSTEM_PACKAGES := slurm-wlm munge prometheus
+SERVICE_SYSTEM_PACKAGES := slurm-wlm munge prometheus iproute2
 PYTEST_ARGS ?=
 
 # One ninja on PATH (the venv's): DeepSpeed rebuilds its JIT op whenever the ninja it finds changes.
@@ -45,7 +46,7 @@ system-packages:
 	  echo "vilscale needs these system packages:$$missing"; \
 	  echo "  run: sudo apt-get install -y$$missing"; \
 	  echo "  or, in a conda environment: conda install -c conda-forge pkg-config opencv libjpeg-turbo"; \
-	  echo "  (slurm-wlm, munge and prometheus are needed only by the integration tests)"; \
+	  echo "  (slurm-wlm, munge, prometheus and iproute2 are needed only by the integration and multinode tests)"; \
 	  exit 1; \
 	fi
 
