@@ -90,9 +90,13 @@ def test_plain_ray_job_submit_runs_the_trainer_on_ray(ray_head, digits, tmp_path
 
 
 @pytest.mark.slow
-def test_wait_exits_nonzero_with_the_reason_when_the_job_fails(ray_head, digits, tmp_path):
+def test_an_error_no_retry_can_fix_ends_the_ray_run_at_once(ray_head, digits, tmp_path):
+    """A rank meets a user's mistake that only the cluster can reveal (train.device=cuda on CPU-only
+    nodes): the Ray run stops at once, with the rank's one line, although launcher.max_restarts allows
+    retries; `--wait` exits non-zero."""
     result = vilscale("submit", str(SMOKE), "--backend", "ray", "--wait", "--address", ray_head.dashboard_url,
-                      *smoke_overrides(digits, tmp_path / "run", {"launcher.max_restarts": 0}, device="cuda"))
+                      *smoke_overrides(digits, tmp_path / "run", {"launcher.max_restarts": 3}, device="cuda"))
     assert result.returncode == 1, result.stdout + result.stderr
     assert "no CUDA device is visible" in result.stdout  # the trainer's error, streamed from the job's log
+    assert "(not restarting)" in result.stdout and "restarting from the latest checkpoint" not in result.stdout
     assert "ended FAILED" in result.stderr

@@ -46,8 +46,9 @@ def _latest_step(run_dir) -> int:
 
 @pytest.mark.slow
 def test_preempted_then_requeued_job_resumes_from_its_latest_checkpoint_each_time(slurm, digits, tmp_path):
-    """USR2 (what SLURM sends before the time limit, and on preemption) makes rank 0 requeue the job; an
-    administrator's `scontrol requeue` restarts it too. Both allocations after the first resume."""
+    """USR2 (what SLURM sends before the time limit, and on preemption) makes the ranks save a checkpoint at
+    the step they are in and rank 0 requeue the job, which resumes from exactly that step (no step is
+    trained twice); an administrator's `scontrol requeue` restarts it too, from the latest checkpoint."""
     run_dir = tmp_path / "run"
     max_steps = 60
     submit = subprocess.Popen(
@@ -84,9 +85,12 @@ def test_preempted_then_requeued_job_resumes_from_its_latest_checkpoint_each_tim
     assert "Restarts=2" in slurm.command("scontrol", "show", "job", job_id)
     log = rank0_err.read_text()
     assert "Caught signal SIGUSR2" in log and "this job is preempted" in log, log
+    saved_on_notice = [int(step) for step in re.findall(r"preemption notice: stopped after step (\d+), which is saved",
+                                                         log)]
+    assert len(saved_on_notice) == 1 and saved_on_notice[0] >= step_at_signal, log
     resumed = [int(step) for step in re.findall(r"resumed from step_\d+ \(step (\d+)", log)]
     assert len(resumed) == 2, log
-    assert step_at_signal <= resumed[0] < max_steps, log
+    assert resumed[0] == saved_on_notice[0], log
     assert step_at_requeue <= resumed[1] <= max_steps, log
     steps = metric_steps(run_dir)
     assert steps.count(2) == 1, f"step 2 was trained twice: a requeued allocation started over ({steps})"

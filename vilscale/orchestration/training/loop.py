@@ -164,6 +164,7 @@ class TrainingRun:
                     saved_step = self.save("every ckpt_every steps")
                 if self._preemption_notice():
                     saved_step = self.save("preemption notice") if saved_step != state.step else saved_step
+                    self.log(f"preemption notice: stopped after step {state.step}, which is saved")
                     self.preempted = stop_early = True
                     break
                 if spec.train.exit_after_steps and state.step - first_step >= spec.train.exit_after_steps:
