@@ -260,10 +260,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="256 images, 1 worker, 3 rounds")
     parser.add_argument("--workdir", default=None, help="keep the JPEGs and shards here (default: a temp folder)")
     parser.add_argument("--out", default=None, help="JSON result path (default: benchmarks/results/data-<host>.json)")
+    parser.add_argument("--note", default="", help="what else the result JSON should say (e.g. the machine was shared)")
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.workers, args.shards, args.epochs = 256, [1], 4, 3
     result = run(args)
+    if args.note:
+        result["note"] = args.note
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"data-{platform.node()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
