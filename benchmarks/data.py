@@ -183,6 +183,7 @@ def run(args) -> dict:
         "batch": BATCH, "crop": SIZE, "rounds": args.epochs, "rows": [],
     }
     crop_only = AugmentConfig()
+    kept = []
     for workers in args.workers:
         config = DataConfig(img_size=SIZE, num_workers=workers, verify_checksums=False)
 
@@ -237,7 +238,7 @@ def run(args) -> dict:
         print(f"workers={workers}: ratios per CPU-second {row['ratios_per_cpu_s']}, wall {row['ratios_wall']} "
               f"(load average per round {loads})", flush=True)
         result["rows"].append(row)
-        del loaders
+        kept.append(loaders)  # freeing FFCV's Loaders makes numba print ignored KeyErrors from its finalizers
     # A second loader in the same process (e.g. validation, or a loader rebuilt after an elastic restart)
     # reuses the compiled pipeline: its start-up is the cost of opening shards, not of compiling.
     started = time.perf_counter()
