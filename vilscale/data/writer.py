@@ -225,9 +225,10 @@ def _scan_tar(path: Path) -> TarScan:
         while True:
             try:
                 member = archive.next()
-            except (tarfile.TarError, OSError) as error:  # cut short inside a member's data
-                scan.lost.append({"path": name, "reason": f"damaged tar: unreadable after byte {archive.offset} "
-                                                          f"({error}); the members before it were kept"})
+            except (tarfile.TarError, OSError) as error:  # cut short inside a member's data (listed below)
+                scan.lost.append({"path": name, "reason": f"truncated tar: unreadable after byte {archive.offset} "
+                                  f"({error}); the members before it were kept, members after that point (if any) "
+                                  f"are lost and a tar does not record how many there were"})
                 break
             if member is None:  # the end marker, the end of the file, or a header that does not parse
                 offset = archive.offset
