@@ -5,15 +5,18 @@ RandomResizedCrop box needs, at 1/2, 1/4 or 1/8 scale in the DCT domain when the
 output size, and resamples the exact box to the output (area averaging when shrinking, bilinear when
 enlarging), writing CHW pixels. See the C file for why libjpeg's API rather than FFCV's or TurboJPEG's.
 
-Why a C extension and not PyTurboJPEG or FFCV's `imdecode`: measured on this project's 2-core machine
-(q90 JPEGs of 256-640 px, ImageNet RandomResizedCrop boxes, one thread): FFCV's crop path (TurboJPEG
-2.x `tjTransform`, a lossless re-encode of the cropped coefficients before decoding) costs 1.33 ms per
-image against 1.01 ms for a full decode, so it is slower than not cropping. PyTurboJPEG wraps the same
-TurboJPEG API, whose only crop before libjpeg-turbo 3.0 (tj3SetCroppingRegion) is that transform, while
-Debian 12 ships libjpeg-turbo 2.1; and a Python call per image cannot run inside numba's decode threads.
-libjpeg's ``jpeg_skip_scanlines`` / ``jpeg_crop_scanline`` / ``scale_denom`` (libjpeg-turbo >= 1.5) do what
-is needed, called from a few hundred lines of C that numba calls without the GIL: 0.72 ms per image with
-the resampling, against 1.55 ms for FFCV's full decode plus OpenCV resize on the same images.
+Why a C extension and not PyTurboJPEG or FFCV's `imdecode` (chosen by measurement, one thread, on this
+project's 2-core machine, q90 JPEGs of 256-640 px, ImageNet RandomResizedCrop boxes to 224):
+- FFCV's crop path (TurboJPEG 2.x ``tjTransform``: a lossless re-encode of the cropped coefficients, then a
+  decode) took 1.33 ms per image against 1.01 ms for FFCV's full decode: slower than not cropping, before
+  any resizing. PyTurboJPEG wraps the same TurboJPEG API, whose only crop before libjpeg-turbo 3.0
+  (``tj3SetCroppingRegion``) is that transform, and Debian 12 ships libjpeg-turbo 2.1; a Python call per
+  image also cannot run inside numba's decode threads.
+- libjpeg's ``jpeg_skip_scanlines`` / ``jpeg_crop_scanline`` / ``scale_denom`` (libjpeg-turbo >= 1.5) do what
+  is needed, from a few hundred lines of C that numba calls without the GIL: 0.72 ms per image including the
+  resampling, against 1.35-1.6 ms for the full decode plus OpenCV's INTER_AREA resize (0.5-0.75 ms of it).
+  Skipped rows still cost their entropy decoding (libjpeg has to parse them), which bounds the gain.
+The loader-level result is in benchmarks/results/data-cpu-2core.json.
 """
 
 from __future__ import annotations
@@ -34,10 +37,9 @@ STATUS_NAMES = {OK: "ok", CORRUPT: "corrupt JPEG data", SIZE_MISMATCH: "JPEG siz
 def _load() -> ctypes.CDLL:
     spec = importlib.util.find_spec("vilscale.data._cropdecode")
     if spec is None or spec.origin is None:
-        raise DataError("vilscale's JPEG crop decoder (vilscale/data/_cropdecode.c) is not built; run `make setup` "
-                        "or `pip install --no-build-isolation -e .` in the vilscale checkout (it needs the "
-                        "libjpeg-turbo headers: apt-get install libjpeg62-turbo-dev), or set "
-                        "data.crop_decode=false to decode whole images")
+        raise DataError("vilscale's JPEG crop decoder (vilscale/data/_cropdecode.c) is not built; run `make setup`, "
+                        "or `pip install --no-build-isolation -e .` in the vilscale checkout (it needs the libjpeg "
+                        "headers: apt-get install libjpeg-dev)")
     return ctypes.CDLL(spec.origin)
 
 
