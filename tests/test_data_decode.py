@@ -153,6 +153,13 @@ def test_grey_jpeg_and_tiny_boxes_decode(photo):
     assert out.shape == (16, 16, 3) and (out[..., 0] == out[..., 1]).all()
 
 
+def test_a_large_shrink_of_a_raw_image_is_exact():
+    wide = np.random.default_rng(0).integers(0, 256, (8, 16000, 3), dtype=np.uint8)  # 1000 source pixels per output
+    out = np.empty((3, 16, 16), dtype=np.uint8)
+    assert cropdecode.resize_box(wide, 0, 0, 8, 16000, out, 0) == cropdecode.OK
+    assert np.abs(out.transpose(1, 2, 0) - _reference(wide, (0, 0, 8, 16000), 16)).max() <= 0.51
+
+
 def test_damaged_jpegs_are_reported_not_decoded(photo):
     jpeg = bytearray(_jpeg(photo))
     with pytest.raises(DataError, match="JPEG size differs"):

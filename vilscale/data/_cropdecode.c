@@ -91,7 +91,7 @@ static void axis_weights(double a0, double a1, int lo, int hi, int n_out, axis_t
     for (int o = 0; o < n_out; o++) {
         float *wo = axis->w + (size_t)o * taps;
         int i0, n = 0;
-        double wt[64];
+        double w0, w1 = 0.0, total = 0.0;
         if (step >= 1.0) { /* area: overlap of [a, b) with each source pixel [i, i + 1) */
             double a = a0 + o * step, b = a + step;
             i0 = (int)floor(a);
@@ -99,32 +99,33 @@ static void axis_weights(double a0, double a1, int lo, int hi, int n_out, axis_t
             if (i0 < lo) i0 = lo;
             if (i1 > hi) i1 = hi;
             if (i1 - i0 > taps) i1 = i0 + taps;
-            double total = 0.0;
-            for (int i = i0; i < i1; i++) {
-                double overlap = fmin(b, i + 1.0) - fmax(a, (double)i);
-                wt[n++] = overlap > 0.0 ? overlap : 0.0;
-                total += wt[n - 1];
-            }
-            if (n == 0 || total <= 0.0) { /* only reachable through rounding at the box edge */
+            for (int i = i0; i < i1; i++) total += fmax(0.0, fmin(b, i + 1.0) - fmax(a, (double)i));
+            if (i1 <= i0 || total <= 0.0) { /* only reachable through rounding at the box edge */
                 i0 = i0 < hi ? i0 : hi - 1;
                 n = 1;
-                wt[0] = total = 1.0;
+                w0 = total = 1.0;
+            } else {
+                n = i1 - i0;
+                w0 = fmax(0.0, fmin(b, i0 + 1.0) - a);
             }
-            for (int t = 0; t < n; t++) wt[t] /= total;
+            int start = i0 + taps > hi ? hi - taps : i0; /* keep the window inside [lo, hi) */
+            for (int t = 0; t < taps; t++) wo[t] = 0.0f;
+            wo[i0 - start] = (float)(w0 / total);
+            for (int i = i0 + 1; i < i0 + n; i++)
+                wo[i - start] = (float)(fmax(0.0, fmin(b, i + 1.0) - fmax(a, (double)i)) / total);
+            axis->first[o] = start;
         } else { /* bilinear between the two nearest pixel centres */
             double c = a0 + (o + 0.5) * step - 0.5;
             if (c < lo) c = lo;
             if (c > hi - 1) c = hi - 1;
             i0 = (int)floor(c);
-            double f = c - i0;
-            wt[n++] = 1.0 - f;
-            if (i0 + 1 < hi) wt[n++] = f;
+            w1 = c - i0;
+            int start = i0 + taps > hi ? hi - taps : i0;
+            for (int t = 0; t < taps; t++) wo[t] = 0.0f;
+            wo[i0 - start] = (float)(1.0 - w1);
+            if (i0 + 1 < hi) wo[i0 + 1 - start] = (float)w1;
+            axis->first[o] = start;
         }
-        /* place the window so that it stays inside [lo, hi) */
-        int start = i0 + taps > hi ? hi - taps : i0;
-        for (int t = 0; t < taps; t++) wo[t] = 0.0f;
-        for (int t = 0; t < n; t++) wo[i0 - start + t] = (float)wt[t];
-        axis->first[o] = start;
     }
 }
 
@@ -211,7 +212,7 @@ static int resample(const uint8_t *src, size_t stride, int row_lo, int row_hi, i
     float *row = row_buffer((size_t)(cols + out_w) * 3 + 1), *blended = row + (size_t)cols * 3 + 1;
     const uint8_t **lines = (const uint8_t **)malloc(sizeof(uint8_t *) * (size_t)y.taps);
     int status = VIL_OK;
-    if (!y.first || !x.first || !y.w || !x.w || !row || !lines || y.taps > 64 || x.taps > 64) {
+    if (!y.first || !x.first || !y.w || !x.w || !row || !lines) {
         status = VIL_NO_MEMORY;
         goto done;
     }

@@ -375,7 +375,10 @@ class _Producer:
                     log.warning("shard %s sample %d (global index %d) failed to decode (%s); replaced by sample %d "
                                 "of the same shard", path, local, loader._offsets[shard] + local, reason, candidate)
                 return candidate
-            loader._record_failure(shard, candidate, STATUS_NAMES.get(status, f"status {status}"))
+            candidate_reason = STATUS_NAMES.get(status, f"status {status}")
+            if loader._record_failure(shard, candidate, candidate_reason):
+                log.warning("shard %s sample %d (global index %d) failed to decode (%s), found while replacing "
+                            "sample %d", path, candidate, loader._offsets[shard] + candidate, candidate_reason, local)
         raise DataError(f"shard {path}: no sample decodes; run `vilscale prepare` again to rewrite it")
 
     def _put(self, item) -> None:
