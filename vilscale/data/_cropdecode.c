@@ -42,6 +42,14 @@
 
 #define MAX_SCALE 8
 
+/* The blending loops are compiled twice on x86-64 Linux (AVX2 and baseline SSE2) and the CPU picks one at load
+ * time (an ifunc); elsewhere (arm64, musl) they are compiled once for the baseline. */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
 typedef struct {
     struct jpeg_error_mgr pub;
     jmp_buf jump;
@@ -130,7 +138,7 @@ static void axis_weights(double a0, double a1, int lo, int hi, int n_out, axis_t
 }
 
 /* row[j] = sum_t w[t] * lines[t][j]: the vertical pass, contiguous and vectorised (AVX2 where the CPU has it). */
-__attribute__((target_clones("avx2", "default"))) static void blend_rows(const uint8_t *const *restrict lines,
+VECTOR_CLONES static void blend_rows(const uint8_t *const *restrict lines,
                                                                          const float *restrict w, int taps,
                                                                          int len, float *restrict row) {
     const uint8_t *l0 = lines[0];
@@ -165,7 +173,7 @@ static inline float4 load4(const float *p) {
 /* The horizontal pass of one output row, from the vertical pass's row (3 floats per pixel) into three planes
  * of n_out floats each (R, G, B; mirrored when `flip`). Each pixel is blended as one 4-float vector (R, G, B and
  * the next pixel's R), so `row` needs one float of padding. */
-__attribute__((target_clones("avx2", "default"))) static void blend_columns(const float *restrict row,
+VECTOR_CLONES static void blend_columns(const float *restrict row,
                                                                             const axis_t *restrict x, int n_out,
                                                                             float *restrict blended, int flip) {
     int taps = x->taps;
@@ -189,7 +197,7 @@ __attribute__((target_clones("avx2", "default"))) static void blend_columns(cons
 }
 
 /* Round and saturate to 8 bits (vectorised: no branch per value). */
-__attribute__((target_clones("avx2", "default"))) static void to_u8(const float *restrict values, int n,
+VECTOR_CLONES static void to_u8(const float *restrict values, int n,
                                                                     uint8_t *restrict dst) {
     for (int j = 0; j < n; j++) {
         int v = (int)(values[j] + 0.5f);
