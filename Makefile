@@ -9,9 +9,9 @@ PYTHON ?= python3
 VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vilscale-installed
-# ffcv compiles against these; the integration tests start these services (iproute2: the multinode
-# tests' network-namespace hosts).
-FFCV_SYSTEM_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev
+# ffcv and vilscale's JPEG crop decoder (libjpeg's API, vilscale/data/_cropdecode.c) compile against these;
+# the integration tests start these services (iproute2: the multinode tests' network-namespace hosts).
+FFCV_SYSTEM_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev libjpeg-dev
 SERVICE_SYSTEM_PACKAGES := slurm-wlm munge prometheus iproute2
 PYTEST_ARGS ?=
 

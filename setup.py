@@ -1,6 +1,6 @@
 """vilscale: pretrain Multi-Scale Vision Longformer (ViL) at cluster scale."""
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 # torch is pinned by the Makefile (TORCH_SPEC) before this is installed, so a fresh install does not
 # pull a different build; the range here only says what vilscale works with.
@@ -25,6 +25,12 @@ INSTALL_REQUIRES = [
     "ninja",  # one ninja for DeepSpeed's JIT-built communication op
 ]
 
+# The training loader's JPEG decoder: decodes only the rows and columns a random crop needs, scaled in the
+# DCT domain (vilscale/data/_cropdecode.c). It links the system libjpeg(-turbo) that ffcv's build needs too
+# (the Makefile's FFCV_SYSTEM_PACKAGES).
+CROP_DECODER = Extension("vilscale.data._cropdecode", sources=["vilscale/data/_cropdecode.c"], libraries=["jpeg", "m"],
+                         extra_compile_args=["-O3", "-std=c11"])
+
 TEST_REQUIRES = ["pytest>=8", "pytest-timeout", "hypothesis", "ruff"]
 
 setup(
@@ -32,6 +38,7 @@ setup(
     version="0.1.0",
     description="Multi-Scale Vision Longformer pretraining with DeepSpeed, Ray, SLURM and FFCV",
     packages=find_packages(include=["vilscale", "vilscale.*"]),
+    ext_modules=[CROP_DECODER],
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},

@@ -165,3 +165,166 @@ def test_digits_split_is_fixed_and_disjoint():
     assert len(train.names) + len(val.names) == 1797
     image = train.refs[0][1]
     assert image.shape == (16, 16, 3) and image.dtype == np.uint8 and image.max() > 200
+
+
+# ------------------------------------------------------------------- what the user gave is what is stored
+
+
+def _stored_images(out) -> list[np.ndarray]:
+    """The images of raw-stored shards (compress_probability=0): exactly the stored pixels."""
+    from ffcv.reader import Reader
+
+    manifest = load_manifest(out / "manifest.json")
+    images = []
+    for shard in manifest.shards:
+        reader = Reader(str(shard.path))
+        data = np.memmap(shard.path, dtype=np.uint8, mode="r")
+        for entry in reader.metadata["f0"]:
+            h, w, ptr = int(entry["height"]), int(entry["width"]), int(entry["data_ptr"])
+            assert entry["mode"] == 1
+            images.append(np.array(data[ptr:ptr + h * w * 3]).reshape(h, w, 3))
+    return images
+
+
+RAW = WriterSettings(max_side=0, compress_probability=0.0, page_size=2 << 20)
+
+
+def _prepare_one(tmp_path, name: str, save) -> tuple[list, object]:
+    """An ImageFolder with the one image that ``save(path)`` writes; returns (stored images, manifest)."""
+    folder = tmp_path / "src" / "only"
+    folder.mkdir(parents=True)
+    save(folder / name)
+    manifest = prepare(scan_imagefolder(tmp_path / "src"), tmp_path / "out", num_shards=1, settings=RAW, workers=1,
+                       progress=False)
+    return _stored_images(tmp_path / "out"), manifest
+
+
+def test_16_bit_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
+    from PIL import Image
+
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (8, 1))  # (8, 256) from black to white
+    stored, manifest = _prepare_one(tmp_path, "deep.png", lambda p: Image.fromarray(ramp).save(p))
+    assert Image.open(tmp_path / "src" / "only" / "deep.png").mode.startswith("I")
+    assert not manifest.skipped and len(stored) == 1
+    expected = np.round(ramp / 257).astype(np.uint8)
+    assert np.abs(stored[0][..., 0].astype(int) - expected).max() <= 1
+    assert (stored[0][..., 0] == stored[0][..., 1]).all() and (stored[0][..., 1] == stored[0][..., 2]).all()
+
+
+def test_exif_orientation_is_applied(tmp_path, photos):
+    from PIL import Image
+
+    source = Image.open(photos / "class_0" / "img_000.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; display rotated 90 degrees clockwise
+
+    def save(path):
+        source.save(path, quality=95, exif=exif)
+
+    stored, _ = _prepare_one(tmp_path, "turned.jpg", save)
+    decoded = np.asarray(Image.open(tmp_path / "src" / "only" / "turned.jpg").convert("RGB"))
+    assert stored[0].shape == (decoded.shape[1], decoded.shape[0], 3)
+    assert np.array_equal(stored[0], np.rot90(decoded, k=-1))
+
+
+@pytest.mark.parametrize("mode", ["P", "RGBA", "LA", "CMYK", "L", "1"])
+def test_palette_alpha_grey_and_cmyk_images_are_stored_as_their_rgb(tmp_path, photos, mode):
+    from PIL import Image
+
+    photo = Image.open(photos / "class_1" / "img_001.jpg").convert("RGB")
+    if mode == "P":
+        image = photo.convert("P", palette=Image.ADAPTIVE, colors=256)
+        image.info["transparency"] = 0
+    else:
+        image = photo.convert(mode)
+    if mode == "RGBA":
+        image.putalpha(128)
+    suffix = ".jpg" if mode == "CMYK" else ".png"
+    stored, manifest = _prepare_one(tmp_path, f"image{suffix}", lambda p: image.save(p))
+    assert not manifest.skipped
+    expected = np.asarray(Image.open(tmp_path / "src" / "only" / f"image{suffix}").convert("RGB"))
+    assert np.array_equal(stored[0], expected), "stored pixels are Pillow's RGB conversion (alpha dropped)"
+    if mode in ("P", "RGBA", "CMYK"):  # colour survives (not grey, not inverted)
+        assert np.abs(stored[0].astype(int) - np.asarray(photo)).mean() < 12
+
+
+def test_floating_point_images_are_skipped_with_a_reason(tmp_path):
+    from PIL import Image
+
+    stored, manifest = _prepare_one(tmp_path, "float.tif",
+                                    lambda p: Image.fromarray(np.ones((8, 8), np.float32)).save(p))
+    assert not stored and len(manifest.skipped) == 1
+    assert "floating-point" in manifest.skipped[0]["reason"]
+
+
+def test_empty_class_folders_and_non_image_files_are_reported(photos, tmp_path, capsys):
+    source = tmp_path / "src"
+    shutil.copytree(photos, source)
+    (source / "class_1" / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    assert main(["prepare", "imagefolder", str(source), str(out), "--num-shards", "1", "--workers", "1"]) == 0
+    raw = json.loads((out / "manifest.json").read_text())
+    assert raw["empty_classes"] == ["zz_empty"]
+    assert raw["ignored"] == [{"path": os.path.join("class_1", "notes.txt"),
+                               "reason": raw["ignored"][0]["reason"]}]
+    assert "not an image file" in raw["ignored"][0]["reason"]
+    err = capsys.readouterr().err
+    assert "1 class folder(s) hold no image" in err and "zz_empty" in err
+    assert "ignored 1 file(s) that are not images" in err and "notes.txt" in err
+
+
+# ------------------------------------------------------------------------------------- damaged tars
+
+
+def _tar_of(path, files) -> list[tuple[int, int]]:
+    """Write a plain tar of ``files`` and return (header offset, data end) per member."""
+    spans = []
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as archive:
+        for file in files:
+            info = archive.gettarinfo(str(file), arcname=file.name)
+            with open(file, "rb") as handle:
+                archive.addfile(info, handle)
+    with tarfile.open(path) as archive:
+        for member in archive:
+            spans.append((member.offset, member.offset_data + member.size))
+    return spans
+
+
+def test_damaged_tars_are_salvaged_and_every_one_is_named(photos, tmp_path):
+    source = tmp_path / "in21k"
+    source.mkdir()
+    images = sorted((photos / "class_0").glob("img_*.jpg"))[:4]
+    good = _tar_of(source / "n00000001.tar", images)
+    assert len(good) == 4
+    spans = _tar_of(source / "n00000002.tar", images)  # cut inside its third member
+    cut = source / "n00000002.tar"
+    cut.write_bytes(cut.read_bytes()[: (spans[2][0] + spans[2][1]) // 2])
+    spans = _tar_of(source / "n00000003.tar", images)  # cut exactly after its second member: no end marker
+    boundary = source / "n00000003.tar"
+    boundary.write_bytes(boundary.read_bytes()[: spans[2][0]])
+    spans = _tar_of(source / "n00000004.tar", images)  # the second member's header is garbage
+    damaged = source / "n00000004.tar"
+    content = bytearray(damaged.read_bytes())
+    content[spans[1][0]: spans[1][0] + 512] = b"\x07" * 512
+    damaged.write_bytes(bytes(content))
+    (source / "n00000005.tar").write_bytes(b"this is not a tar file at all" * 40)
+
+    plan = scan_imagenet21k(source)
+    by_tar = {}
+    for name in plan.names:
+        by_tar.setdefault(name.split(":")[0], []).append(name)
+    assert {k: len(v) for k, v in by_tar.items()} == {"n00000001.tar": 4, "n00000002.tar": 2, "n00000003.tar": 2,
+                                                      "n00000004.tar": 3}
+    lost = {item["path"]: item["reason"] for item in plan.lost}
+    assert "lost: the tar is truncated inside this member" in lost[f"n00000002.tar:{images[2].name}"]
+    assert "truncated tar" in lost["n00000003.tar"] and "end-of-archive marker" in lost["n00000003.tar"]
+    assert "damaged tar: a header that does not parse" in lost["n00000004.tar"]
+    assert "not a readable tar file" in lost["n00000005.tar"]
+    assert "n00000001.tar" not in lost
+    assert plan.empty_classes == ["n00000005"]
+
+    manifest = prepare(plan, tmp_path / "out", num_shards=2, settings=SETTINGS, workers=2, progress=False)
+    assert manifest.num_samples == 11
+    skipped = {item["path"] for item in manifest.skipped}
+    assert {"n00000003.tar", "n00000004.tar", "n00000005.tar", f"n00000002.tar:{images[2].name}"} <= skipped
+    assert manifest.empty_classes == ("n00000005",)

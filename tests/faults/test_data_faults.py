@@ -72,3 +72,72 @@ def test_disk_full_while_writing_shards_is_a_clear_error_and_the_rerun_completes
             verify_shard(shard, use_cache=False)
         assert sum(s.num_samples for s in manifest.shards) == json.loads(
             (out / split / "manifest.json").read_text())["num_samples"]
+
+
+@pytest.fixture(scope="module")
+def jpeg_photos(tmp_path_factory):
+    """96 photographs (2 classes) as JPEG shards (2 shards: with 2 ranks, rank 0 reads only shard 0)."""
+    from vilscale.data.samples import photo_imagefolder
+
+    source = photo_imagefolder(tmp_path_factory.mktemp("photos"), num_classes=2, per_class=48, seed=1)
+    out = tmp_path_factory.mktemp("jpeg_shards")
+    result = subprocess.run([sys.executable, "-m", "vilscale.cli", "prepare", "imagefolder", str(source), str(out),
+                             "--num-shards", "2", "--max-side", "64", "--workers", "1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def _damage_jpegs_keeping_mtime(manifest_dir, shard: int, samples) -> str:
+    """Zero the first bytes of these samples' JPEGs in place and restore the shard's mtime, so the cached
+    checksum verification still trusts it (bit rot after verification). Returns the shard's path."""
+    import os
+
+    from ffcv.reader import Reader
+
+    from vilscale.data.manifest import load_manifest
+
+    path = load_manifest(manifest_dir / "manifest.json").shards[shard].path
+    stat = path.stat()
+    pointers = Reader(str(path)).metadata["f0"]["data_ptr"]
+    with open(path, "r+b") as handle:
+        for sample in samples:
+            handle.seek(int(pointers[sample]))
+            handle.write(b"\0" * 16)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return str(path)
+
+
+def _train_on(smoke, shards, run_dir, *extra):
+    return smoke.using(shards).train(
+        run_dir, "--set", f"data.train_manifest={shards / 'manifest.json'}",
+        "--set", f"data.val_manifest={shards / 'manifest.json'}", "--set", "model.num_classes=2", *extra,
+        check=False, env={"VILSCALE_CACHE_DIR": str(run_dir.parent / "cache")})
+
+
+def test_a_jpeg_that_rots_after_verification_is_replaced_and_training_goes_on(smoke, jpeg_photos, tmp_path):
+    """Fault: bytes of one JPEG inside a verified shard are damaged, its mtime kept. Outcome: the run finishes;
+    the sample is replaced by the next one of its shard, logged once with the shard and index."""
+    copy = tmp_path / "shards"
+    shutil.copytree(jpeg_photos, copy)
+    first = _train_on(smoke, copy, tmp_path / "verify")  # verifies the shards and caches that
+    assert first.returncode == 0, first.stderr[-3000:]
+    path = _damage_jpegs_keeping_mtime(copy, 0, [3])
+    result = _train_on(smoke, copy, tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    replaced = [line for line in result.stderr.splitlines() if "failed to decode" in line and "replaced" in line]
+    assert len(replaced) == 1 and f"shard {path} sample 3 " in replaced[0], result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] > 0
+
+
+def test_a_shard_with_too_many_rotten_jpegs_stops_the_run_naming_it(smoke, jpeg_photos, tmp_path):
+    """Fault: several JPEGs of one verified shard are damaged (mtime kept). Outcome: exit code != 0 with one
+    message naming the shard and the limit; no restart loop and no traceback."""
+    copy = tmp_path / "shards"
+    shutil.copytree(jpeg_photos, copy)
+    assert _train_on(smoke, copy, tmp_path / "verify").returncode == 0
+    path = _damage_jpegs_keeping_mtime(copy, 0, [1, 2, 3])
+    result = _train_on(smoke, copy, tmp_path / "run", "--set", "data.decode_error_limit=2")
+    assert result.returncode != 0
+    assert f"shard {path}: 3 samples failed to decode" in result.stderr, result.stderr[-3000:]
+    assert "not restarting" in result.stderr and "Traceback" not in result.stderr

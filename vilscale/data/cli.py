@@ -90,6 +90,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for manifest in manifests:
         if manifest.skipped:
-            print(f"{manifest.path}: skipped {len(manifest.skipped)} unreadable image(s):\n"
+            print(f"{manifest.path}: skipped {len(manifest.skipped)} unreadable image(s) or damaged tar(s):\n"
                   f"{summarize_skipped(list(manifest.skipped))}", file=sys.stderr)
+        if manifest.empty_classes:
+            names = ", ".join(manifest.empty_classes[:10]) + (" ..." if len(manifest.empty_classes) > 10 else "")
+            print(f"{manifest.path}: {len(manifest.empty_classes)} class folder(s) hold no image (they keep their "
+                  f"class index): {names}", file=sys.stderr)
+        if manifest.ignored:
+            print(f"{manifest.path}: ignored {len(manifest.ignored)} file(s) that are not images:\n"
+                  f"{summarize_skipped(list(manifest.ignored))}", file=sys.stderr)
     return 0

@@ -57,6 +57,16 @@ class DataConfig:
     (about one 8 MiB FFCV page of ImageNet JPEGs), so reads stay local inside a shard."""
     shuffle_window: int = 8
     """Training order: samples are shuffled freely inside a window of this many blocks."""
+    crop_decode: bool = True
+    """Training decodes only the rows and columns of each JPEG that its random crop needs, at 1/2, 1/4 or 1/8 scale
+    when the crop is at least twice `img_size`, and resamples the exact crop box (area average, bilinear when
+    enlarging). False: decode whole images and resize with OpenCV, as FFCV's own decoder does (slower; pixels
+    differ only by the resampling). Validation always decodes whole images."""
+    decode_error_limit: int = 10
+    """Samples of one shard that may fail to decode while reading (bytes damaged after the manifest was
+    written) before the run stops with a `DataError` naming the shard. Below it, a training sample that fails is
+    replaced by the next good sample of its shard and a validation sample is left out (label -1); each is counted
+    (`ShardedLoader.decode_errors`) and logged once. 0: the first failure stops the run."""
     verify_checksums: bool = True
     """Check every shard this rank reads against the manifest's sha256 before the first epoch. A verified
     shard is remembered (by path, size and mtime) under $VILSCALE_CACHE_DIR (default ~/.cache/vilscale), so a
@@ -80,6 +90,8 @@ class DataConfig:
                self.shuffle_block, "use an integer >= 1")
         _check(isinstance(self.shuffle_window, int) and self.shuffle_window >= 1, "data.shuffle_window",
                self.shuffle_window, "use an integer >= 1")
+        _check(isinstance(self.decode_error_limit, int) and self.decode_error_limit >= 0, "data.decode_error_limit",
+               self.decode_error_limit, "use an integer >= 0 (0: the first sample that fails to decode stops the run)")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

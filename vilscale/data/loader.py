@@ -15,8 +15,18 @@ Design (why it pays FFCV's compilation once per rank and process):
   (seed, epoch, world size). Crops and flips are drawn from a generator seeded by (seed, epoch, rank,
   step). Resuming at step k of epoch e therefore reproduces the remaining batches bit for bit.
 - A background thread decodes up to `batches_ahead` batches ahead; numba's decode threads release the
-  GIL. Every batch is copied out of FFCV's buffers into a fresh tensor (pinned when the device is CUDA),
-  so a batch stays valid however long the trainer keeps it.
+  GIL. The decoder writes CHW pixels; every batch is copied out of FFCV's buffers into a fresh tensor (pinned
+  when the device is CUDA), so a batch stays valid however long the trainer keeps it.
+- Training decodes only the part of each JPEG its crop needs (`vilscale.data.cropdecode`); validation decodes
+  whole images and resizes them exactly as FFCV does.
+
+Bytes that rot inside a shard after its checksum was verified (the verification is cached by path, size
+and mtime, so it does not see them) surface when a JPEG fails to decode. Such a training sample is
+replaced, in the same row of the batch, by the next sample of the same shard that decodes (its crop drawn
+from (seed, epoch, rank, step, row), so an exactly resumed run replaces it identically), and a validation
+sample is left out of the metric (label and index -1, as filler). Each failure is counted in
+`decode_errors` (per shard in `decode_error_samples`) and logged once per sample; a shard with more than
+``data.decode_error_limit`` bad samples stops the run with a `DataError` naming it.
 
 Remainders (see `vilscale.data.sharding`): training with ``drop_last`` yields ``len(loader)`` full
 batches per rank and skips the few samples left over (different ones each epoch); without it the last
@@ -27,6 +37,7 @@ ranks, sequentially; the last batches are filled up to full size with entries wh
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -37,9 +48,18 @@ import torch
 
 from vilscale.data.config import AugmentConfig, DataConfig
 from vilscale.data.manifest import DataError, load_manifest, verify_shard
-from vilscale.data.pipeline import CompiledPipeline, ShardHandle, center_boxes, random_resized_boxes
+from vilscale.data.pipeline import (
+    MODE_CROP,
+    MODE_EXACT,
+    CompiledPipeline,
+    ShardHandle,
+    center_boxes,
+    random_resized_boxes,
+)
 from vilscale.data.sharding import EpochOrder, assign_pieces, epoch_order, segments, steps_per_epoch
 from vilscale.devices import resolve_device
+
+log = logging.getLogger(__name__)
 
 _STATE_KEYS = ("epoch", "batches_done", "seed", "world_size", "batch_size", "num_samples", "train")
 
@@ -89,6 +109,8 @@ class ShardedLoader:
         self._pipeline: CompiledPipeline | None = None
         self._epoch = 0
         self._batches_done = 0
+        self._decode_errors = 0
+        self._bad_samples: dict[int, dict[int, str]] = {}  # shard -> {local index: reason}
 
     # ----------------------------------------------------------------------------------------- facts
 
@@ -112,6 +134,18 @@ class ShardedLoader:
     @property
     def epoch(self) -> int:
         return self._epoch
+
+    @property
+    def decode_errors(self) -> int:
+        """Samples that failed to decode since this loader was made (each failed read counts, every epoch):
+        what ``vilscale_data_decode_errors_total`` exports."""
+        return self._decode_errors
+
+    @property
+    def decode_error_samples(self) -> dict[str, tuple[int, ...]]:
+        """The samples found not to decode, per shard: ``{shard path: (local index, ...)}``."""
+        return {str(self.manifest.shards[shard].path): tuple(sorted(bad))
+                for shard, bad in sorted(self._bad_samples.items())}
 
     # ----------------------------------------------------------------------------------------- state
 
@@ -195,6 +229,26 @@ class ShardedLoader:
         if self.train and self._epoch == epoch and self._batches_done >= order.steps:
             self._epoch, self._batches_done = epoch + 1, 0
 
+    @property
+    def _decode_mode(self) -> int:
+        return MODE_CROP if self.train and self.config.crop_decode else MODE_EXACT
+
+    def _record_failure(self, shard: int, local: int, reason: str) -> bool:
+        """Count a failed decode; True the first time this sample fails (log it then). Raises `DataError` when the
+        shard has more bad samples than the limit."""
+        self._decode_errors += 1
+        bad = self._bad_samples.setdefault(shard, {})
+        first = local not in bad
+        bad[local] = reason
+        if len(bad) > self.config.decode_error_limit:
+            path = self.manifest.shards[shard].path
+            listed = ", ".join(str(i) for i in sorted(bad)[:10]) + (" ..." if len(bad) > 10 else "")
+            raise DataError(f"shard {path}: {len(bad)} samples failed to decode while reading (samples {listed}; "
+                            f"{reason}), more than data.decode_error_limit={self.config.decode_error_limit}: the "
+                            f"shard was damaged after it was verified. Run `vilscale prepare` with the same arguments "
+                            f"again (it re-hashes every shard and rewrites those whose checksum fails) or restore it")
+        return first
+
     def _boxes(self, handle: ShardHandle, local: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
         image_meta = handle.metadata["f0"][local]
         heights, widths = image_meta["height"].astype(np.int64), image_meta["width"].astype(np.int64)
@@ -243,7 +297,7 @@ class _Producer:
                 if self.stop.is_set():
                     return
                 rows = slice(step * b, (step + 1) * b)
-                shard, local, valid = self.order.shard[rows], self.order.local[rows], self.order.valid[rows]
+                shard, local, valid = self.order.shard[rows], self.order.local[rows].copy(), self.order.valid[rows]
                 rng = np.random.default_rng([loader.seed, self.epoch, loader.world_size, loader.rank, step, 1]) \
                     if loader.train else None
                 for begin, end in segments(shard):
@@ -256,7 +310,12 @@ class _Producer:
                     context.start_batch(used[index])
                     used[index] += 1
                     boxes = loader._boxes(handle, local[begin:end], rng)
-                    pipeline.decode_segment(handle, context.state, local[begin:end], boxes, begin)
+                    statuses = pipeline.decode_segment(handle, context.state, local[begin:end], boxes, begin,
+                                                       mode=loader._decode_mode)
+                    for row in begin + np.flatnonzero(statuses):
+                        replaced = self._replace(pipeline, handle, index, int(local[row]), int(statuses[row - begin]),
+                                                 step, int(row))
+                        local[row] = replaced  # -1: the row is left out (`local` is this batch's copy)
                     if used[index] == len(reads[index]) and not loader.config.os_cache:
                         contexts.pop(index).__exit__(None, None, None)  # free the shard's page buffers
                 images, labels = pipeline.batch(len(shard))
@@ -265,11 +324,12 @@ class _Producer:
                     out_images = torch.empty(images.shape, dtype=torch.uint8, pin_memory=True)
                     out_images.copy_(images)
                 else:
-                    out_images = images.permute(0, 3, 1, 2).contiguous()
+                    out_images = images.clone()
                 out_labels = torch.from_numpy(labels.copy())
                 indices = torch.from_numpy(loader._offsets[shard] + local)
-                if not valid.all():
-                    invalid = torch.from_numpy(~valid)
+                left_out = ~valid | (local < 0)
+                if left_out.any():
+                    invalid = torch.from_numpy(left_out)
                     out_labels[invalid] = -1
                     indices[invalid] = -1
                 self._put((out_images, out_labels, indices))
@@ -279,6 +339,49 @@ class _Producer:
         finally:
             for context in contexts.values():
                 context.__exit__(None, None, None)
+
+    def _replace(self, pipeline: CompiledPipeline, handle: ShardHandle, shard: int, local: int, status: int,
+                 step: int, row: int) -> int:
+        """Deal with a sample that failed to decode into ``row``: training decodes the next good sample of the
+        same shard into the row and returns its local index; validation returns -1 (the row is left out)."""
+        from vilscale.data.cropdecode import STATUS_NAMES
+
+        loader = self.loader
+        path = loader.manifest.shards[shard].path
+        reason = STATUS_NAMES.get(status, f"status {status}")
+        first = loader._record_failure(shard, local, reason)
+        if not loader.train:
+            if first:
+                log.warning("shard %s sample %d (global index %d) failed to decode (%s); left out of validation",
+                            path, local, loader._offsets[shard] + local, reason)
+            return -1
+        size = loader.manifest.shards[shard].num_samples
+        rng = np.random.default_rng([loader.seed, self.epoch, loader.world_size, loader.rank, step, row, 2])
+        candidate = local
+        for _ in range(size - 1):
+            candidate = (candidate + 1) % size
+            if candidate in loader._bad_samples.get(shard, {}):
+                continue
+            indices = np.array([candidate], dtype=np.uint64)
+            box = loader._boxes(handle, indices, rng)
+            context = handle.manager.schedule_epoch([indices])  # its pages may not be in this epoch's plan
+            context.__enter__()
+            try:
+                context.start_batch(0)
+                status = int(pipeline.decode_segment(handle, context.state, indices, box, row,
+                                                     mode=loader._decode_mode)[0])
+            finally:
+                context.__exit__(None, None, None)
+            if status == 0:
+                if first:
+                    log.warning("shard %s sample %d (global index %d) failed to decode (%s); replaced by sample %d "
+                                "of the same shard", path, local, loader._offsets[shard] + local, reason, candidate)
+                return candidate
+            candidate_reason = STATUS_NAMES.get(status, f"status {status}")
+            if loader._record_failure(shard, candidate, candidate_reason):
+                log.warning("shard %s sample %d (global index %d) failed to decode (%s), found while replacing "
+                            "sample %d", path, candidate, loader._offsets[shard] + candidate, candidate_reason, local)
+        raise DataError(f"shard {path}: no sample decodes; run `vilscale prepare` again to rewrite it")
 
     def _put(self, item) -> None:
         while not self.stop.is_set():
@@ -297,7 +400,7 @@ class _Producer:
         images, labels, indices = item
         device = self.loader.device
         if device.type == "cuda":
-            images = images.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+            images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             indices = indices.to(device, non_blocking=True)
         elif device.type != "cpu":

@@ -8,7 +8,10 @@ Layout (paths of shards are relative to the manifest's folder)::
       "classes": ["0", "1", ...],                      # class index -> synset / folder name
       "shards": [{"path": "shard-00000.beton", "num_samples": 360, "sha256": "...",
                   "max_height": 32, "max_width": 32}, ...],
-      "skipped": [{"path": "dog/broken.jpg", "reason": "cannot decode: ..."}],
+      "skipped": [{"path": "dog/broken.jpg", "reason": "cannot decode: ...", "shard": 2},  # images lost
+                  {"path": "n01.tar", "reason": "damaged tar: ..."}, {"path": "n01.tar:x.JPEG", ...}],
+      "empty_classes": ["zz_empty"],                   # class folders without images (they keep an index)
+      "ignored": [{"path": "dog/notes.txt", "reason": "not an image file ..."}],
       "writer": {"kind": "digits", "max_side": 0, "jpeg_quality": 90, "compress_probability": 0.0,
                  "page_size": 8388608, "seed": 0, ...}
     }
@@ -52,6 +55,8 @@ class Manifest:
     shards: tuple[ShardInfo, ...]
     skipped: tuple[dict, ...]
     writer: dict
+    empty_classes: tuple[str, ...] = ()
+    ignored: tuple[dict, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -98,7 +103,8 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         raise DataError(f"manifest {path}: num_samples={raw['num_samples']} but its shards hold {total}; "
                         f"run `vilscale prepare` again")
     return Manifest(path=path.resolve(), num_samples=int(raw["num_samples"]), classes=tuple(raw["classes"]),
-                    shards=shards, skipped=tuple(raw["skipped"]), writer=dict(raw["writer"]))
+                    shards=shards, skipped=tuple(raw["skipped"]), writer=dict(raw["writer"]),
+                    empty_classes=tuple(raw.get("empty_classes", ())), ignored=tuple(raw.get("ignored", ())))
 
 
 def _cache_dir() -> Path:

@@ -13,10 +13,13 @@ shared by all loaders (training and validation): the compilation is paid once pe
 shard, epoch or loader.
 
 Cropping is decided outside the compiled code: the decoder reads one ``(top, left, height, width,
-flip)`` row per sample from a buffer that the loader fills with numpy from a seeded generator. Crops and
-flips are therefore reproducible from (seed, epoch, rank, step) whatever the decode threads do (FFCV's
+flip, mode)`` row per sample from a buffer that the loader fills with numpy from a seeded generator. Crops
+and flips are therefore reproducible from (seed, epoch, rank, step) whatever the decode threads do (FFCV's
 own random crop draws from numba's per-thread generator, which no seed reaches), and an exactly resumed
-run decodes bit-identical batches.
+run decodes bit-identical batches. Training decodes only the part of each JPEG that its box needs
+(`MODE_CROP`, `vilscale.data.cropdecode`); validation decodes whole images and resizes with OpenCV exactly
+as before (`MODE_EXACT`). The decoder writes each sample's status back into its row, so the loader can
+replace a sample whose bytes no longer decode.
 
 This relies on FFCV 1.0.2 internals (`Loader.graph`, `Loader.code`, the memory managers' ``state``);
 setup.py pins that version.
@@ -31,7 +34,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vilscale.data.manifest import DataError
+
 _COMPILE_LOCK = threading.Lock()
+
+
+# Columns of the per-sample box rows that the loader fills and the decoder reads (and writes STATUS back to).
+TOP, LEFT, HEIGHT, WIDTH, FLIP, MODE, STATUS = range(7)
+BOX_COLUMNS = 7
+MODE_EXACT = 0
+"""Decode the whole image, resize the box with OpenCV (INTER_AREA), as FFCV does: validation, whose pixels must
+not change, and training with ``data.crop_decode`` off."""
+MODE_CROP = 1
+"""Decode only the rows and columns of the box, scaled in the DCT domain when the box is at least twice the
+output size, and resample the exact box (`vilscale.data.cropdecode`): training."""
 
 
 def _decoder_class():
@@ -42,11 +58,15 @@ def _decoder_class():
     from ffcv.pipeline.compiler import Compiler
     from ffcv.pipeline.operation import Operation
 
-    class BoxCropDecoder(Operation):
-        """Decode (JPEG or raw), crop the given box, resize to ``size`` x ``size``, flip if asked.
+    from vilscale.data import cropdecode
 
-        Buffers: the output ``(size, size, 3)``, a decode buffer as large as the largest image of the
-        manifest (not of the template shard), and one ``(top, left, height, width, flip)`` row per sample.
+    class BoxCropDecoder(Operation):
+        """Decode (JPEG or raw), crop the given box, resize to ``size`` x ``size``, flip if asked; CHW output.
+
+        Buffers: the output ``(3, size, size)``, a decode buffer as large as the largest image of the manifest
+        (not of the template shard) plus one HWC output for OpenCV, and one row per sample
+        ``(top, left, height, width, flip, mode, status)``: the decoder writes each sample's status (0, or a
+        `vilscale.data.cropdecode` error code) back into the last column.
         """
 
         def __init__(self, size: int, max_height: int, max_width: int):
@@ -55,11 +75,12 @@ def _decoder_class():
             self.max_pixels = np.uint64(max_height) * np.uint64(max_width)
 
         def declare_state_and_memory(self, previous_state):
-            output_shape = (self.size, self.size, 3)
+            output_shape = (3, self.size, self.size)
+            scratch = (self.max_pixels + np.uint64(self.size * self.size)) * np.uint64(3)
             return (replace(previous_state, jit_mode=True, shape=output_shape, dtype=np.dtype("<u1")),
                     (AllocationQuery(output_shape, np.dtype("<u1")),
-                     AllocationQuery((self.max_pixels * np.uint64(3),), np.dtype("<u1")),
-                     AllocationQuery((5,), np.dtype("<i8"))))
+                     AllocationQuery((scratch,), np.dtype("<u1")),
+                     AllocationQuery((BOX_COLUMNS,), np.dtype("<i8"))))
 
         def generate_code(self):
             jpg = IMAGE_MODES["jpg"]
@@ -67,6 +88,10 @@ def _decoder_class():
             my_range = Compiler.get_iterator()
             imdecode_c = Compiler.compile(imdecode)
             resize_crop_c = Compiler.compile(resize_crop)
+            crop_decode_c = Compiler.compile(cropdecode.crop_decode)
+            resize_box_c = Compiler.compile(cropdecode.resize_box)
+            hwc_to_chw_c = Compiler.compile(cropdecode.hwc_to_chw)
+            corrupt = cropdecode.CORRUPT
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, decode_storage, boxes = my_storage
@@ -75,23 +100,39 @@ def _decoder_class():
                     image_data = mem_read(field["data_ptr"], storage_state)
                     height = np.uint32(field["height"])
                     width = np.uint32(field["width"])
-                    if field["mode"] == jpg:
-                        buffer = decode_storage[dst_ix]
-                        imdecode_c(image_data, buffer, height, width, height, width, 0, 0, 1, 1, False, False)
-                        image = buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
-                    else:
-                        image = image_data.reshape(height, width, 3)
-                    top, left, crop_h, crop_w, flip = boxes[dst_ix]
+                    box = boxes[dst_ix]
+                    top, left, crop_h, crop_w, flip = box[0], box[1], box[2], box[3], box[4]
                     out = destination[dst_ix]
-                    resize_crop_c(image, top, top + crop_h, left, left + crop_w, out)
-                    if flip:
-                        last = out.shape[1] - 1
-                        for y in range(out.shape[0]):
-                            for x in range(out.shape[1] // 2):
-                                for c in range(3):
-                                    kept = out[y, x, c]
-                                    out[y, x, c] = out[y, last - x, c]
-                                    out[y, last - x, c] = kept
+                    buffer = decode_storage[dst_ix]
+                    status = 0
+                    if box[5] == 1:  # MODE_CROP
+                        if field["mode"] == jpg:
+                            status = crop_decode_c(image_data, height, width, top, left, crop_h, crop_w, out, flip,
+                                                   buffer)
+                        else:
+                            image = image_data.reshape(height, width, 3)
+                            status = resize_box_c(image, top, left, crop_h, crop_w, out, flip)
+                    else:  # MODE_EXACT
+                        side = out.shape[1]
+                        resized = buffer[buffer.shape[0] - 3 * side * side:].reshape(side, side, 3)
+                        if field["mode"] == jpg:
+                            if imdecode_c(image_data, buffer, height, width, height, width, 0, 0, 1, 1, False,
+                                          False) != 0:
+                                status = corrupt
+                            image = buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                        else:
+                            image = image_data.reshape(height, width, 3)
+                        resize_crop_c(image, top, top + crop_h, left, left + crop_w, resized)
+                        if flip:
+                            last = resized.shape[1] - 1
+                            for y in range(resized.shape[0]):
+                                for x in range(resized.shape[1] // 2):
+                                    for c in range(3):
+                                        kept = resized[y, x, c]
+                                        resized[y, x, c] = resized[y, last - x, c]
+                                        resized[y, last - x, c] = kept
+                        hwc_to_chw_c(resized, out)
+                    box[6] = status
                 return destination[:len(batch_indices)]
 
             decode.is_parallel = True
@@ -101,15 +142,41 @@ def _decoder_class():
 
 
 class ShardHandle:
-    """A shard opened for reading: its FFCV reader (sample table) and memory manager."""
+    """A shard opened for reading: its FFCV reader (sample table) and memory manager.
+
+    The sample table is checked when the shard is opened: the compiled decoder trusts its sizes and data
+    pointers, so a damaged table must stop the run with a message, not read outside the file.
+    """
 
     def __init__(self, path: Path, os_cache: bool):
         from ffcv.memory_managers import OSCacheManager, ProcessCacheManager
         from ffcv.reader import Reader
 
         self.path = path
-        self.reader = Reader(str(path))
+        try:
+            self.reader = Reader(str(path))
+        except Exception as error:  # noqa: BLE001 - FFCV raises AssertionError/ValueError/OSError on bad headers
+            raise DataError(f"shard {path} cannot be opened ({type(error).__name__}: {error}); run `vilscale "
+                            f"prepare` again to rewrite it") from error
+        self._check_table()
         self.manager = OSCacheManager(self.reader) if os_cache else ProcessCacheManager(self.reader)
+
+    def _check_table(self) -> None:
+        images = self.reader.metadata["f0"]
+        ptrs, sizes = self.reader.alloc_table["ptr"], self.reader.alloc_table["size"]
+        order = np.argsort(ptrs)
+        found = np.searchsorted(ptrs[order], images["data_ptr"])
+        known = (found < len(ptrs)) & (ptrs[order][np.minimum(found, len(ptrs) - 1)] == images["data_ptr"])
+        size = np.where(known, sizes[order][np.minimum(found, len(ptrs) - 1)], 0)
+        file_size = self.path.stat().st_size
+        raw = images["mode"] == 1
+        bad = ~known | (images["data_ptr"] + size > file_size) | (images["height"] == 0) | (images["width"] == 0) \
+            | (images["mode"] > 1) \
+            | (raw & (size < images["height"].astype(np.uint64) * images["width"].astype(np.uint64) * 3))
+        if bad.any():
+            raise DataError(f"shard {self.path} has a damaged sample table ({int(bad.sum())} of {len(images)} "
+                            f"entries, first at sample {int(np.flatnonzero(bad)[0])}); run `vilscale prepare` "
+                            f"again to rewrite it")
 
     @property
     def metadata(self) -> np.ndarray:
@@ -166,16 +233,22 @@ class CompiledPipeline:
         self.stages, self._image_id, self._label_id, self._shared_ids = _compiled_code(
             template_shard, num_threads=num_threads, os_cache=os_cache, page_size=page_size)
         self.batch_size, self.size = batch_size, size
-        self._images = np.empty((batch_size, size, size, 3), dtype=np.uint8)
-        self._decode = np.empty((batch_size, max(max_height, 1) * max(max_width, 1) * 3), dtype=np.uint8)
-        self._boxes = np.zeros((batch_size, 5), dtype=np.int64)
+        self._images = np.empty((batch_size, 3, size, size), dtype=np.uint8)
+        # Pages of the whole-image part are touched only by MODE_EXACT (validation); np.empty leaves the rest
+        # uncommitted.
+        self._decode = np.empty((batch_size, (max(max_height, 1) * max(max_width, 1) + size * size) * 3),
+                                dtype=np.uint8)
+        self._boxes = np.zeros((batch_size, BOX_COLUMNS), dtype=np.int64)
         self._labels = np.empty((batch_size, 1), dtype=np.int64)
 
     def decode_segment(self, shard: ShardHandle, storage_state, local_indices: np.ndarray, boxes: np.ndarray,
-                       begin: int) -> None:
-        """Decode ``local_indices`` of ``shard`` into rows ``[begin, begin + n)`` of the batch buffers."""
+                       begin: int, *, mode: int) -> np.ndarray:
+        """Decode ``local_indices`` of ``shard`` with ``boxes`` (n, 5) into rows ``[begin, begin + n)`` of the batch
+        buffers; returns the n statuses (0: decoded; else a `vilscale.data.cropdecode` error code)."""
         end = begin + len(local_indices)
-        self._boxes[begin:end] = boxes
+        self._boxes[begin:end, :FLIP + 1] = boxes
+        self._boxes[begin:end, MODE] = mode
+        self._boxes[begin:end, STATUS] = -1
         args = {f"memory_{self._image_id}": (self._images[begin:end], self._decode[begin:end], self._boxes[begin:end]),
                 f"memory_{self._label_id}": self._labels[begin:end],
                 **{f"shared_memory_{k}": None for k in self._shared_ids},
@@ -184,9 +257,10 @@ class CompiledPipeline:
         for stage, outputs in self.stages:
             for node_id, result in zip(outputs, stage(**args)):
                 args[f"result_{node_id}"] = result
+        return self._boxes[begin:end, STATUS].copy()
 
     def batch(self, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """Views of the first ``count`` decoded rows: images (count, size, size, 3) uint8, labels (count,) int64."""
+        """Views of the first ``count`` decoded rows: images (count, 3, size, size) uint8, labels (count,) int64."""
         return self._images[:count], self._labels[:count].reshape(-1)
 
 

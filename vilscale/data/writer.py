@@ -9,7 +9,12 @@ How it is written:
   shard is a random mix of classes and a rank that reads a few shards still sees all classes.
 - Shards are written in parallel, one shard per worker process at a time; each worker decodes its images
   with Pillow and hands them to FFCV's `RGBImageField` (resize to ``max_side``, JPEG or raw storage).
-- A corrupt or unreadable image is skipped and listed in the manifest's ``skipped``; it never aborts.
+- What is stored is what the user gave (see `load_rgb`): EXIF orientation applied, 16-bit images scaled to
+  8 bits over their full range, palette, grey, CMYK converted to RGB, alpha dropped.
+- A corrupt or unreadable image is skipped and listed in the manifest's ``skipped``; it never aborts. So is a
+  damaged ImageNet-21K tar: its readable members are kept, the tar and the members lost are listed, and every
+  bad tar of the source is named in one run. Empty class folders (``empty_classes``) and files that are not
+  images (``ignored``) are listed too.
 - A shard is written under a temporary name and renamed when complete; a state file records every
   finished shard with its sha256. Running the same command again after an interruption keeps the
   finished shards whose checksum still matches and writes only the rest. The same source and settings
@@ -28,7 +33,7 @@ import tarfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +84,13 @@ class Plan:
     labels: list[int]
     approx_bytes: int
     """Rough size of the stored data (source file sizes), used by --shard-size-mb."""
+    lost: list = field(default_factory=list)
+    """Found while scanning: damaged tars and the members lost from them (``{"path", "reason"}``), listed under the
+    manifest's ``skipped`` with the images that fail to decode."""
+    ignored: list = field(default_factory=list)
+    """Files (or tar members) that are not images by their extension (``{"path", "reason"}``)."""
+    empty_classes: list = field(default_factory=list)
+    """Class folders without a single image (they keep their class index)."""
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -111,6 +123,9 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+_NOT_AN_IMAGE = f"not an image file (its extension is not one of {', '.join(IMAGE_EXTENSIONS)})"
+
+
 def _class_index(classes: list[str] | None, class_name: str, example: str, class_list_path: str | None):
     if classes is None:
         return None
@@ -128,14 +143,17 @@ def scan_imagefolder(source: str | os.PathLike, class_list: str | None = None) -
     classes = read_class_list(class_list) if class_list else None
     folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
     found: dict[str, list[tuple[str, int]]] = {}
+    ignored = []
     for folder in folders:
         files = []
         for root, dirs, names in os.walk(folder):
             dirs.sort()
             for name in sorted(names):
+                full = os.path.join(root, name)
                 if _is_image(name):
-                    full = os.path.join(root, name)
                     files.append((full, os.stat(full).st_size))
+                else:
+                    ignored.append({"path": os.path.relpath(full, source), "reason": _NOT_AN_IMAGE})
         found[folder.name] = files
         if files:
             _class_index(classes, folder.name, files[0][0], class_list)
@@ -153,20 +171,95 @@ def scan_imagefolder(source: str | os.PathLike, class_list: str | None = None) -
             names.append(os.path.relpath(path, source))
             labels.append(label)
             total += size
-    return Plan("imagefolder", str(source.resolve()), classes, refs, names, labels, total)
+    empty = [c for c in classes if not found.get(c)]
+    return Plan("imagefolder", str(source.resolve()), classes, refs, names, labels, total, ignored=ignored,
+                empty_classes=empty)
 
 
-def _scan_tar(path: Path) -> list[tuple[str, int, int]]:
-    members = []
+@dataclass(slots=True)
+class TarScan:
+    """What could be read from one tar: its image members, and what was lost or ignored."""
+
+    members: list  # (name, data offset, size)
+    lost: list  # {"path", "reason"}
+    ignored: list  # {"path", "reason"}
+
+
+def _end_of_archive(block: bytes) -> bool:
+    return len(block) >= tarfile.BLOCKSIZE and not any(block[:tarfile.BLOCKSIZE])
+
+
+def _next_header(handle, offset: int, size: int) -> int | None:
+    """The offset of the next 512-byte block at or after ``offset`` that is a valid tar header (its checksum
+    matches), or None."""
+    while offset + tarfile.BLOCKSIZE <= size:
+        block = os.pread(handle.fileno(), tarfile.BLOCKSIZE, offset)
+        if any(block):
+            try:
+                tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+                return offset
+            except tarfile.HeaderError:
+                pass
+        offset += tarfile.BLOCKSIZE
+    return None
+
+
+def _scan_tar(path: Path) -> TarScan:
+    """Read a tar's member table, keeping every member that can be read.
+
+    - A member whose data runs past the end of the file (a tar cut short inside it) is lost, and listed.
+    - A damaged header is skipped: the scan resumes at the next block with a valid header checksum; the member
+      whose header was damaged is lost (its name with it), and the byte range is listed.
+    - A tar cut short exactly between two members lacks the end-of-archive marker (two zero blocks): that is
+      detected and listed, but a tar records no member count, so how many members followed cannot be known.
+    - A file that is not a tar at all is listed as lost whole.
+    """
+    scan = TarScan([], [], [])
+    name = path.name
     try:
-        with tarfile.open(path) as archive:
-            for member in archive:
-                if member.isfile() and _is_image(member.name):
-                    members.append((member.name, member.offset_data, member.size))
+        size = path.stat().st_size
+        archive = tarfile.open(path, mode="r:")  # noqa: SIM115 - closed by the `with` below
     except (tarfile.TarError, OSError) as error:
-        raise DataError(f"{path} is not a readable tar file ({error}); replace it or remove it from the source") \
-            from error
-    return members
+        scan.lost.append({"path": name, "reason": f"not a readable tar file ({error}); nothing was read from it"})
+        return scan
+    with archive, open(path, "rb") as raw:
+        while True:
+            try:
+                member = archive.next()
+            except (tarfile.TarError, OSError) as error:  # cut short inside a member's data (listed below)
+                scan.lost.append({"path": name, "reason": f"truncated tar: unreadable after byte {archive.offset} "
+                                  f"({error}); the members before it were kept, members after that point (if any) "
+                                  f"are lost and a tar does not record how many there were"})
+                break
+            if member is None:  # the end marker, the end of the file, or a header that does not parse
+                offset = archive.offset
+                if offset >= size:
+                    scan.lost.append({"path": name, "reason": f"truncated tar: it ends after {len(scan.members)} "
+                                      f"image(s) without the end-of-archive marker, so members after that point "
+                                      f"(if any) are lost; a tar does not record how many there were"})
+                    break
+                if _end_of_archive(os.pread(raw.fileno(), tarfile.BLOCKSIZE, offset)):
+                    break
+                resume = _next_header(raw, offset + tarfile.BLOCKSIZE, size)
+                where = f"bytes {offset}-{resume}" if resume is not None else f"bytes {offset}-{size}"
+                scan.lost.append({"path": name, "reason": f"damaged tar: a header that does not parse at byte "
+                                  f"{offset}; the member(s) stored in {where} are lost"
+                                  + ("" if resume is not None else " (nothing readable after it)")})
+                if resume is None:
+                    break
+                archive.offset = resume
+                continue
+            if not member.isfile():
+                continue
+            if member.offset_data + member.size > size:
+                scan.lost.append({"path": f"{name}:{member.name}",
+                                  "reason": f"lost: the tar is truncated inside this member "
+                                            f"({size - member.offset_data} of {member.size} bytes present)"})
+            elif _is_image(member.name):
+                scan.members.append((member.name, member.offset_data, member.size))
+            else:
+                scan.ignored.append({"path": f"{name}:{member.name}", "reason": _NOT_AN_IMAGE})
+    return scan
 
 
 def scan_imagenet21k(source: str | os.PathLike, class_list: str | None = None, workers: int = 4) -> Plan:
@@ -179,33 +272,41 @@ def scan_imagenet21k(source: str | os.PathLike, class_list: str | None = None, w
     if not tars and not folders:
         raise DataError(f"source {source} holds neither per-synset .tar files nor per-synset folders")
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        tar_members = list(pool.map(_scan_tar, tars))
+        scans = list(pool.map(_scan_tar, tars))
     folder_plan = scan_imagefolder(source) if folders and any(
         _is_image(n) for f in folders for _, _, ns in os.walk(f) for n in ns) else None
     synsets = sorted({t.stem for t in tars} | {f.name for f in folders})
-    for tar, members in zip(tars, tar_members):
-        if members:
+    for tar, scan in zip(tars, scans):
+        if scan.members:
             _class_index(classes, tar.stem, str(tar), class_list)
     if classes is None:
         classes = synsets
     refs, names, labels, total = [], [], [], 0
-    for tar, members in zip(tars, tar_members):
+    lost = [item for scan in scans for item in scan.lost]
+    ignored = [item for scan in scans for item in scan.ignored]
+    for tar, scan in zip(tars, scans):
         label = classes.index(tar.stem)
-        for name, offset, size in members:
+        for name, offset, size in scan.members:
             refs.append(("tar", str(tar), offset, size))
             names.append(f"{tar.name}:{name}")
             labels.append(label)
             total += size
+    with_images = {tar.stem for tar, scan in zip(tars, scans) if scan.members}
     if folder_plan is not None:
+        ignored.extend(folder_plan.ignored)
         for ref, name, label in zip(folder_plan.refs, folder_plan.names, folder_plan.labels):
             synset = folder_plan.classes[label]
+            with_images.add(synset)
             refs.append(ref)
             names.append(name)
             labels.append(_class_index(classes, synset, ref[1], class_list or "(synsets)"))
             total += os.stat(ref[1]).st_size
     if not refs:
-        raise DataError(f"source {source} holds no images in its {len(tars)} tar files and {len(folders)} folders")
-    return Plan("imagenet21k", str(source.resolve()), classes, refs, names, labels, total)
+        problems = "".join(f"\n  {item['path']}: {item['reason']}" for item in lost[:10])
+        raise DataError(f"source {source} holds no readable images in its {len(tars)} tar files and {len(folders)} "
+                        f"folders{problems}")
+    return Plan("imagenet21k", str(source.resolve()), classes, refs, names, labels, total, lost=lost,
+                ignored=ignored, empty_classes=[c for c in classes if c not in with_images])
 
 
 DIGITS_VAL_SIZE = 360
@@ -243,6 +344,30 @@ def scan_digits(side: int = 32) -> tuple[Plan, Plan]:
 
 # --------------------------------------------------------------------------------------------- writing
 
+def load_rgb(image) -> np.ndarray:
+    """A Pillow image as the uint8 (H, W, 3) RGB array that is stored: what an image viewer shows.
+
+    - EXIF orientation is applied (a photo taken upright is stored upright).
+    - 16-bit and 32-bit integer images (PNG, TIFF) are scaled to 8 bits over their full 16-bit range
+      (value / 257), not clipped (Pillow's own conversion clips them, turning them almost white).
+    - Palette, grey, grey + alpha, CMYK and YCbCr images are converted to RGB; alpha is dropped (as
+      torchvision's ImageFolder loader does).
+    - Floating-point images have no defined range and are refused (the image is listed as skipped).
+    """
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        values = np.asarray(image).astype(np.uint32)
+        if values.max(initial=0) > 65535:
+            raise ValueError(f"a {image.mode} image with values above 65535 has no defined 8-bit scale")
+        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        raise ValueError("floating-point images have no defined 8-bit range; convert them to 8 or 16-bit first")
+    return np.asarray(image.convert("RGB"))
+
+
 def _load_rgb(ref) -> np.ndarray:
     from PIL import Image
 
@@ -251,7 +376,7 @@ def _load_rgb(ref) -> np.ndarray:
         return ref[1]
     if kind == "file":
         with Image.open(ref[1]) as image:
-            return np.asarray(image.convert("RGB"))
+            return load_rgb(image)
     if kind == "tar":
         _, tar_path, offset, size = ref
         with open(tar_path, "rb") as handle:
@@ -259,7 +384,7 @@ def _load_rgb(ref) -> np.ndarray:
         if len(data) != size:
             raise OSError(f"tar member truncated ({len(data)} of {size} bytes)")
         with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
+            return load_rgb(image)
     raise AssertionError(f"unknown reference kind {kind!r}")
 
 
@@ -459,7 +584,7 @@ def write_shards(plan: Plan, out_dir: str | os.PathLike, *, num_shards: int, set
             bar.update(counter.value - bar.n)
         bar.close()
 
-    shards, skipped = [], []
+    shards, skipped = [], list(plan.lost)
     for index in range(num_shards):
         shards.append(done[index]["entry"])
         skipped.extend({**item, "shard": index} for item in done[index]["skipped"])
@@ -469,6 +594,8 @@ def write_shards(plan: Plan, out_dir: str | os.PathLike, *, num_shards: int, set
         "classes": plan.classes,
         "shards": shards,
         "skipped": skipped,
+        "empty_classes": plan.empty_classes,
+        "ignored": plan.ignored,
         "writer": {"kind": plan.kind, "source": plan.source, "num_shards": num_shards, **asdict(settings),
                    "plan_digest": digest},
     }
@@ -476,7 +603,8 @@ def write_shards(plan: Plan, out_dir: str | os.PathLike, *, num_shards: int, set
     state_path.unlink(missing_ok=True)
     elapsed = time.perf_counter() - started
     log(f"{out / 'manifest.json'}: {manifest['num_samples']} images in {num_shards} shard(s), {len(plan.classes)} "
-        f"classes, {len(skipped)} skipped ({int(to_write)} written in {elapsed:.1f} s)")
+        f"classes ({len(plan.empty_classes)} empty), {len(skipped)} skipped, {len(plan.ignored)} non-image file(s) "
+        f"ignored ({int(to_write)} written in {elapsed:.1f} s)")
     return load_manifest(manifest_path)
 
 
