@@ -108,6 +108,25 @@ def _damage_jpegs_keeping_mtime(manifest_dir, shard: int, samples) -> str:
     return str(path)
 
 
+def _verify_and_cache(manifest_dir, run_dir) -> None:
+    """What a first run does before reading: verify every shard's sha256 and remember it in the cache the
+    run below uses (so the run trusts the shards by their unchanged size and mtime)."""
+    import os
+
+    from vilscale.data.manifest import load_manifest, verify_shard
+
+    saved = os.environ.get("VILSCALE_CACHE_DIR")
+    os.environ["VILSCALE_CACHE_DIR"] = str(run_dir.parent / "cache")
+    try:
+        for shard in load_manifest(manifest_dir / "manifest.json").shards:
+            verify_shard(shard)
+    finally:
+        if saved is None:
+            os.environ.pop("VILSCALE_CACHE_DIR")
+        else:
+            os.environ["VILSCALE_CACHE_DIR"] = saved
+
+
 def _train_on(smoke, shards, run_dir, *extra):
     return smoke.using(shards).train(
         run_dir, "--set", f"data.train_manifest={shards / 'manifest.json'}",
@@ -120,14 +139,16 @@ def test_a_jpeg_that_rots_after_verification_is_replaced_and_training_goes_on(sm
     the sample is replaced by the next one of its shard, logged once with the shard and index."""
     copy = tmp_path / "shards"
     shutil.copytree(jpeg_photos, copy)
-    first = _train_on(smoke, copy, tmp_path / "verify")  # verifies the shards and caches that
-    assert first.returncode == 0, first.stderr[-3000:]
+    _verify_and_cache(copy, tmp_path / "run")
     path = _damage_jpegs_keeping_mtime(copy, 0, [3])
     result = _train_on(smoke, copy, tmp_path / "run")
     assert result.returncode == 0, result.stderr[-3000:]
     replaced = [line for line in result.stderr.splitlines() if "failed to decode" in line and "replaced" in line]
     assert len(replaced) == 1 and f"shard {path} sample 3 " in replaced[0], result.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] > 0
+    # counted for the dashboards: vilscale_data_decode_errors_total and metrics.jsonl
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("data_decode_errors_total", 0) for r in records) >= 1
 
 
 def test_a_shard_with_too_many_rotten_jpegs_stops_the_run_naming_it(smoke, jpeg_photos, tmp_path):
@@ -135,7 +156,7 @@ def test_a_shard_with_too_many_rotten_jpegs_stops_the_run_naming_it(smoke, jpeg_
     message naming the shard and the limit; no restart loop and no traceback."""
     copy = tmp_path / "shards"
     shutil.copytree(jpeg_photos, copy)
-    assert _train_on(smoke, copy, tmp_path / "verify").returncode == 0
+    _verify_and_cache(copy, tmp_path / "run")
     path = _damage_jpegs_keeping_mtime(copy, 0, [1, 2, 3])
     result = _train_on(smoke, copy, tmp_path / "run", "--set", "data.decode_error_limit=2")
     assert result.returncode != 0

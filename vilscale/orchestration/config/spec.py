@@ -339,7 +339,7 @@ EXECUTION_KEYS = (
     "train.ckpt_every", "train.keep_checkpoints", "train.exit_after_steps", "train.log_every",
     "train.record_samples", "train.max_bad_steps", "train.device", "train.activation_checkpointing",
     "train.compile", "model.attn_backend",
-    "data.num_workers", "data.batches_ahead", "data.os_cache", "data.verify_checksums",
+    "data.num_workers", "data.batches_ahead", "data.os_cache", "data.verify_checksums", "data.decode_error_limit",
 )
 # Keys a resumed run may change only when the user says so (`--allow-spec-change`): the checkpoint still
 # loads, and the change is a deliberate decision about the rest of the run (train longer, moved shards,
@@ -348,7 +348,7 @@ EXECUTION_KEYS = (
 ADJUSTABLE_KEYS = (
     "train.max_steps", "train.epochs", "data.train_manifest", "data.val_manifest", "model.init_weights",
     "model.drop_path_rate", "optim.lr", "optim.lr_batch_ref", "optim.weight_decay", "optim.clip_grad",
-    "optim.ema_decay", "schedule", "augment", "eval.use_ema",
+    "optim.ema_decay", "schedule", "augment", "eval.use_ema", "data.crop_decode",
 )
 
 

@@ -159,7 +159,8 @@ class TrainingRun:
                 if spec.train.record_samples:
                     _record_samples(self.run_dir, self.ctx.rank, state.step, result.indices)
                 self.window.observe(result, state=state, lr=lr, images=spec.train.micro_batch * self.accum,
-                                    seconds=time.perf_counter() - started, engine=self.engine)
+                                    seconds=time.perf_counter() - started, engine=self.engine,
+                                    decode_errors=self._decode_errors())
                 if state.step % spec.train.ckpt_every == 0:
                     saved_step = self.save("every ckpt_every steps")
                 if self._preemption_notice():
@@ -186,6 +187,11 @@ class TrainingRun:
         if self.state.micro_in_epoch == 0:
             self.train_loader.set_epoch(self.state.epoch)
         return iter(self.train_loader)
+
+    def _decode_errors(self) -> int:
+        """Samples this rank's loaders failed to decode so far (training and validation)."""
+        val = self.evaluator.loader
+        return self.train_loader.decode_errors + (val.decode_errors if val is not None else 0)
 
     def _preemption_notice(self) -> bool:
         """True on every rank when any rank's launcher asked to stop (one tiny all-reduce per step)."""

@@ -93,6 +93,9 @@ class TrainingMetrics:
                              registry=self.registry).labels(**self.labels)
         self.nonfinite = Counter("vilscale_nonfinite_steps", "Steps skipped for a non-finite loss", names,
                                  registry=self.registry).labels(**self.labels)
+        self.decode_errors = Counter("vilscale_data_decode_errors", "Samples that failed to decode (replaced by the "
+                                     "next good sample of their shard)", names,
+                                     registry=self.registry).labels(**self.labels)
         self.step_duration = Histogram("vilscale_step_duration_seconds", "Wall time of one optimizer step",
                                        names, buckets=STEP_BUCKETS, registry=self.registry).labels(**self.labels)
         self.data_wait = Histogram("vilscale_data_wait_seconds", "Time spent waiting for the next batch",
@@ -163,9 +166,14 @@ class MetricsWindow:
         self.flops_per_image, self.peak_flops = flops_per_image, peak_flops
         self.device, self.progress = device, progress
         self.start, self.images, self.loss, self.lr, self.data_wait = time.perf_counter(), 0, float("nan"), 0.0, 0.0
+        self.decode_errors = 0
 
-    def observe(self, result, *, state, lr: float, images: int, seconds: float, engine) -> None:
+    def observe(self, result, *, state, lr: float, images: int, seconds: float, engine, decode_errors: int = 0) -> None:
+        """One step; ``decode_errors`` is the data loaders' running total of samples that failed to decode."""
         m = self.metrics
+        if decode_errors > self.decode_errors:
+            m.decode_errors.inc(decode_errors - self.decode_errors)
+            self.decode_errors = decode_errors
         self.images += images
         self.lr, self.data_wait = lr, result.data_wait
         m.samples.inc(images)
@@ -197,7 +205,8 @@ class MetricsWindow:
             m.device_memory.set(memory)
         record = {"step": state.step, "epoch": state.epoch, "loss": self.loss, "lr": self.lr, "grad_norm": grad_norm,
                   "images_per_second": throughput * self.world_size, "mfu": mfu, "data_wait_s": self.data_wait,
-                  "device_memory_bytes": memory, "nonfinite_total": state.nonfinite_total}
+                  "device_memory_bytes": memory, "nonfinite_total": state.nonfinite_total,
+                  "data_decode_errors_total": self.decode_errors}
         m.log(record)
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{self.loss:.3f}", img_s=f"{record['images_per_second']:.0f}")
