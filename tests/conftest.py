@@ -43,6 +43,18 @@ def pytest_collection_modifyitems(config, items):
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def private_checksum_cache(tmp_path_factory):
+    """A checksum cache of the module's own (VILSCALE_CACHE_DIR), so no test trusts another's verification."""
+    previous = os.environ.get("VILSCALE_CACHE_DIR")
+    os.environ["VILSCALE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("VILSCALE_CACHE_DIR")
+    else:
+        os.environ["VILSCALE_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory) -> Path:
     """Real digits shards (scikit-learn's handwritten digits), written once per test session."""

@@ -187,14 +187,8 @@ def test_damaged_jpegs_are_reported_not_decoded(photo):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def private_checksum_cache(tmp_path_factory):
-    previous = os.environ.get("VILSCALE_CACHE_DIR")
-    os.environ["VILSCALE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+def _private_checksum_cache(private_checksum_cache):
     yield
-    if previous is None:
-        os.environ.pop("VILSCALE_CACHE_DIR")
-    else:
-        os.environ["VILSCALE_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ cores); every other loader in this module reuses it, so the tests share module-s
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 
 import numpy as np
@@ -28,14 +27,8 @@ DIGITS = DataConfig(img_size=32, num_workers=2, val_resize_ratio=1.0)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def private_checksum_cache(tmp_path_factory):
-    previous = os.environ.get("VILSCALE_CACHE_DIR")
-    os.environ["VILSCALE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+def _private_checksum_cache(private_checksum_cache):
     yield
-    if previous is None:
-        os.environ.pop("VILSCALE_CACHE_DIR")
-    else:
-        os.environ["VILSCALE_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="module")

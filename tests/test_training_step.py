@@ -4,6 +4,7 @@ loss in any micro-batch skips the whole step on every rank under every ZeRO stag
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,52 +17,40 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "jobs" / "smoke.yaml"
 
 
-@pytest.fixture
-def one_rank_group():
-    import torch.distributed as dist
+GROUPS_WITH_AND_WITHOUT_COMPILE = """
+import json, sys, torch
+from vilscale.orchestration.config import spec_from_dict
+from vilscale.orchestration.training.distributed import init_distributed
+from vilscale.orchestration.training.engine import build_engine, build_model
 
-    from vilscale.orchestration.training.distributed import init_distributed
-
-    saved = {key: os.environ.get(key) for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                                  "MASTER_ADDR", "MASTER_PORT")}
-    for key in saved:
-        os.environ.pop(key, None)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    ctx = init_distributed("cpu")
-    yield ctx
-    dist.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-def _groups_by_name(model, optimizer) -> list[set[str]]:
-    names = {id(p): name for name, p in model.named_parameters()}
-    return [{names[id(p)] for p in group["params"]} for group in optimizer.param_groups]
+init_distributed("cpu")
+out = {}
+for compiled in (False, True):
+    spec = spec_from_dict({"run_dir": sys.argv[1], "data": {},
+                           "model": {"name": "vil_nano", "img_size": 32, "window": 2, "num_classes": 10},
+                           "train": {"zero_stage": 0, "precision": "fp32", "device": "cpu", "compile": compiled,
+                                     "micro_batch": 4}})
+    torch.manual_seed(0)
+    engine, optimizer = build_engine(spec, build_model(spec), world_size=1, device=torch.device("cpu"))
+    names = {id(p): name for name, p in engine.module.named_parameters()}
+    out[str(compiled)] = [sorted(names[id(p)] for p in group["params"]) for group in optimizer.param_groups]
+print(json.dumps(out))
+"""
 
 
-def test_compile_keeps_the_weight_decay_groups(one_rank_group, tmp_path):
+def test_compile_keeps_the_weight_decay_groups(tmp_path):
     """train.compile=true must not change which parameters are decayed (compiling first renames every
-    parameter to _orig_mod.*, and then no_weight_decay() matches none of them)."""
-    from vilscale.orchestration.config import spec_from_dict
-    from vilscale.orchestration.training.engine import build_engine, build_model
-
-    groups = {}
-    for compiled in (False, True):
-        spec = spec_from_dict({"run_dir": str(tmp_path), "data": {},
-                               "model": {"name": "vil_nano", "img_size": 32, "window": 2, "num_classes": 10},
-                               "train": {"zero_stage": 0, "precision": "fp32", "device": "cpu", "compile": compiled,
-                                         "micro_batch": 4}})
-        torch.manual_seed(0)
-        model = build_model(spec)
-        engine, optimizer = build_engine(spec, model, world_size=1, device=torch.device("cpu"))
-        groups[compiled] = _groups_by_name(engine.module, optimizer)
-        assert not any("_orig_mod" in name for name, _ in engine.module.named_parameters())
-    assert groups[True] == groups[False]
-    no_decay = groups[False][1]
-    assert "stages.0.pos_embed.row_embed" in no_decay and "stages.0.global_tokens" in no_decay
+    parameter to _orig_mod.*, and then no_weight_decay() matches none of them). A process of its own: a
+    DeepSpeed engine per test process."""
+    result = subprocess.run([sys.executable, "-c", GROUPS_WITH_AND_WITHOUT_COMPILE, str(tmp_path)], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    groups = json.loads(result.stdout.strip().splitlines()[-1])
+    assert groups["True"] == groups["False"]
+    decayed, not_decayed = groups["False"]
+    assert not any("_orig_mod" in name for name in decayed + not_decayed)
+    assert "stages.0.pos_embed.row_embed" in not_decayed and "stages.0.global_tokens" in not_decayed
+    assert "stages.0.blocks.0.mlp.fc1.weight" in decayed
 
 
 def test_grad_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations(one_torch_thread):

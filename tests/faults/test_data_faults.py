@@ -108,23 +108,15 @@ def _damage_jpegs_keeping_mtime(manifest_dir, shard: int, samples) -> str:
     return str(path)
 
 
-def _verify_and_cache(manifest_dir, run_dir) -> None:
+def _verify_and_cache(manifest_dir, run_dir, monkeypatch) -> None:
     """What a first run does before reading: verify every shard's sha256 and remember it in the cache the
     run below uses (so the run trusts the shards by their unchanged size and mtime)."""
-    import os
-
     from vilscale.data.manifest import load_manifest, verify_shard
 
-    saved = os.environ.get("VILSCALE_CACHE_DIR")
-    os.environ["VILSCALE_CACHE_DIR"] = str(run_dir.parent / "cache")
-    try:
+    with monkeypatch.context() as patch:
+        patch.setenv("VILSCALE_CACHE_DIR", str(run_dir.parent / "cache"))
         for shard in load_manifest(manifest_dir / "manifest.json").shards:
             verify_shard(shard)
-    finally:
-        if saved is None:
-            os.environ.pop("VILSCALE_CACHE_DIR")
-        else:
-            os.environ["VILSCALE_CACHE_DIR"] = saved
 
 
 def _train_on(smoke, shards, run_dir, *extra):
@@ -134,12 +126,13 @@ def _train_on(smoke, shards, run_dir, *extra):
         check=False, env={"VILSCALE_CACHE_DIR": str(run_dir.parent / "cache")})
 
 
-def test_a_jpeg_that_rots_after_verification_is_replaced_and_training_goes_on(smoke, jpeg_photos, tmp_path):
+def test_a_jpeg_that_rots_after_verification_is_replaced_and_training_goes_on(smoke, jpeg_photos, tmp_path,
+                                                                             monkeypatch):
     """Fault: bytes of one JPEG inside a verified shard are damaged, its mtime kept. Outcome: the run finishes;
     the sample is replaced by the next one of its shard, logged once with the shard and index."""
     copy = tmp_path / "shards"
     shutil.copytree(jpeg_photos, copy)
-    _verify_and_cache(copy, tmp_path / "run")
+    _verify_and_cache(copy, tmp_path / "run", monkeypatch)
     path = _damage_jpegs_keeping_mtime(copy, 0, [3])
     result = _train_on(smoke, copy, tmp_path / "run")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -151,12 +144,12 @@ def test_a_jpeg_that_rots_after_verification_is_replaced_and_training_goes_on(sm
     assert max(r.get("data_decode_errors_total", 0) for r in records) >= 1
 
 
-def test_a_shard_with_too_many_rotten_jpegs_stops_the_run_naming_it(smoke, jpeg_photos, tmp_path):
+def test_a_shard_with_too_many_rotten_jpegs_stops_the_run_naming_it(smoke, jpeg_photos, tmp_path, monkeypatch):
     """Fault: several JPEGs of one verified shard are damaged (mtime kept). Outcome: exit code != 0 with one
     message naming the shard and the limit; no restart loop and no traceback."""
     copy = tmp_path / "shards"
     shutil.copytree(jpeg_photos, copy)
-    _verify_and_cache(copy, tmp_path / "run")
+    _verify_and_cache(copy, tmp_path / "run", monkeypatch)
     path = _damage_jpegs_keeping_mtime(copy, 0, [1, 2, 3])
     result = _train_on(smoke, copy, tmp_path / "run", "--set", "data.decode_error_limit=2")
     assert result.returncode != 0

@@ -74,12 +74,12 @@ def test_killed_worker_is_restarted_and_resumes_from_the_latest_checkpoint(ray_h
 
 @pytest.mark.slow
 def test_plain_ray_job_submit_runs_the_trainer_on_ray(ray_head, digits, tmp_path):
-    """The README's raw command: `ray job submit --working-dir . -- <python> -m vilscale.cli train ... --launcher ray`
-    (one worker, a few steps: what matters is that the entrypoint finds vilscale and trains)."""
+    """The README's raw command: `ray job submit --working-dir jobs -- <python> -m vilscale.cli train ... --launcher
+    ray` (one worker, a few steps: what matters is that the entrypoint finds vilscale and trains)."""
     run_dir = tmp_path / "run"
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
-    command = [ray, "job", "submit", "--address", ray_head.dashboard_url, "--working-dir", ".", "--",
-               sys.executable, "-m", "vilscale.cli", "train", "jobs/smoke.yaml", "--launcher", "ray",
+    command = [ray, "job", "submit", "--address", ray_head.dashboard_url, "--working-dir", "jobs", "--",
+               sys.executable, "-m", "vilscale.cli", "train", "smoke.yaml", "--launcher", "ray",
                *smoke_overrides(digits, run_dir, {"launcher.cpu_workers_per_node": 1}, max_steps=4)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=services.REPO)
     assert result.returncode == 0, result.stdout + result.stderr

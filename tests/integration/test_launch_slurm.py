@@ -68,7 +68,8 @@ def test_preempted_then_requeued_job_resumes_from_its_latest_checkpoint_each_tim
         services.wait_until(lambda: "Restarts=1" in slurm.command("scontrol", "show", "job", job_id),
                             timeout_s=60, what="job requeued by rank 0", logs=logs)
         rank0_err = run_dir / "submitit" / f"{job_id}_0_log.err"
-        services.wait_until(lambda: "restart 1" in rank0_err.read_text() and _latest_step(run_dir) > step_at_signal,
+        step_at_requeue = _latest_step(run_dir)  # the checkpoint the ranks saved on the notice
+        services.wait_until(lambda: "restart 1" in rank0_err.read_text() and _latest_step(run_dir) > step_at_requeue,
                             timeout_s=300, what="a new checkpoint in the second allocation", poll_s=0.1, logs=logs)
         step_at_requeue = _latest_step(run_dir)
         slurm.command("scontrol", "requeue", job_id)

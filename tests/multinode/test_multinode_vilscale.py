@@ -73,9 +73,14 @@ def check_samples(run_dir: Path, digits: Path) -> None:
     assert len(seen) == len(set(seen)), "the two hosts read overlapping samples"
 
 
-def redone_steps(run_dir: Path) -> int:
-    """Steps trained twice (before the node loss and again after the resume), from rank 0's sample records."""
-    return sum(len(attempts) > 1 for attempts in every_record(run_dir)[0].values())
+def check_finished_after_the_loss(run_dir: Path, digits: Path) -> int:
+    """The run reached its last step, redid at most the steps since its last checkpoint, and read exactly the
+    samples of an uninterrupted run; returns how many steps were trained twice."""
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == MAX_STEPS
+    redone = sum(len(attempts) > 1 for attempts in every_record(run_dir)[0].values())
+    assert 0 <= redone <= CKPT_EVERY
+    check_samples(run_dir, digits)
+    return redone
 
 
 def test_two_host_slurm_run_survives_a_node_loss_and_is_scraped_on_both_hosts(slurm_two_nodes, prometheus, digits,
@@ -119,10 +124,7 @@ def test_two_host_slurm_run_survives_a_node_loss_and_is_scraped_on_both_hosts(sl
     rank0 = "".join(p.read_text() for p in sorted((run_dir / "submitit").glob(f"{job_id}_0_log.err")))
     resumed = [int(step) for step in re.findall(r"resumed from step_\d+ \(step (\d+)", rank0)]
     assert resumed == [at_loss], rank0[-3000:]
-    redone = redone_steps(run_dir)
-    assert 0 <= redone <= CKPT_EVERY
-    assert json.loads((run_dir / "summary.json").read_text())["step"] == MAX_STEPS
-    check_samples(run_dir, digits)
+    redone = check_finished_after_the_loss(run_dir, digits)
     print(f"SLURM: 2 hosts x 1 rank, {MAX_STEPS} steps, h2 lost after step {at_loss} was saved, resumed from "
           f"step {at_loss}, {redone} step(s) redone")
 
@@ -166,9 +168,6 @@ def test_two_node_ray_run_places_a_rank_per_node_and_resumes_after_the_worker_no
     assert "restarting from the latest checkpoint (1/3)" in output, output[-3000:]
     resumed = [int(step) for step in re.findall(r"resumed from step_\d+ \(step (\d+)", output)]
     assert resumed and resumed[-1] >= at_loss, output[-3000:]
-    redone = redone_steps(run_dir)
-    assert 0 <= redone <= CKPT_EVERY
-    assert json.loads((run_dir / "summary.json").read_text())["step"] == MAX_STEPS
-    check_samples(run_dir, digits)
+    redone = check_finished_after_the_loss(run_dir, digits)
     print(f"Ray: 2 nodes x 1 rank, {MAX_STEPS} steps, r1's raylet killed after step {at_loss} was saved, resumed "
           f"from step {resumed[-1]}, {redone} step(s) redone")

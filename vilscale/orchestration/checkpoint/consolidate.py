@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -34,7 +36,9 @@ def consolidated_state_dict(run_dir: Path, *, zero_stage: int, tag: str | None =
     elif zero_stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpointer.root), tag=tag)
+        # DeepSpeed prints its progress to stdout, which the commands keep for their results (JSON lines).
+        with contextlib.redirect_stdout(sys.stderr):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpointer.root), tag=tag)
     else:
         model_file = directory / "mp_rank_00_model_states.pt"
         state = torch.load(model_file, map_location="cpu", weights_only=True)["module"]

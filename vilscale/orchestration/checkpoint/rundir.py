@@ -109,7 +109,9 @@ def write_spec(spec: JobSpec) -> Path:
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     target = run_dir / SPEC_FILE
-    atomic_write_text(target, yaml.safe_dump(spec.to_dict(), sort_keys=False), durable=False)
+    text = yaml.safe_dump(spec.to_dict(), sort_keys=False)
+    if not target.is_file() or target.read_text() != text:  # an unchanged spec is left as it is
+        atomic_write_text(target, text, durable=False)
     return target
 
 

@@ -144,8 +144,11 @@ def submit_ray(spec: JobSpec, *, spec_path: Path, overrides: list[str], address:
                                 allow_spec_change=allow_spec_change)
     env = {**DEFAULT_JOB_ENV, **spec.launcher.env}
     submission_id = f"vilscale-{Path(pinned.run_dir).name}-{uuid.uuid4().hex[:8]}"
+    # vilscale itself runs from the cluster's environment (where its compiled parts are built), never from the
+    # shipped copy of the working dir, whose build artifacts Ray leaves out (they are gitignored).
     job_id = client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
-                               runtime_env={"working_dir": str(working_dir.resolve()), "env_vars": env},
+                               runtime_env={"working_dir": str(working_dir.resolve()), "env_vars": env,
+                                            "excludes": ["/vilscale/"]},
                                metadata={"vilscale_run_dir": pinned.run_dir})
     print(f"submitted Ray job {job_id} to {dashboard}\n  entrypoint: {entrypoint}\n  run dir: {pinned.run_dir}\n"
           f"  follow it: ray job logs --address {dashboard} --follow {job_id}", file=out, flush=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -96,13 +97,14 @@ def _init_from_environment(device_type: str) -> None:
 def _local_layout(rank: int, world_size: int) -> tuple[int, int, bool]:
     """(local rank, ranks on this node, whether the launcher gave each rank its own GPU): from Ray Train's
     context under Ray (which makes one GPU visible to each worker), else the environment."""
-    try:
-        import ray.train
+    if "ray.train" in sys.modules:  # a Ray Train worker has imported it; importing it here would cost seconds
+        try:
+            import ray.train
 
-        context = ray.train.get_context()
-        return context.get_local_rank(), context.get_local_world_size(), True
-    except Exception:  # not inside a Ray Train worker
-        pass
+            context = ray.train.get_context()
+            return context.get_local_rank(), context.get_local_world_size(), True
+        except Exception:  # not inside a Ray Train worker after all
+            pass
     local_rank = _env_int("LOCAL_RANK")
     local_world = _env_int("LOCAL_WORLD_SIZE")
     if local_rank is None:

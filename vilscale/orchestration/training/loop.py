@@ -96,6 +96,11 @@ class TrainingRun:
         if ctx.rank == 0:
             write_spec(spec)
         self.run_id = run_id or _broadcast(read_or_create_run_id(self.run_dir) if ctx.rank == 0 else None)
+        # The data first: a missing or corrupt shard is found before the engine's start-up, not after.
+        self.train_loader = ShardedLoader(
+            spec.data.train_manifest, rank=ctx.rank, world_size=ctx.world_size, batch_size=spec.train.micro_batch,
+            seed=spec.train.seed, train=True, config=spec.data, augment=spec.augment, device=ctx.device,
+            return_indices=True)
 
         torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
         model = build_model(spec, log=self.log)
@@ -107,10 +112,6 @@ class TrainingRun:
                                                    load_universal=rescaled)
         torch.manual_seed(spec.train.seed * 1000 + ctx.rank + 1)  # per-rank stream for drop path
 
-        self.train_loader = ShardedLoader(
-            spec.data.train_manifest, rank=ctx.rank, world_size=ctx.world_size, batch_size=spec.train.micro_batch,
-            seed=spec.train.seed, train=True, config=spec.data, augment=spec.augment, device=ctx.device,
-            return_indices=True)
         self.accum = spec.grad_accum(ctx.world_size)
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch < 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -55,13 +56,11 @@ def advertised_address(bind_host: str) -> str:
     the node's own address on the cluster network (a bind address of 0.0.0.0 reaches nothing)."""
     if bind_host not in WILDCARDS:
         return bind_host
-    try:
+    if "ray" in sys.modules:  # inside a Ray worker: the node's address as Ray knows it
         import ray
 
         if ray.is_initialized():
             return ray.util.get_node_ip_address()
-    except ImportError:
-        pass
     peer = os.environ.get("MASTER_ADDR")
     if peer:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
