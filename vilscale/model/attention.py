@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vilscale.kernels import vil_attention
+from vilscale.kernels.reference import OWN_CHUNK, neighbour_of_official_mode
+from vilscale.model.config import check_shift_mode
 
 
 def _global_tables(module: nn.Module, heads: int, num_global: int) -> None:
@@ -42,19 +44,36 @@ class ViLAttention(nn.Module):
         rpe: add relative position biases (a ``(4w-1)^2`` local table per head plus g2l/l2g/g2g).
         qkv_bias: bias in the query/key/value projection.
         backend: ``vilscale.kernels`` backend name (``auto``, ``reference``, ``chunked``, ``triton``).
+        shift_mode: ``full``, ``random`` or ``own`` (see ``vilscale.model.config.ViLConfig.shift_mode``).
     """
 
     def __init__(self, dim: int, heads: int, *, num_global: int, window: int, window_mode: str, rpe: bool,
-                 qkv_bias: bool = True, backend: str = "auto"):
+                 qkv_bias: bool = True, backend: str = "auto", shift_mode: str = "full"):
         super().__init__()
         self.heads, self.num_global, self.window, self.window_mode = heads, num_global, window, window_mode
         self.backend = backend
+        check_shift_mode(shift_mode, window_mode)
+        self.shift_mode = shift_mode
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.rpe = rpe
         if rpe:
             self.rel_bias_local = nn.Parameter(torch.zeros(heads, (4 * window - 1) ** 2))
             _global_tables(self, heads, num_global)
+
+    def neighbour(self) -> int | None:
+        """The ``neighbour`` argument of ``vil_attention`` for this forward call (None: all 9 chunks).
+
+        In ``random`` shift mode while training, this draws the official ``mode = randrange(1, 9)``
+        from torch's global CPU generator: one draw per attention layer and forward call, as the
+        official code does (with Python's ``random``). torch's generator is what the trainer
+        checkpoints and what activation checkpointing replays, so a resumed run and a recomputed
+        forward see the same chunks."""
+        if self.shift_mode == "own":
+            return OWN_CHUNK
+        if self.shift_mode == "random" and self.training:
+            return neighbour_of_official_mode(int(torch.randint(1, 9, ())))
+        return None
 
     def forward(self, x: torch.Tensor, map_hw: tuple[int, int]) -> torch.Tensor:
         batch, tokens, channels = x.shape
@@ -65,7 +84,7 @@ class ViLAttention(nn.Module):
             tables = dict(local_bias=self.rel_bias_local, g2l_bias=self.rel_bias_g2l, l2g_bias=self.rel_bias_l2g,
                           g2g_bias=self.rel_bias_g2g)
         out = vil_attention(q, k, v, map_hw=tuple(map_hw), num_global=self.num_global, window=self.window,
-                            mode=self.window_mode, backend=self.backend, **tables)
+                            mode=self.window_mode, backend=self.backend, neighbour=self.neighbour(), **tables)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, channels))
 
 
