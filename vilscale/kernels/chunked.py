@@ -28,8 +28,9 @@ zero-filled buffer per neighbour, and passed over the scores several times more 
 - biases and masks are added in one pass per kind of chunk (interior, first/last rows and columns),
   and the softmax gradient is one fused call.
 
-Softmax runs in fp32 whatever the input dtype (matrix products run in the input dtype, as autocast
-would); gradients reach q, k, v and all four bias tables.
+Softmax runs in fp32 whatever the input dtype (the local matrix products run in the input dtype, as
+autocast would; the few global queries run wholly in fp32); gradients reach q, k, v and all four
+bias tables.
 """
 
 from __future__ import annotations
@@ -277,14 +278,15 @@ def _forward(q, k, v, tables, problem: _Problem):
     _read_chunks(local_out, out[:, :, g:], problem.map_hw, geometry, w)
     global_probs = None
     if g:
-        # Global queries: dense over all real tokens, (B, h, G, N).
-        global_scores = torch.matmul(q[:, :, :g] * problem.scale, k.transpose(-1, -2)).float()
+        # Global queries: dense over all real tokens, (B, h, G, N), in fp32 whatever the input dtype: it
+        # is O(G * N * d) work, and the g2l/g2g gradients are sums over every key that nearly cancel.
+        global_scores = torch.matmul(q[:, :, :g].float() * problem.scale, k.float().transpose(-1, -2))
         if g2g_bias is not None:
             global_scores[:, :, :, :g] += g2g_bias.float()
         if g2l_bias is not None:
             global_scores[:, :, :, g:] += g2l_bias.float()[:, :, None]
         global_probs = torch.softmax(global_scores, dim=-1)
-        out[:, :, :g] = torch.matmul(global_probs.to(v.dtype), v)
+        out[:, :, :g] = torch.matmul(global_probs, v.float())
     return out, probs, global_probs
 
 
@@ -343,19 +345,19 @@ def _backward(grad_out, q, k, v, probs, global_probs, local_bias, l2g_bias, tabl
     del k_near_grad, v_near_grad
 
     d_g2l = d_g2g = None
-    if g:
-        grad_global = grad_out[:, :, :g]  # (B, h, G, d)
-        dv += torch.matmul(global_probs.to(v.dtype).transpose(-1, -2), grad_global)
-        grad_global_probs = torch.matmul(grad_global, v.transpose(-1, -2)).float()
+    if g:  # global queries, in fp32 as in the forward
+        grad_global = grad_out[:, :, :g].float()  # (B, h, G, d)
+        dv += torch.matmul(global_probs.transpose(-1, -2), grad_global).to(v.dtype)
+        grad_global_probs = torch.matmul(grad_global, v.float().transpose(-1, -2))
         grad_global_scores = torch._softmax_backward_data(grad_global_probs, global_probs, -1, global_probs.dtype)
         del grad_global_probs
         if needs_grad[4]:
             d_g2l = grad_global_scores[:, :, :, g:].sum((0, 3)).to(table_shapes[0][1])
         if needs_grad[6]:
             d_g2g = grad_global_scores[:, :, :, :g].sum(0).to(table_shapes[1][1])
-        grad_global_scores = grad_global_scores.to(q.dtype)
-        dq[:, :, :g] = torch.matmul(grad_global_scores, k) * problem.scale
-        dk += torch.matmul(grad_global_scores.transpose(-1, -2), q[:, :, :g]) * problem.scale
+        grad_global_scores *= problem.scale
+        dq[:, :, :g] = torch.matmul(grad_global_scores, k.float())
+        dk += torch.matmul(grad_global_scores.transpose(-1, -2), q[:, :, :g].float()).to(k.dtype)
     return dq, dk, dv, d_local_bias, d_g2l, d_l2g, d_g2g
 
 
