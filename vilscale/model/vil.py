@@ -107,10 +107,12 @@ class VisionLongformer(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters the official recipe trains without weight decay: position
-        embeddings, global tokens, relative-position tables, every LayerNorm and the head's bias
-        (the official ``no_weight_decay`` patterns ``pos_embed``, ``cls_token``, ``norm.weight``,
-        ``norm.bias``, ``norm_embed``, ``head.bias``, ``relative_position`` mapped to our names).
-        Other biases (qkv, proj, MLP, patch convolution) are decayed in the official recipe."""
+        embeddings, global tokens, relative-position tables, every LayerNorm and the head's bias.
+        The official ``get_opt`` skips decay for names containing one of ``pos_embed``, ``cls_token``,
+        ``norm.weight``, ``norm.bias``, ``norm_embed``, ``head.bias``, ``relative_position``; its block
+        LayerNorms are named ``norm`` (``layer1.1.norm.weight``), so they match too. Other biases
+        (qkv, proj, MLP, patch convolution) are decayed in the official recipe.
+        ``tests/test_model_weight_decay.py`` checks this list against that rule on the official names."""
         names = set()
         for module_name, module in self.named_modules():
             if isinstance(module, nn.LayerNorm):
