@@ -345,3 +345,30 @@ def test_flops_in_training_count_the_shift_mode():
     assert full - count_flops(model, training=True) == saved
     model.set_shift_mode("own")
     assert full - count_flops(model) == saved * 8 // 7  # w^2 keys instead of 9 w^2, in evaluation too
+
+
+@pytest.mark.parametrize("num_global", [0, 2])
+def test_full_attention_matches_its_definition_forward_and_gradients(num_global):
+    torch.manual_seed(0)
+    attn = FullAttention(24, 3, num_global=num_global, map_hw=(4, 5), rpe=True)
+    with torch.no_grad():
+        for parameter in attn.parameters():
+            parameter.normal_(0, 0.5)
+    x = torch.randn(2, num_global + 6 * 3, 24)  # a 6x3 map: offsets beyond the 4x5 table are clamped
+    grad = torch.randn(x.shape)
+
+    def definition(x):
+        qkv = attn.qkv(x).reshape(2, x.shape[1], 3, 3, 8).permute(2, 0, 3, 1, 4)
+        scores = qkv[0] @ qkv[1].transpose(-1, -2) * 8 ** -0.5 + attn.relative_bias((6, 3))
+        return attn.proj((scores.softmax(-1) @ qkv[2]).transpose(1, 2).reshape(x.shape))
+
+    results = []
+    for fn in (definition, lambda x: attn(x, (6, 3))):
+        inputs = x.clone().requires_grad_()
+        out = fn(inputs)
+        out.backward(grad)
+        results.append([out, inputs.grad] + [p.grad.clone() for p in attn.parameters()])
+        attn.zero_grad()
+    names = ["out", "x"] + [name for name, _ in attn.named_parameters()]
+    for name, want, have in zip(names, *results):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=name)

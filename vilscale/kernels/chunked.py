@@ -35,13 +35,13 @@ bias tables.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from vilscale.kernels.dense import no_autocast, softmax_
 from vilscale.kernels.reference import OWN_CHUNK, neighbour_offset, validate_problem
 
 
@@ -51,23 +51,32 @@ class _Geometry:
 
     chunks_y: int
     chunks_x: int
-    offsets: tuple[tuple[int, int], ...]
-    """Chunk offsets (dy, dx) whose keys a chunk gathers, in key order."""
-    starts: tuple[int, ...]
-    """Per offset: index, in the flat padded chunk row, of that neighbour of chunk 0."""
+    blocks: tuple[tuple[int, int, int], ...]
+    """(dy, first dx, count): runs of horizontally adjacent chunks a chunk takes keys from, in key order."""
     table_index: torch.Tensor
-    """(w^2, K) index into the local bias table for every (query cell, gathered key); K = len(offsets) w^2."""
-    rects: tuple[tuple[int, int, int, int, torch.Tensor | None], ...]
-    """(row start, row stop, column start, column stop, visible) for each rectangle of chunks that see
-    alike: visible is (K,) or, in exact mode, (w^2, K) bool, or None where every gathered key is visible."""
+    """(w^2, K) index into the local bias table for every (query cell, key); K = w^2 * chunks seen."""
+    rects: tuple[tuple[int, int, int, int, tuple[torch.Tensor | None, ...]], ...]
+    """(row start, row stop, column start, column stop, visible per block) for each rectangle of chunks
+    that see alike: visible is (keys of the block,) or, in exact mode, (w^2, keys) bool, or None where
+    every key of the block is visible."""
+
+    @property
+    def n_chunks(self) -> int:
+        return self.chunks_y * self.chunks_x
+
+    @property
+    def pad(self) -> int:
+        """Zero chunks before and after the flat row of chunks (see ``_flat_chunks``)."""
+        return self.chunks_x + 1
 
 
-def _key_offsets(neighbour: int | None) -> tuple[tuple[int, int], ...]:
+def _key_blocks(neighbour: int | None) -> tuple[tuple[int, int, int], ...]:
     if neighbour is None:
-        return tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+        return (-1, -1, 3), (0, -1, 3), (1, -1, 3)
     if neighbour == OWN_CHUNK:
-        return ((0, 0),)
-    return (0, 0), neighbour_offset(neighbour)
+        return ((0, 0, 1),)
+    dy, dx = neighbour_offset(neighbour)
+    return (0, 0, 1), (dy, dx, 1)
 
 
 def _runs(valid: torch.Tensor) -> tuple[tuple[int, int, torch.Tensor], ...]:
@@ -85,7 +94,8 @@ def _geometry(height: int, width: int, window: int, mode: str, neighbour: int | 
     """Built on the CPU (it compares rows) and moved to ``device`` (which may be ``meta``)."""
     w = window
     chunks_y, chunks_x = -(-height // w), -(-width // w)
-    offsets = _key_offsets(neighbour)
+    blocks = _key_blocks(neighbour)
+    offsets = [(dy, dx + j) for dy, dx, count in blocks for j in range(count)]
     cell = torch.arange(w * w)
     cell_y, cell_x = cell // w, cell % w
     key_y = torch.cat([dy * w + cell_y for dy, _ in offsets])  # (K,) relative to the chunk origin
@@ -96,32 +106,30 @@ def _geometry(height: int, width: int, window: int, mode: str, neighbour: int | 
     table_index = (dy + span) * (2 * span + 1) + (dx + span)
     absolute_y = torch.arange(chunks_y)[:, None] * w + key_y[None, :]  # (mh, K)
     absolute_x = torch.arange(chunks_x)[:, None] * w + key_x[None, :]  # (mw, K)
+    bounds = [0]
+    for _, _, count in blocks:
+        bounds.append(bounds[-1] + count * w * w)
     rects = []
     for row_start, row_stop, row_valid in _runs((absolute_y >= 0) & (absolute_y < height)):
         for col_start, col_stop, col_valid in _runs((absolute_x >= 0) & (absolute_x < width)):
             visible = row_valid & col_valid
             if mode == "exact":
                 visible = visible & (dy.abs() <= w) & (dx.abs() <= w)
-            rects.append((row_start, row_stop, col_start, col_stop, None if visible.all() else visible.to(device)))
-    # flat row: [1 zero chunk][a zero chunk row][mh chunk rows][a zero chunk row][1 zero chunk];
-    # chunk (my, mx) sits at 1 + (my + 1) * mw + mx, so its neighbour (dy, dx) at c + 1 + (dy + 1) * mw + dx.
-    starts = tuple(1 + (oy + 1) * chunks_x + ox for oy, ox in offsets)
-    return _Geometry(chunks_y, chunks_x, offsets, starts, table_index.to(device), tuple(rects))
-
-
-def _flat_size(geometry: _Geometry) -> int:
-    return 2 + (geometry.chunks_y + 2) * geometry.chunks_x
+            per_block = tuple(None if part.all() else part.to(device)
+                              for part in (visible[..., a:b] for a, b in zip(bounds, bounds[1:])))
+            rects.append((row_start, row_stop, col_start, col_stop, per_block))
+    return _Geometry(chunks_y, chunks_x, blocks, table_index.to(device), tuple(rects))
 
 
 def _chunk_view(buffer: torch.Tensor, batch: int, heads: int, geometry: _Geometry, window: int) -> torch.Tensor:
-    """A (batch*heads, chunks, w^2, d) contiguous buffer seen as the padded map (B, h, mh, w, mw, w, d)."""
+    """A (batch*heads*chunks, w^2, d) contiguous buffer seen as the padded map (B, h, mh, w, mw, w, d)."""
     return buffer.view(batch, heads, geometry.chunks_y, geometry.chunks_x, window, window,
                        buffer.shape[-1]).permute(0, 1, 2, 4, 3, 5, 6)
 
 
 def _write_chunks(buffer: torch.Tensor, tokens: torch.Tensor, map_hw, geometry: _Geometry, window: int,
                   scale: float | None = None) -> None:
-    """buffer (B*h, chunks, w^2, d) <- local tokens (B, h, H*W, d), zero-padded, times ``scale``."""
+    """buffer (B*h*chunks, w^2, d) <- local tokens (B, h, H*W, d), zero-padded, times ``scale``."""
     batch, heads, _, dim = tokens.shape
     height, width = map_hw
     image = tokens.reshape(batch, heads, height, width, dim)
@@ -136,82 +144,83 @@ def _write_chunks(buffer: torch.Tensor, tokens: torch.Tensor, map_hw, geometry: 
         torch.mul(image, scale, out=target)
 
 
-def _read_chunks(buffer: torch.Tensor, out: torch.Tensor, map_hw, geometry: _Geometry, window: int) -> None:
-    """out (B, h, H*W, d) <- buffer (B*h, chunks, w^2, d), padding dropped."""
+def _read_chunks(buffer: torch.Tensor, out: torch.Tensor, map_hw, geometry: _Geometry, window: int,
+                 scale: float | None = None) -> None:
+    """out (B, h, H*W, d) <- buffer (B*h*chunks, w^2, d) times ``scale``, padding dropped."""
     batch, heads, _, dim = out.shape
     height, width = map_hw
     chunks = _chunk_view(buffer, batch, heads, geometry, window)
     padded_h, padded_w = geometry.chunks_y * window, geometry.chunks_x * window
     if (padded_h, padded_w) == (height, width):
-        out.view(batch, heads, geometry.chunks_y, window, geometry.chunks_x, window, dim).copy_(chunks)
-        return
-    image = chunks.reshape(batch, heads, padded_h, padded_w, dim)
-    out.view(batch, heads, height, width, dim).copy_(image[:, :, :height, :width])
+        target = out.view(batch, heads, geometry.chunks_y, window, geometry.chunks_x, window, dim)
+    else:
+        chunks = chunks.reshape(batch, heads, padded_h, padded_w, dim)[:, :, :height, :width]
+        target = out.view(batch, heads, height, width, dim)
+    if scale is None:
+        target.copy_(chunks)
+    else:
+        torch.mul(chunks, scale, out=target)
 
 
-def _flat_chunks(tokens, map_hw, geometry, window, batch_heads) -> torch.Tensor:
-    """(B*h, flat, w^2, d): the local tokens in chunks, in the flat padded row of ``_geometry``."""
-    flat = tokens.new_empty(batch_heads, _flat_size(geometry), window * window, tokens.shape[-1])
-    first, n_chunks = 1 + geometry.chunks_x, geometry.chunks_y * geometry.chunks_x
-    flat[:, :first].zero_()
-    flat[:, first + n_chunks:].zero_()
-    _write_chunks(flat[:, first:first + n_chunks], tokens, map_hw, geometry, window)
+def _flat_chunks(tokens: torch.Tensor, map_hw, geometry: _Geometry, window: int) -> torch.Tensor:
+    """(pad + B*h*chunks + pad, w^2, d): the local tokens of every (batch, head) in chunks, one flat row.
+
+    Chunk ``c`` (over all batches and heads) sits at ``pad + c`` and its neighbour at chunk offset
+    (dy, dx) at ``pad + c + dy * mw + dx``: the keys of a run of adjacent chunks are one contiguous
+    slice, for every chunk at once an overlapping strided view (``_keys``). Where that lands outside the
+    (batch, head)'s grid (above, below, or wrapped onto the previous/next chunk row) the keys are outside
+    the map and masked; the ``pad = mw + 1`` zero chunks at both ends keep every view in bounds."""
+    batch, heads, _, dim = tokens.shape
+    total = batch * heads * geometry.n_chunks
+    flat = tokens.new_empty(2 * geometry.pad + total, window * window, dim)
+    flat[:geometry.pad].zero_()
+    flat[geometry.pad + total:].zero_()
+    _write_chunks(flat[geometry.pad:geometry.pad + total], tokens, map_hw, geometry, window)
     return flat
 
 
-def _gather(flat: torch.Tensor, global_tokens: torch.Tensor, geometry: _Geometry, window: int) -> torch.Tensor:
-    """(B*h, chunks, G + K, d): for every chunk, the global tokens, then its neighbours' tokens."""
-    batch_heads, _, w2, dim = flat.shape
-    n_chunks, g = geometry.chunks_y * geometry.chunks_x, global_tokens.shape[1]
-    near = flat.new_empty(batch_heads, n_chunks, g + len(geometry.offsets) * w2, dim)
-    if g:
-        near[:, :, :g] = global_tokens[:, None]
-    for index, start in enumerate(geometry.starts):
-        near[:, :, g + index * w2:g + (index + 1) * w2] = flat[:, start:start + n_chunks]
-    return near
+def _keys(flat: torch.Tensor, geometry: _Geometry, dy: int, dx: int, count: int, total: int) -> torch.Tensor:
+    """(total, count * w^2, d) view: for every chunk, the ``count`` chunks from offset (dy, dx) on."""
+    start = geometry.pad + dy * geometry.chunks_x + dx
+    w2, dim = flat.shape[1], flat.shape[2]
+    return flat.as_strided((total, count * w2, dim), (w2 * dim, dim, 1), flat.storage_offset() + start * w2 * dim)
 
 
-def _scatter(near_grad: torch.Tensor, geometry: _Geometry, num_global: int, window: int):
-    """Inverse of ``_gather`` for gradients: (flat gradient (B*h, flat, w^2, d), global gradient (B*h, G, d))."""
-    batch_heads, n_chunks, _, dim = near_grad.shape
-    w2, g = window * window, num_global
-    flat = near_grad.new_zeros(batch_heads, _flat_size(geometry), w2, dim)
-    for index, start in enumerate(geometry.starts):
-        flat[:, start:start + n_chunks] += near_grad[:, :, g + index * w2:g + (index + 1) * w2]
-    return flat, near_grad[:, :, :g].sum(1)
+def _add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b (batched), in place; written as ``baddbmm(..., out=out)`` because torch's FLOP
+    counter (``count_flops``) does not see ``baddbmm_``."""
+    torch.baddbmm(out, a, b, out=out)
 
 
-def _add_bias_and_mask(scores: torch.Tensor, geometry: _Geometry, bias: torch.Tensor | None, batch: int,
-                       heads: int, num_global: int) -> None:
-    """scores (B*h, chunks, w^2, G + K) += biases, and -inf where a key is not visible: one pass over
-    each rectangle of alike chunks (they differ only at the borders of the chunk grid)."""
-    w2, width = scores.shape[2], scores.shape[3]
-    grid = scores.view(batch, heads, geometry.chunks_y, geometry.chunks_x, w2, width)
-    for row_start, row_stop, col_start, col_stop, visible in geometry.rects:
-        if visible is None:
-            if bias is None:
-                continue
-            addend = bias
-        else:
-            mask = torch.zeros(visible.shape, dtype=scores.dtype, device=scores.device).masked_fill_(
-                ~visible, float("-inf"))
-            mask = F.pad(mask.expand(w2, -1), (num_global, 0))
-            addend = mask if bias is None else bias + mask
-        grid[:, :, row_start:row_stop, col_start:col_stop] += addend.view(-1, 1, 1, w2, width)[None]
-
-
-def _local_bias(local_bias, l2g_bias, geometry: _Geometry, heads: int, num_global: int, w2: int):
-    """(heads, w^2, G + K) fp32 bias of every (query cell, gathered key), or None without tables."""
-    if local_bias is None and l2g_bias is None:
+def _local_bias(local_bias, geometry: _Geometry, heads: int, w2: int) -> torch.Tensor | None:
+    """(heads, w^2, K) fp32 local bias of every (query cell, key), or None without a table."""
+    if local_bias is None:
         return None
-    n_keys = geometry.table_index.shape[1]
-    device = (local_bias if local_bias is not None else l2g_bias).device
-    bias = torch.zeros(heads, w2, num_global + n_keys, dtype=torch.float32, device=device)
-    if local_bias is not None:
-        bias[:, :, num_global:] = local_bias.float()[:, geometry.table_index]
-    if l2g_bias is not None and num_global:
-        bias[:, :, :num_global] = l2g_bias.float()[:, None, :]
-    return bias
+    return local_bias.float()[:, geometry.table_index]
+
+
+def _add_bias_and_mask(scores: list[torch.Tensor], geometry: _Geometry, bias: torch.Tensor | None, batch: int,
+                       heads: int, w2: int) -> None:
+    """scores[b] (B*h*chunks, w^2, keys of block b) += local biases, and -inf where a key is not visible:
+    one pass per rectangle of alike chunks (they differ only at the borders of the chunk grid)."""
+    first = 0
+    for index, part in enumerate(scores):
+        width = part.shape[-1]
+        grid = part.view(batch, heads, geometry.chunks_y, geometry.chunks_x, w2, width)
+        part_bias = None if bias is None else bias[:, :, first:first + width]
+        for row_start, row_stop, col_start, col_stop, visible in geometry.rects:
+            visible = visible[index]
+            if visible is None:
+                if part_bias is None:
+                    continue
+                addend = part_bias
+            else:
+                addend = torch.zeros(visible.shape, dtype=part.dtype, device=part.device).masked_fill_(
+                    ~visible, float("-inf")).expand(w2, width)
+                if part_bias is not None:
+                    addend = part_bias + addend
+            grid[:, :, row_start:row_stop, col_start:col_stop] += addend.view(-1, 1, 1, w2, width)[None]
+        first += width
 
 
 @dataclass(frozen=True)
@@ -224,140 +233,155 @@ class _Problem:
     scale: float
 
 
-def _no_autocast(device: torch.device):
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()  # e.g. the meta device of count_flops
-
-
 class _ChunkedAttention(torch.autograd.Function):
     """``apply(q, k, v, local_bias, g2l_bias, l2g_bias, g2g_bias, problem) -> (B, h, N, d)``."""
 
     @staticmethod
     def forward(ctx, q, k, v, local_bias, g2l_bias, l2g_bias, g2g_bias, problem: _Problem):
-        with _no_autocast(q.device):  # dtypes are handled explicitly below
-            out, probs, global_probs = _forward(q, k, v, (local_bias, g2l_bias, l2g_bias, g2g_bias), problem)
-        ctx.save_for_backward(q, k, v, probs, global_probs, local_bias, l2g_bias)
+        with no_autocast(q.device):  # all math in fp32, whatever the input dtype
+            out, probs, global_probs = _forward(q.float(), k.float(), v.float(),
+                                                (local_bias, g2l_bias, l2g_bias, g2g_bias), problem)
+        out_lowp = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, global_probs, local_bias, g2l_bias, l2g_bias, g2g_bias, *probs)
         ctx.problem = problem
-        ctx.table_shapes = [None if t is None else (t.shape, t.dtype) for t in (g2l_bias, g2g_bias)]
-        return out
+        return out_lowp
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, probs, global_probs, local_bias, l2g_bias = ctx.saved_tensors
-        with _no_autocast(q.device):
-            grads = _backward(grad_out, q, k, v, probs, global_probs, local_bias, l2g_bias, ctx.table_shapes,
-                              ctx.problem, ctx.needs_input_grad)
-        return (*grads, None)
+        q, k, v, out, global_probs, local_bias, g2l_bias, l2g_bias, g2g_bias, *probs = ctx.saved_tensors
+        with no_autocast(q.device):
+            grads = _backward(grad_out.float(), q.float(), k.float(), v.float(), out, probs, global_probs,
+                              (local_bias, g2l_bias, l2g_bias, g2g_bias), ctx.problem, ctx.needs_input_grad)
+        dq, dk, dv, *tables = grads
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *tables, None)
 
 
 def _forward(q, k, v, tables, problem: _Problem):
+    """fp32 q, k, v (B, h, N, d) -> output (B, h, N, d) fp32, the probabilities of the local queries
+    (global keys first, then one tensor per key block) and those of the global queries."""
     local_bias, g2l_bias, l2g_bias, g2g_bias = tables
     batch, heads, n_tokens, dim = q.shape
     g, w = problem.num_global, problem.window
     w2 = w * w
     geometry = _geometry(*problem.map_hw, w, problem.mode, problem.neighbour, q.device)
-    batch_heads, n_chunks = batch * heads, geometry.chunks_y * geometry.chunks_x
+    total = batch * heads * geometry.n_chunks
 
-    # Local queries: one softmax over [global keys, gathered neighbourhood keys].
-    q_chunks = q.new_empty(batch_heads, n_chunks, w2, dim)
-    _write_chunks(q_chunks, q[:, :, g:], problem.map_hw, geometry, w, problem.scale)
-    k_global = k[:, :, :g].reshape(batch_heads, g, dim)
-    k_near = _gather(_flat_chunks(k[:, :, g:], problem.map_hw, geometry, w, batch_heads), k_global, geometry, w)
-    scores = torch.matmul(q_chunks, k_near.transpose(-1, -2))  # (B*h, chunks, w^2, G + K)
-    del k_near, q_chunks
-    scores = scores.float()
-    _add_bias_and_mask(scores, geometry, _local_bias(local_bias, l2g_bias, geometry, heads, g, w2), batch, heads, g)
-    probs = torch.softmax(scores, dim=-1)
-    del scores
-    v_global = v[:, :, :g].reshape(batch_heads, g, dim)
-    v_near = _gather(_flat_chunks(v[:, :, g:], problem.map_hw, geometry, w, batch_heads), v_global, geometry, w)
-    local_out = torch.matmul(probs.to(v.dtype), v_near)  # (B*h, chunks, w^2, d)
-    del v_near
+    # Local queries: one softmax over [global keys, the keys of each block of chunks].
+    q_rows = q.new_empty(total, w2, dim)  # scaled queries, chunk by chunk
+    _write_chunks(q_rows, q[:, :, g:], problem.map_hw, geometry, w, problem.scale)
+    k_flat = _flat_chunks(k[:, :, g:], problem.map_hw, geometry, w)
+    scores = [torch.matmul(q_rows, _keys(k_flat, geometry, dy, dx, count, total).transpose(1, 2))
+              for dy, dx, count in geometry.blocks]  # each (B*h*chunks, w^2, count * w^2)
+    del k_flat
+    _add_bias_and_mask(scores, geometry, _local_bias(local_bias, geometry, heads, w2), batch, heads, w2)
+    if g:
+        k_global = k[:, :, :g].reshape(batch * heads, g, dim)
+        global_scores = torch.matmul(q_rows.view(batch * heads, -1, dim), k_global.transpose(1, 2))
+        if l2g_bias is not None:
+            global_scores.view(batch, heads, -1, g).add_(l2g_bias.float()[None, :, None, :])
+        scores.insert(0, global_scores.view(total, w2, g))
+    del q_rows
+    softmax_(scores)
+    probs = scores
+
+    v_flat = _flat_chunks(v[:, :, g:], problem.map_hw, geometry, w)
+    local_out = v.new_zeros(total, w2, dim)
+    if g:
+        _add_matmul(local_out.view(batch * heads, -1, dim), probs[0].view(batch * heads, -1, g),
+                    v[:, :, :g].reshape(batch * heads, g, dim))
+    for part, (dy, dx, count) in zip(probs[1 if g else 0:], geometry.blocks):
+        _add_matmul(local_out, part, _keys(v_flat, geometry, dy, dx, count, total))
+    del v_flat
     out = q.new_empty(batch, heads, n_tokens, dim)
     _read_chunks(local_out, out[:, :, g:], problem.map_hw, geometry, w)
     global_probs = None
-    if g:
-        # Global queries: dense over all real tokens, (B, h, G, N), in fp32 whatever the input dtype: it
-        # is O(G * N * d) work, and the g2l/g2g gradients are sums over every key that nearly cancel.
-        global_scores = torch.matmul(q[:, :, :g].float() * problem.scale, k.float().transpose(-1, -2))
+    if g:  # global queries: dense over all real tokens, (B, h, G, N)
+        global_scores = torch.matmul(q[:, :, :g] * problem.scale, k.transpose(-1, -2))
         if g2g_bias is not None:
             global_scores[:, :, :, :g] += g2g_bias.float()
         if g2l_bias is not None:
             global_scores[:, :, :, g:] += g2l_bias.float()[:, :, None]
-        global_probs = torch.softmax(global_scores, dim=-1)
-        out[:, :, :g] = torch.matmul(global_probs, v.float())
+        softmax_([global_scores])
+        global_probs = global_scores
+        out[:, :, :g] = torch.matmul(global_probs, v)
     return out, probs, global_probs
 
 
-def _backward(grad_out, q, k, v, probs, global_probs, local_bias, l2g_bias, table_shapes, problem: _Problem,
-              needs_grad):
+def _backward(grad_out, q, k, v, out, probs, global_probs, tables, problem: _Problem, needs_grad):
+    """fp32 everything; returns (dq, dk, dv, d_local_bias, d_g2l, d_l2g, d_g2g)."""
+    local_bias, g2l_bias, l2g_bias, g2g_bias = tables
     batch, heads, n_tokens, dim = q.shape
     g, w = problem.num_global, problem.window
     w2 = w * w
     geometry = _geometry(*problem.map_hw, w, problem.mode, problem.neighbour, q.device)
-    batch_heads, n_chunks = batch * heads, geometry.chunks_y * geometry.chunks_x
-    grad_out = grad_out.to(q.dtype)
+    total = batch * heads * geometry.n_chunks
+    local_probs = probs[1:] if g else probs
 
-    grad_chunks = q.new_empty(batch_heads, n_chunks, w2, dim)
-    _write_chunks(grad_chunks, grad_out[:, :, g:], problem.map_hw, geometry, w)
-    v_near = _gather(_flat_chunks(v[:, :, g:], problem.map_hw, geometry, w, batch_heads),
-                     v[:, :, :g].reshape(batch_heads, g, dim), geometry, w)
-    grad_probs = torch.matmul(grad_chunks, v_near.transpose(-1, -2)).float()  # (B*h, chunks, w^2, G + K)
-    del v_near
-    v_near_grad = torch.matmul(probs.to(v.dtype).transpose(-1, -2), grad_chunks)  # (B*h, chunks, G + K, d)
-    del grad_chunks
-    grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-    del grad_probs
-
-    d_local_bias = d_l2g = None
-    if needs_grad[3] or needs_grad[5]:
-        per_key = grad_scores.view(batch, heads, n_chunks, w2, -1).sum((0, 2))  # (h, w^2, G + K)
+    # Softmax gradient ds = p * (dp - delta), delta = rowsum(dO * O) per query.
+    delta = (grad_out * out).sum(-1, keepdim=True)  # (B, h, N, 1)
+    delta_rows = delta.new_empty(total, w2, 1)
+    _write_chunks(delta_rows, delta[:, :, g:], problem.map_hw, geometry, w)
+    grad_rows = grad_out.new_empty(total, w2, dim)
+    _write_chunks(grad_rows, grad_out[:, :, g:], problem.map_hw, geometry, w)
+    q_rows = q.new_empty(total, w2, dim)
+    _write_chunks(q_rows, q[:, :, g:], problem.map_hw, geometry, w, problem.scale)
+    k_flat = _flat_chunks(k[:, :, g:], problem.map_hw, geometry, w)
+    v_flat = _flat_chunks(v[:, :, g:], problem.map_hw, geometry, w)
+    dk_flat, dv_flat = torch.zeros_like(k_flat), torch.zeros_like(v_flat)
+    dq_rows = q.new_zeros(total, w2, dim)  # without the scale
+    per_key = []  # bias gradient per block: (h, w^2, keys)
+    for part, (dy, dx, count) in zip(local_probs, geometry.blocks):
+        keys, values = _keys(k_flat, geometry, dy, dx, count, total), _keys(v_flat, geometry, dy, dx, count, total)
+        grad_scores = torch.matmul(grad_rows, values.transpose(1, 2)).sub_(delta_rows).mul_(part)
         if needs_grad[3]:
-            table = torch.zeros(local_bias.shape, dtype=torch.float32, device=q.device)
-            table.index_add_(1, geometry.table_index.reshape(-1), per_key[:, :, g:].reshape(heads, -1))
-            d_local_bias = table.to(local_bias.dtype)
-        if needs_grad[5]:
-            d_l2g = per_key[:, :, :g].sum(1).to(l2g_bias.dtype)
-
-    grad_scores = grad_scores.to(q.dtype)
-    q_chunks = q.new_empty(batch_heads, n_chunks, w2, dim)
-    _write_chunks(q_chunks, q[:, :, g:], problem.map_hw, geometry, w, problem.scale)
-    k_near_grad = torch.matmul(grad_scores.transpose(-1, -2), q_chunks)  # (B*h, chunks, G + K, d), scale included
-    del q_chunks
-    k_near = _gather(_flat_chunks(k[:, :, g:], problem.map_hw, geometry, w, batch_heads),
-                     k[:, :, :g].reshape(batch_heads, g, dim), geometry, w)
-    q_grad_chunks = torch.matmul(grad_scores, k_near)  # (B*h, chunks, w^2, d), without the scale
-    del k_near, grad_scores
-    if problem.scale != 1.0:
-        q_grad_chunks *= problem.scale
-
+            per_key.append(grad_scores.view(batch, heads, -1, w2, count * w2).sum((0, 2)))
+        _add_matmul(dq_rows, grad_scores, keys)
+        for j in range(count):  # each chunk of the block: a contiguous slice of the flat gradients
+            start = geometry.pad + dy * geometry.chunks_x + dx + j
+            cells = slice(j * w2, (j + 1) * w2)
+            _add_matmul(dk_flat[start:start + total], grad_scores[:, :, cells].transpose(1, 2), q_rows)
+            _add_matmul(dv_flat[start:start + total], part[:, :, cells].transpose(1, 2), grad_rows)
+        del grad_scores
+    del k_flat, v_flat
     dq = q.new_empty(batch, heads, n_tokens, dim)
-    dk = k.new_empty(batch, heads, n_tokens, dim)
-    dv = v.new_empty(batch, heads, n_tokens, dim)
-    _read_chunks(q_grad_chunks, dq[:, :, g:], problem.map_hw, geometry, w)
-    del q_grad_chunks
-    first = 1 + geometry.chunks_x
-    for near_grad, grad in ((k_near_grad, dk), (v_near_grad, dv)):
-        flat_grad, global_grad = _scatter(near_grad, geometry, g, w)
-        _read_chunks(flat_grad[:, first:first + n_chunks], grad[:, :, g:], problem.map_hw, geometry, w)
-        grad[:, :, :g] = global_grad.view(batch, heads, g, dim)
-    del k_near_grad, v_near_grad
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    d_local_bias = d_g2l = d_l2g = d_g2g = None
+    if g:  # local queries -> global keys
+        part = probs[0].view(batch * heads, -1, g)
+        rows = (batch * heads, geometry.n_chunks * w2, dim)
+        grad_scores = torch.matmul(grad_rows.view(rows), v[:, :, :g].reshape(batch * heads, g, dim).transpose(1, 2))
+        grad_scores.sub_(delta_rows.view(batch * heads, -1, 1)).mul_(part)
+        if needs_grad[5]:
+            d_l2g = grad_scores.view(batch, heads, -1, g).sum((0, 2))
+        _add_matmul(dq_rows.view(rows), grad_scores, k[:, :, :g].reshape(batch * heads, g, dim))
+        dk[:, :, :g] = torch.matmul(grad_scores.transpose(1, 2), q_rows.view(rows)).view(batch, heads, g, dim)
+        dv[:, :, :g] = torch.matmul(part.transpose(1, 2), grad_rows.view(rows)).view(batch, heads, g, dim)
+        del grad_scores
+    del q_rows, grad_rows
+    _read_chunks(dq_rows, dq[:, :, g:], problem.map_hw, geometry, w, problem.scale)
+    for flat, grad in ((dk_flat, dk), (dv_flat, dv)):
+        _read_chunks(flat[geometry.pad:geometry.pad + total], grad[:, :, g:], problem.map_hw, geometry, w)
+    del dq_rows, dk_flat, dv_flat
+    if needs_grad[3]:
+        d_local_bias = torch.zeros(local_bias.shape, dtype=torch.float32, device=q.device)
+        d_local_bias.index_add_(1, geometry.table_index.reshape(-1), torch.cat(per_key, -1).reshape(heads, -1))
+        d_local_bias = d_local_bias.to(local_bias.dtype)
 
-    d_g2l = d_g2g = None
-    if g:  # global queries, in fp32 as in the forward
-        grad_global = grad_out[:, :, :g].float()  # (B, h, G, d)
-        dv += torch.matmul(global_probs.transpose(-1, -2), grad_global).to(v.dtype)
-        grad_global_probs = torch.matmul(grad_global, v.float().transpose(-1, -2))
-        grad_global_scores = torch._softmax_backward_data(grad_global_probs, global_probs, -1, global_probs.dtype)
-        del grad_global_probs
+    if g:  # global queries
+        grad_global = grad_out[:, :, :g]  # (B, h, G, d)
+        dv += torch.matmul(global_probs.transpose(-1, -2), grad_global)
+        grad_scores = torch.matmul(grad_global, v.transpose(-1, -2))
+        grad_scores.sub_(delta[:, :, :g]).mul_(global_probs)
         if needs_grad[4]:
-            d_g2l = grad_global_scores[:, :, :, g:].sum((0, 3)).to(table_shapes[0][1])
+            d_g2l = grad_scores[:, :, :, g:].sum((0, 3)).to(g2l_bias.dtype)
         if needs_grad[6]:
-            d_g2g = grad_global_scores[:, :, :, :g].sum(0).to(table_shapes[1][1])
-        grad_global_scores *= problem.scale
-        dq[:, :, :g] = torch.matmul(grad_global_scores, k.float())
-        dk += torch.matmul(grad_global_scores.transpose(-1, -2), q[:, :, :g].float()).to(k.dtype)
+            d_g2g = grad_scores[:, :, :, :g].sum(0).to(g2g_bias.dtype)
+        grad_scores *= problem.scale
+        dq[:, :, :g] = torch.matmul(grad_scores, k)
+        dk += torch.matmul(grad_scores.transpose(-1, -2), q[:, :, :g])
+    if d_l2g is not None:
+        d_l2g = d_l2g.to(l2g_bias.dtype)
     return dq, dk, dv, d_local_bias, d_g2l, d_l2g, d_g2g
 
 

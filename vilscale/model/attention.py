@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vilscale.kernels import vil_attention
+from vilscale.kernels.dense import dense_biased_attention
 from vilscale.kernels.reference import OWN_CHUNK, neighbour_of_official_mode
 from vilscale.model.config import check_shift_mode
 
@@ -108,24 +109,33 @@ class FullAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.rpe = rpe
+        self._index_cache: dict = {}
         if rpe:
             self.rel_bias_local = nn.Parameter(torch.zeros(heads, (2 * map_hw[0] - 1) * (2 * map_hw[1] - 1)))
             _global_tables(self, heads, num_global)
 
+    def relative_index(self, map_hw: tuple[int, int]) -> torch.Tensor:
+        """(L, L) long: the entry of ``rel_bias_local`` for every (local query, local key) of a ``map_hw``
+        map; offsets beyond the table reuse its border entries. Cached per map size and device."""
+        key = (tuple(map_hw), self.rel_bias_local.device)
+        if key not in self._index_cache:
+            height, width = map_hw
+            table_h, table_w = self.map_hw
+            device = self.rel_bias_local.device
+            ys = torch.arange(height, device=device).repeat_interleave(width)
+            xs = torch.arange(width, device=device).repeat(height)
+            dy = (ys[None, :] - ys[:, None]).clamp(-(table_h - 1), table_h - 1) + table_h - 1
+            dx = (xs[None, :] - xs[:, None]).clamp(-(table_w - 1), table_w - 1) + table_w - 1
+            self._index_cache[key] = dy * (2 * table_w - 1) + dx
+        return self._index_cache[key]
+
     def relative_bias(self, map_hw: tuple[int, int]) -> torch.Tensor:
-        """(heads, N, N) additive bias for a ``map_hw`` map."""
-        height, width = map_hw
-        table_h, table_w = self.map_hw
-        device = self.rel_bias_local.device
-        ys = torch.arange(height, device=device).repeat_interleave(width)
-        xs = torch.arange(width, device=device).repeat(height)
-        dy = (ys[None, :] - ys[:, None]).clamp(-(table_h - 1), table_h - 1) + table_h - 1
-        dx = (xs[None, :] - xs[:, None]).clamp(-(table_w - 1), table_w - 1) + table_w - 1
-        local = self.rel_bias_local[:, dy * (2 * table_w - 1) + dx]  # (heads, L, L)
+        """(heads, N, N) additive bias for a ``map_hw`` map (the definition ``forward`` computes in place)."""
+        local = self.rel_bias_local[:, self.relative_index(map_hw)]  # (heads, L, L)
         g = self.num_global
         if not g:
             return local
-        n_local = height * width
+        n_local = map_hw[0] * map_hw[1]
         top = torch.cat([self.rel_bias_g2g, self.rel_bias_g2l[:, :, None].expand(-1, g, n_local)], dim=-1)
         bottom = torch.cat([self.rel_bias_l2g[:, None, :].expand(-1, n_local, g), local], dim=-1)
         return torch.cat([top, bottom], dim=1)
@@ -136,10 +146,10 @@ class FullAttention(nn.Module):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
         if self.rpe:
-            # Explicit softmax in fp32 so the bias tables get gradients on every device.
-            scores = torch.matmul(q, k.transpose(-1, -2)).float() * head_dim ** -0.5
-            scores = scores + self.relative_bias(map_hw).float()[None]
-            out = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+            # Softmax in fp32 with the bias tables differentiable, on every device.
+            out = dense_biased_attention(q, k, v, self.rel_bias_local, self.rel_bias_g2l, self.rel_bias_l2g,
+                                         self.rel_bias_g2g, index=self.relative_index(map_hw),
+                                         num_global=self.num_global, scale=head_dim ** -0.5)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, channels))
