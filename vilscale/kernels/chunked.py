@@ -1,11 +1,11 @@
 """ViL attention in plain PyTorch with memory linear in the number of tokens.
 
 The local map is zero-padded right/bottom to a multiple of the window ``w`` and cut into ``w x w``
-chunks. Every chunk gathers the keys and values of the chunks it may see (its 3x3 neighbourhood,
-``9 w^2`` tokens, or fewer with a ``neighbour``) and the global tokens, so the local scores are
-``(B, heads, chunks, w^2, G + 9 w^2)``: O(N * w^2), never N x N.
+chunks. Every chunk's queries score the keys of the chunks it may see (its 3x3 neighbourhood,
+``9 w^2`` tokens, or fewer with a ``neighbour``) and the global tokens: local scores are
+``(B * heads * chunks, w^2, G + 9 w^2)``, O(N * w^2), never N x N.
 
-Both window modes use the same gather, because the exact window ``|dy|, |dx| <= w`` of a query
+Both window modes use the same chunks, because the exact window ``|dy|, |dx| <= w`` of a query
 always lies inside the 3x3 chunks around it; the modes differ only in the mask:
 - ``chunk``: every key of the neighbourhood that lies inside the map is visible;
 - ``exact``: additionally ``|dy| <= w`` and ``|dx| <= w``.
@@ -13,24 +13,24 @@ Keys in the padding or outside the map are masked, never shifted, exactly as in
 ``vilscale.kernels.reference``. Global queries attend to all real tokens with dense ``(G, N)``
 scores, which are linear in N too.
 
-Forward and backward are written by hand (one autograd function), because autograd over the plain
-formulation kept two ``9 w^2``-wide copies of the keys and values alive, sliced them back with one
-zero-filled buffer per neighbour, and passed over the scores several times more than needed. Here:
-- keys and values are laid out once as a flat row of chunks with a zero chunk row above and below
-  the map (and one zero chunk at each end), so the chunk at offset ``(oy, ox)`` of every chunk is one
-  contiguous slice of that row: gathering a neighbour is one copy, and scattering its gradient back
-  is one in-place add, with no per-neighbour buffers. A left or right neighbour that wraps onto the
-  previous or next chunk row lies outside the map and is masked like any outside key;
-- the forward saves only the probabilities (fp32, what the official implementation keeps too), the
-  input ``q``, ``k``, ``v`` and the small global-query probabilities; the chunk layouts and the
-  gathered keys and values are rebuilt in backward, which costs copies of ``O(N * d)`` each instead of
-  keeping them;
-- biases and masks are added in one pass per kind of chunk (interior, first/last rows and columns),
-  and the softmax gradient is one fused call.
+Forward and backward are written by hand (one autograd function). Autograd over the plain
+formulation kept two ``9 w^2``-wide gathered copies of the keys and values alive, sliced their
+gradients back with one zero-filled buffer per neighbour, and passed over the scores several times
+more than needed. Here:
+- keys and values of all (batch, head)s are laid out once as one flat row of chunks (``_flat_chunks``),
+  where the run of chunks at offset ``(dy, dx)`` from every chunk is an overlapping strided view, which
+  batched matrix products read as fast as a contiguous copy: nothing is gathered, and a neighbour's
+  key and value gradients are accumulated straight into the flat gradient;
+- the scores of each row of neighbouring chunks (and of the global keys) are separate contiguous
+  tensors, because batched products into column slices of one wide tensor fall back to a slow loop;
+  biases and masks are added in one pass per kind of chunk (interior, first/last rows and columns),
+  and the softmax over them runs in place, writing the probabilities over the scores;
+- only the probabilities (fp32, what the official implementation keeps too), q, k, v and the output
+  are saved; the chunk layouts are rebuilt in backward (copies of O(N * d)), and the softmax gradient
+  uses ``rowsum(dO * O)``, so no second score-sized buffer is needed.
 
-Softmax runs in fp32 whatever the input dtype (the local matrix products run in the input dtype, as
-autocast would; the few global queries run wholly in fp32); gradients reach q, k, v and all four
-bias tables.
+All math runs in fp32 whatever the input dtype (results are cast back); gradients reach q, k, v and
+all four bias tables.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def _add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     torch.baddbmm(out, a, b, out=out)
 
 
-def _local_bias(local_bias, geometry: _Geometry, heads: int, w2: int) -> torch.Tensor | None:
+def _local_bias(local_bias, geometry: _Geometry) -> torch.Tensor | None:
     """(heads, w^2, K) fp32 local bias of every (query cell, key), or None without a table."""
     if local_bias is None:
         return None
@@ -273,7 +273,7 @@ def _forward(q, k, v, tables, problem: _Problem):
     scores = [torch.matmul(q_rows, _keys(k_flat, geometry, dy, dx, count, total).transpose(1, 2))
               for dy, dx, count in geometry.blocks]  # each (B*h*chunks, w^2, count * w^2)
     del k_flat
-    _add_bias_and_mask(scores, geometry, _local_bias(local_bias, geometry, heads, w2), batch, heads, w2)
+    _add_bias_and_mask(scores, geometry, _local_bias(local_bias, geometry), batch, heads, w2)
     if g:
         k_global = k[:, :, :g].reshape(batch * heads, g, dim)
         global_scores = torch.matmul(q_rows.view(batch * heads, -1, dim), k_global.transpose(1, 2))
