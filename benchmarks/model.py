@@ -20,15 +20,16 @@ same weights as the vilscale model (``vilscale.model.vilscale_to_official``); th
 on the benchmark input, in evaluation mode, are compared as a check that the two compute the same
 network.
 
-Each (repeat, size, backend) runs in a fresh process, in interleaved order (every backend once per
-size, then the next repeat), so peak memory is that run's alone and a change of load on a shared
-machine hits every backend alike. Each step is timed on its own: a run reports the median step
-(wall and process CPU time, all threads) and its fastest step, the least disturbed by other load.
-Peak memory: on CUDA the allocator's peak
-(``torch.cuda.max_memory_allocated``), on CPU the process's peak resident memory above what it held
-before the first step (model, weights and input included in the baseline). A step is forward +
-backward of the model under autocast in ``--dtype`` (no optimizer). The ratios against ``official``
-use the medians over repeats, and the fastest step of all repeats.
+Each backend runs in its own process, all of them built at once for a size and then stepping in
+turn: one step each per round, the order rotated every round, so that load from other work on a
+shared machine falls on every backend alike, and each step of one backend has a neighbour of the
+other to compare with. ``--repeats`` does this again with fresh processes. Peak memory is each
+process's own: on CUDA the allocator's peak (``torch.cuda.max_memory_allocated``), on CPU the
+process's peak resident memory above what it held before the first step (model, weights and input
+included in the baseline). A step is forward + backward of the model under autocast in ``--dtype``
+(no optimizer), timed on its own in wall and process CPU time (all threads). Against ``official``
+the script prints the ratio of median step times, the median ratio of steps run next to each other,
+the ratio of the fastest steps, of CPU times and of peak memory.
 When the dense ``reference`` backend would not fit in memory, or refuses the problem, the table says
 so instead of running it.
 """
@@ -168,10 +169,12 @@ def build_official(repo, config, shift_mode: str = "full"):
 
 
 # ----------------------------------------------------------------------------------------------
-# one measurement (a child process)
+# the measurement: one worker process per backend, stepping in turn
 # ----------------------------------------------------------------------------------------------
 
-def _measure(job: dict, queue) -> None:
+def _worker(job: dict, conn) -> None:
+    """Build the model, then run one step per ``step``/``warm`` message and report its wall and CPU
+    time; on ``finish`` report the peak memory and evaluation logits, and exit."""
     import torch
 
     if job["threads"]:
@@ -191,65 +194,105 @@ def _measure(job: dict, queue) -> None:
             if unexpected or any(not key.endswith("relative_position_index") for key in missing):
                 raise RuntimeError(f"official weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
         else:
-            model = create_model(job["model"], attn_backend=job["backend"], **kwargs)
+            model = create_model(job["model"], attn_backend=job["backend"], shift_mode=job["shift_mode"], **kwargs)
             model.load_state_dict(torch.load(job["weights"]))
         model = model.to(device).train()
         generator = torch.Generator().manual_seed(1)
         images = torch.randn(batch, 3, size, size, generator=generator).to(device)
         labels = torch.randint(0, 1000, (batch,), generator=generator).to(device)
+    except ValueError as error:  # a backend refusing the problem
+        conn.send({"status": "refused", "reason": str(error)})
+        return
 
-        def step():
-            with torch.autocast(device_type=device, dtype=dtype, enabled=dtype is not torch.float32):
-                loss = torch.nn.functional.cross_entropy(model(images), labels)
-            loss.backward()
-            model.zero_grad(set_to_none=True)
+    def step():
+        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype is not torch.float32):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
 
-        baseline = _rss_bytes()
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        for _ in range(job["warmup"]):
-            step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        step_seconds, step_cpu_seconds = [], []
-        for _ in range(job["steps"]):
+    baseline = _rss_bytes()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    conn.send({"status": "ready"})
+    try:
+        while conn.recv() != "finish":
             wall, cpu = time.perf_counter(), time.process_time()
             step()
             if device == "cuda":
                 torch.cuda.synchronize()
-            step_seconds.append(time.perf_counter() - wall)
-            step_cpu_seconds.append(time.process_time() - cpu)
-        seconds, cpu_seconds = statistics.median(step_seconds), statistics.median(step_cpu_seconds)
-        if device == "cuda":
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-        with torch.no_grad():
-            logits = model.eval()(images[:1]).float().cpu()
-        queue.put({"status": "ok", "seconds": seconds, "cpu_seconds": cpu_seconds, "min_seconds": min(step_seconds),
-                   "step_seconds": step_seconds, "step_cpu_seconds": step_cpu_seconds,
-                   "images_per_s": batch / seconds, "peak_bytes": peak, "logits": logits.flatten().tolist()})
-    except ValueError as error:  # a backend refusing the problem
-        queue.put({"status": "refused", "reason": str(error)})
+            conn.send((time.perf_counter() - wall, time.process_time() - cpu))
     except torch.OutOfMemoryError:
-        queue.put({"status": "oom", "reason": "out of memory"})
+        conn.send({"status": "oom", "reason": "out of memory"})
+        return
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    with torch.no_grad():
+        logits = model.eval()(images[:1]).float().cpu()
+    conn.send({"status": "ok", "peak_bytes": peak, "logits": logits.flatten().tolist()})
 
 
-def _run_one(job: dict) -> dict:
-    if job["backend"] == "reference":
-        need, available = _dense_need_bytes(job["model"], job["size"], job["batch"]), _available_bytes(job["device"])
-        if need > 0.8 * available:
-            return {"status": "does not fit",
-                    "reason": f"needs ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"}
+def _measure_size(args, size: int, weights: dict, device: str) -> dict[str, dict]:
+    """Every backend at one size: one worker each, all alive, stepping in turn (one step each per
+    round, the order rotated every round), so that load from elsewhere falls on all of them alike."""
     context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_measure, args=(job, queue))
-    process.start()
-    process.join()
-    if process.exitcode != 0 and queue.empty():
-        return {"status": "failed", "reason": f"exit code {process.exitcode} (killed for memory?)"}
-    return queue.get()
+    results, workers = {}, {}
+    for backend in args.backends:
+        if backend == "reference":
+            need, available = _dense_need_bytes(args.model, size, args.batch), _available_bytes(device)
+            if need > 0.8 * available:
+                results[backend] = {"status": "does not fit",
+                                    "reason": f"needs ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"}
+                continue
+        job = dict(model=args.model, size=size, backend=backend, batch=args.batch, dtype=args.dtype, device=device,
+                   threads=args.threads, pos_embed=args.pos_embed, shift_mode=args.shift_mode,
+                   official_repo=args.official_repo, **weights)
+        parent, child = context.Pipe()
+        process = context.Process(target=_worker, args=(job, child))
+        process.start()
+        workers[backend] = (process, parent)
+    for backend, (process, conn) in list(workers.items()):
+        try:
+            message = conn.recv()
+        except EOFError:
+            process.join()
+            message = {"status": "failed", "reason": f"exit code {process.exitcode} while building the model"}
+        if message["status"] != "ready":
+            results[backend] = message
+            process.join()
+            del workers[backend]
+    steps = {backend: [] for backend in workers}
+    alive = list(workers)
+    for round_index in range(args.warmup + args.steps):
+        order = alive[round_index % len(alive):] + alive[:round_index % len(alive)] if alive else []
+        for backend in order:
+            process, conn = workers[backend]
+            conn.send("step")
+            try:
+                reply = conn.recv()
+            except EOFError:
+                results[backend] = {"status": "failed", "reason": f"exit code {process.exitcode} (killed for memory?)"}
+                alive.remove(backend)
+                continue
+            if isinstance(reply, dict):  # out of memory
+                results[backend] = reply
+                alive.remove(backend)
+            elif round_index >= args.warmup:
+                steps[backend].append(reply)
+    for backend in alive:
+        process, conn = workers[backend]
+        conn.send("finish")
+        final = conn.recv()
+        seconds = [wall for wall, _ in steps[backend]]
+        cpu_seconds = [cpu for _, cpu in steps[backend]]
+        results[backend] = {**final, "step_seconds": seconds, "step_cpu_seconds": cpu_seconds,
+                            "seconds": statistics.median(seconds), "cpu_seconds": statistics.median(cpu_seconds),
+                            "min_seconds": min(seconds), "images_per_s": args.batch / statistics.median(seconds)}
+    for process, _ in workers.values():
+        process.join()
+    return results
 
 
 def _write_weights(args, size: int, folder: str) -> dict:
@@ -350,21 +393,17 @@ def main(argv=None) -> int:
         weights = {size: _write_weights(args, size, folder) for size in sizes}
         for repeat in range(args.repeats):
             for size in sizes:
-                for backend in args.backends:
-                    job = dict(model=args.model, size=size, backend=backend, batch=args.batch, dtype=args.dtype,
-                               device=device, steps=args.steps, warmup=args.warmup, threads=args.threads,
-                               pos_embed=args.pos_embed, shift_mode=args.shift_mode,
-                               official_repo=args.official_repo, **weights[size])
-                    result = _run_one(job)
-                    result.update(size=size, backend=backend, repeat=repeat, load_average=os.getloadavg()[0])
+                load = os.getloadavg()[0]
+                for backend, result in _measure_size(args, size, weights[size], device).items():
+                    result.update(size=size, backend=backend, repeat=repeat, load_average_before=load,
+                                  load_average_after=os.getloadavg()[0])
                     runs.setdefault((size, backend), []).append(result)
                     report["runs"].append({key: value for key, value in result.items() if key != "logits"})
                     if result["status"] == "ok":
                         print(f"  run {repeat + 1}/{args.repeats} {size:4d} px {backend:>9s}: "
-                              f"{result['seconds'] * 1e3:9.1f} ms/step, "
+                              f"{result['seconds'] * 1e3:9.1f} ms/step (fastest {result['min_seconds'] * 1e3:.1f}), "
                               f"{result['cpu_seconds'] * 1e3:9.1f} CPU ms/step, "
-                              f"peak {result['peak_bytes'] / 2**20:8.1f} MiB (load {result['load_average']:.2f})",
-                              flush=True)
+                              f"peak {result['peak_bytes'] / 2**20:8.1f} MiB (load {load:.2f})", flush=True)
                     else:
                         print(f"  run {repeat + 1}/{args.repeats} {size:4d} px {backend:>9s}: {result['status']}: "
                               f"{result.get('reason', '')}", flush=True)
@@ -398,18 +437,22 @@ def main(argv=None) -> int:
                     continue
                 logits_error = max(abs(a - b) for a, b in zip(mine[0]["logits"], official[0]["logits"]))
                 fastest = min(run["min_seconds"] for run in mine) / min(run["min_seconds"] for run in official)
+                paired = [a / b for mine_run, official_run in zip(mine, official)
+                          for a, b in zip(mine_run["step_seconds"], official_run["step_seconds"])]
                 row = {"size": size, "backend": backend,
                        "time_ratio": _median(mine, "seconds") / _median(official, "seconds"),
+                       "paired_step_time_ratio": statistics.median(paired),
                        "fastest_step_time_ratio": fastest,
                        "cpu_time_ratio": _median(mine, "cpu_seconds") / _median(official, "cpu_seconds"),
                        "peak_memory_ratio": _median(mine, "peak_bytes") / _median(official, "peak_bytes"),
                        "time_ratio_per_repeat": [a["seconds"] / b["seconds"] for a, b in zip(mine, official)],
+                       "step_time_ratios": paired,
                        "eval_logits_max_abs_difference": logits_error}
                 report["versus_official"].append(row)
-                print(f"  {size:4d} px {backend}/official: time {row['time_ratio']:.3f}x (fastest step "
-                      f"{fastest:.3f}x, CPU time {row['cpu_time_ratio']:.3f}x; per repeat "
-                      f"{', '.join(f'{r:.3f}' for r in row['time_ratio_per_repeat'])}), "
-                      f"peak memory {row['peak_memory_ratio']:.3f}x; eval logits differ by {logits_error:.2e}")
+                print(f"  {size:4d} px {backend}/official: time {row['time_ratio']:.3f}x (median of step pairs "
+                      f"{row['paired_step_time_ratio']:.3f}x, fastest steps {fastest:.3f}x, CPU time "
+                      f"{row['cpu_time_ratio']:.3f}x), peak memory {row['peak_memory_ratio']:.3f}x; "
+                      f"eval logits differ by {logits_error:.2e}")
     report["load_average_at_end"] = os.getloadavg()
     for (size, backend), results in runs.items():
         for result in results:
