@@ -337,6 +337,9 @@ def _cpu_model() -> str:
 
 
 def _median(runs: list[dict], key: str) -> float:
+    """Median over runs of a per-run figure; for step times, the median of all steps of all runs."""
+    if key in ("seconds", "cpu_seconds"):
+        return statistics.median(value for run in runs for value in run[f"step_{key}"])
     return statistics.median(run[key] for run in runs)
 
 
@@ -408,7 +411,7 @@ def main(argv=None) -> int:
                         print(f"  run {repeat + 1}/{args.repeats} {size:4d} px {backend:>9s}: {result['status']}: "
                               f"{result.get('reason', '')}", flush=True)
 
-    print(f"\nmedians over {args.repeats} run(s)")
+    print(f"\nmedians over {args.repeats} run(s) of {args.steps} steps")
     print(f"{'size':>5s}" + "".join(f" | {backend:^34s}" for backend in args.backends))
     print(f"{'':5s}" + "".join(f" | {'ms/step':>9s} {'img/s':>9s} {'peak MiB':>12s}" for _ in args.backends))
     report["summary"] = []
