@@ -7,7 +7,7 @@ against the official implementation (microsoft/vision-longformer) with the same 
     # vilscale's chunked backend against the official `longformerhand` attention, CPU, as in
     # benchmarks/results/model-cpu-2core.json:
     python benchmarks/model.py --official-repo /path/to/vision-longformer --backends chunked official \\
-        --pos-embed rpe --sizes 224 448 --batch 2 --threads 2 --repeats 3 --json out.json
+        --pos-embed rpe --sizes 224 448 --batch 2 --threads 2 --repeats 3 --steps 6 --json out.json
 
 ``--official-repo`` is a checkout of microsoft/vision-longformer; its ``src/models`` is imported
 from there at run time (nothing of it is copied into vilscale). It needs ``einops`` and ``scipy``;
