@@ -1,5 +1,6 @@
 """The chunked backend against the dense reference: outputs and every gradient (q, k, v and the four
-bias tables) over awkward shapes, both window modes and two dtypes; and its memory stays O(N * w^2)."""
+bias tables) over awkward shapes, both window modes, every neighbour of the shift modes and two
+dtypes; and its memory stays O(N * w^2)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,23 @@ def test_chunked_matches_reference_outputs_and_all_gradients(map_hw, window, num
     for name, want, have in zip(names, expected_grads, got_grads):
         if want.numel() == 0:
             continue  # the global tables are empty without global tokens
+        error = (have - want).abs().max().item()
+        assert error <= grad_tol * max(want.abs().max().item(), 1e-3), f"gradient of {name}: error {error}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("neighbour", range(9))  # 4: the own chunk only; others: own + that neighbour
+@pytest.mark.parametrize("map_hw,window,num_global", [((5, 7), 2, 1), ((9, 4), 2, 3), ((8, 8), 3, 0), ((1, 6), 2, 1)])
+def test_chunked_matches_reference_with_one_neighbour(map_hw, window, num_global, neighbour, dtype):
+    qkv, tables = _problem(map_hw, window, num_global, seed=neighbour)
+    problem = dict(map_hw=map_hw, num_global=num_global, window=window, mode="chunk", neighbour=neighbour)
+    expected, expected_grads = _run(vil_attention_reference, qkv, tables, torch.float32, **problem)
+    got, got_grads = _run(vil_attention_chunked, qkv, tables, dtype, **problem)
+    out_tol, grad_tol = TOLERANCE[dtype]
+    assert (got - expected).abs().max().item() <= out_tol * expected.abs().max().item()
+    for name, want, have in zip(["q", "k", "v"] + sorted(tables), expected_grads, got_grads):
+        if want.numel() == 0:
+            continue
         error = (have - want).abs().max().item()
         assert error <= grad_tol * max(want.abs().max().item(), 1e-3), f"gradient of {name}: error {error}"
 

@@ -72,6 +72,16 @@ CASES = {
                                   head_dim=32, dtype="fp16", tile=(8, 8)),
     "no_bias_tables": dict(batch=1, heads=2, map_hw=(6, 10), num_global=1, window=2, mode="chunk",
                            head_dim=32, dtype="fp32", biases=False),
+    # shift modes: the own chunk plus neighbour n (row-major 3x3, 4 = own chunk only); tiles that span
+    # several chunks, maps not divisible by the window, neighbours off the grid at the borders
+    "neighbour0_up_left_fp32": dict(batch=2, heads=2, map_hw=(7, 10), num_global=1, window=2, mode="chunk",
+                                    head_dim=32, dtype="fp32", neighbour=0, strided=True),
+    "neighbour5_right_g0_fp32": dict(batch=1, heads=2, map_hw=(9, 11), num_global=0, window=3, mode="chunk",
+                                     head_dim=32, dtype="fp32", neighbour=5),
+    "neighbour7_down_tile_8x16_bf16": dict(batch=1, heads=2, map_hw=(10, 19), num_global=2, window=3,
+                                           mode="chunk", head_dim=32, dtype="bf16", neighbour=7, tile=(8, 16)),
+    "own_chunk_g3_fp32": dict(batch=1, heads=2, map_hw=(6, 9), num_global=3, window=2, mode="chunk",
+                              head_dim=16, dtype="fp32", neighbour=4),
 }
 DETERMINISM_CASE = "chunk_g1_d32_fp32_strided"
 
@@ -122,7 +132,7 @@ def _compute_case(name: str, spec: dict) -> dict:
     triton_attention.GLOBAL_SPLIT_TOKENS = spec.get("split", 1024)
     qkv, tables, grad_out = _make_inputs(spec, seed=len(name))
     problem = dict(map_hw=tuple(spec["map_hw"]), num_global=spec["num_global"], window=spec["window"],
-                   mode=spec["mode"])
+                   mode=spec["mode"], neighbour=spec.get("neighbour"))
     start = time.perf_counter()
     got = _run(vil_attention_triton, qkv, tables, grad_out, problem, upcast=False)
     seconds = time.perf_counter() - start
@@ -157,11 +167,12 @@ def _dispatch_checks() -> dict:
     return {"auto": auto, "error": (out - reference).abs().max().item()}
 
 
-def compute_all() -> dict:
+def compute_all(names=None) -> dict:
     torch.set_num_threads(1)
     results = {"cases": {}, "dispatch": _dispatch_checks()}
     for name, spec in CASES.items():
-        results["cases"][name] = _compute_case(name, spec)
+        if names is None or name in names:
+            results["cases"][name] = _compute_case(name, spec)
     return results
 
 
@@ -278,11 +289,15 @@ def test_kernels_compile_for_an_h100_without_a_gpu():
     split = dict(BLOCK_N=64, **{**common, "PRECISE": True})
     fp32_buffers = {"LSE", "DELTA", "LB", "L2G", "G2L", "G2G", "PLB", "PO", "PM", "PL", "PDQ", "PG2L", "PG2G",
                     "PDK", "PDV", "PL2G"}
-    launches = [
-        (kernels.fwd_local_kernel, dict(HAS_LB=True, HAS_L2G=True, **tiled)),
-        (kernels.bwd_local_dq_kernel, dict(HAS_LB=True, HAS_L2G=True, LB_GRAD=True, RADIUS=2 * window - 1,
-                                           OFFSETS=32, **tiled)),
-        (kernels.bwd_local_dkdv_kernel, dict(HAS_LB=True, HAS_G2L=True, **tiled)),
+    launches = []
+    for all_neighbours in (True, False):  # full attention, and the shift modes' own chunk + one neighbour
+        launches += [
+            (kernels.fwd_local_kernel, dict(HAS_LB=True, HAS_L2G=True, ALL_NB=all_neighbours, **tiled)),
+            (kernels.bwd_local_dq_kernel, dict(HAS_LB=True, HAS_L2G=True, LB_GRAD=True, RADIUS=2 * window - 1,
+                                               OFFSETS=32, ALL_NB=all_neighbours, **tiled)),
+            (kernels.bwd_local_dkdv_kernel, dict(HAS_LB=True, HAS_G2L=True, ALL_NB=all_neighbours, **tiled)),
+        ]
+    launches += [
         (kernels.fwd_global_kernel, dict(HAS_G2L=True, HAS_G2G=True, **split)),
         (kernels.bwd_global_dq_kernel, dict(HAS_G2L=True, HAS_G2G=True, **split)),
         (kernels.bwd_global_dkdv_kernel, dict(HAS_L2G=True, HAS_G2G=True, **split)),
@@ -305,5 +320,5 @@ def test_kernels_compile_for_an_h100_without_a_gpu():
         assert compiled.asm["cubin"], kernel.fn.__name__
 
 
-if __name__ == "__main__":
-    print(json.dumps(compute_all()))
+if __name__ == "__main__":  # optional case names: compute only those (for development)
+    print(json.dumps(compute_all(sys.argv[1:] or None)))

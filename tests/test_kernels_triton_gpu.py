@@ -1,5 +1,6 @@
 """The fused Triton backend on a CUDA device: the sweep over every variant's stage shapes at 224
-and 384, a 1024x1024 backbone input, each dtype and window mode, 0/1/3 global tokens.
+and 384, a 1024x1024 backbone input, each dtype and window mode, 0/1/3 global tokens, and every
+neighbour of the shift modes.
 
 Tests marked ``gpu`` are skipped on machines without CUDA (tests/conftest.py). The 1024 backbone
 map has 65537 tokens, too many for the dense reference, so it is checked against
@@ -188,6 +189,20 @@ def test_global_tokens_and_ragged_maps(map_hw, n_global, mode, dtype_name):
     got = _forward_backward(_triton(), (q, k, v), tables, grad_out, problem, upcast=False)
     want = _forward_backward(vil_attention_reference, (q, k, v), tables, grad_out, problem, upcast=True)
     _assert_close(got, want, dtype_name, f"{map_hw} G={n_global} {mode} {dtype_name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+@pytest.mark.parametrize("neighbour", range(9))
+def test_shift_mode_neighbours_on_a_ragged_map(neighbour, dtype_name):
+    """The random-shift modes (own chunk + one neighbour; 4 = own chunk only) at the autotuned tiles,
+    which span several 7x7 chunks, on a map that is not a multiple of the window."""
+    (q, k, v), tables = _inputs(2, 3, (57, 41), 32, 1, DTYPES[dtype_name], "cuda", seed=neighbour)
+    problem = dict(map_hw=(57, 41), num_global=1, window=WINDOW, mode="chunk", neighbour=neighbour)
+    grad_out = torch.randn_like(q)
+    got = _forward_backward(_triton(), (q, k, v), tables, grad_out, problem, upcast=False)
+    want = _forward_backward(vil_attention_reference, (q, k, v), tables, grad_out, problem, upcast=True)
+    _assert_close(got, want, dtype_name, f"neighbour {neighbour} {dtype_name}")
 
 
 @pytest.mark.gpu

@@ -208,3 +208,167 @@ def test_global_token_overrides_many_and_none():
         out = model(torch.randn(1, 3, 32, 32))
         out.sum().backward()
         assert torch.isfinite(out).all()
+
+
+class _NeighbourSpy:
+    """Records the ``neighbour`` each ViL attention call passes to the kernels."""
+
+    def __init__(self, monkeypatch):
+        import vilscale.model.attention as attention
+
+        self.calls: list[int | None] = []
+        real = attention.vil_attention
+
+        def spy(*args, **kwargs):
+            self.calls.append(kwargs["neighbour"])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(attention, "vil_attention", spy)
+
+    def take(self) -> list[int | None]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+def test_random_shift_draws_one_neighbour_per_layer_and_call_from_torch_rng(monkeypatch):
+    import random
+
+    from vilscale.kernels.reference import neighbour_of_official_mode
+
+    spy = _NeighbourSpy(monkeypatch)
+    model = create_model("vil_nano", pos_embed="rpe", shift_mode="random", drop_path_rate=0.0, num_classes=3)
+    assert model.shift_mode == "random" and model.config.shift_mode == "random"
+    image = torch.randn(2, 3, 32, 32)
+    outputs = []
+    for python_seed in (1, 2):  # the draws come from torch's generator, not Python's
+        random.seed(python_seed)
+        torch.manual_seed(0)
+        outputs.append(model.train()(image))
+        drawn = spy.take()
+        torch.manual_seed(0)
+        expected = [neighbour_of_official_mode(int(torch.randint(1, 9, ()))) for _ in drawn]
+        assert drawn == expected and len(drawn) == 2  # one draw per ViL attention layer (2 in vil_nano)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    seen = set()
+    for _ in range(60):
+        model(image)
+        seen.update(spy.take())
+    assert seen == {0, 1, 2, 3, 5, 6, 7, 8}  # every neighbour, never "own only", never all nine
+    with torch.no_grad():
+        model.eval()(image)
+    assert spy.take() == [None, None]  # evaluation runs full attention
+
+
+def test_random_shift_training_output_is_the_reference_with_the_drawn_neighbour(monkeypatch):
+    spy = _NeighbourSpy(monkeypatch)
+    torch.manual_seed(0)
+    model = create_model("vil_nano", pos_embed="rpe", shift_mode="random", drop_path_rate=0.0, num_classes=3)
+    image = torch.randn(2, 3, 40, 36)
+    results = {}
+    for backend in ("reference", "chunked"):
+        model.set_attn_backend(backend)
+        torch.manual_seed(5)
+        logits = model.train()(image)
+        logits.square().sum().backward()
+        results[backend] = (logits, {n: p.grad.clone() for n, p in model.named_parameters()}, spy.take())
+        model.zero_grad()
+    (ref_logits, ref_grads, ref_drawn), (logits, grads, drawn) = results["reference"], results["chunked"]
+    assert drawn == ref_drawn and all(n is not None and n != 4 for n in drawn)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+    full = create_model("vil_nano", pos_embed="rpe", drop_path_rate=0.0, num_classes=3).train()
+    full.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(full(image), logits)  # one neighbour is not all nine
+        torch.testing.assert_close(full.eval()(image), model.eval()(image), rtol=0, atol=0)
+
+
+def test_own_chunk_mode_holds_in_training_and_evaluation_and_set_shift_mode_switches(monkeypatch):
+    spy = _NeighbourSpy(monkeypatch)
+    model = create_model("vil_nano", shift_mode="own", num_classes=3)
+    image = torch.randn(1, 3, 32, 32)
+    model.train()(image)
+    with torch.no_grad():
+        model.eval()(image)
+    assert spy.take() == [4, 4, 4, 4]  # as the official mode -1: own chunk in evaluation too
+    model.set_shift_mode("random")
+    model.train()(image)
+    assert all(n not in (None, 4) for n in spy.take())
+    model.set_shift_mode("full")  # the official switch to full attention late in training
+    assert model.shift_mode == "full" and model.config.shift_mode == "full"
+    model.train()(image)
+    assert spy.take() == [None, None]
+    with pytest.raises(ValueError, match="shift_mode='sometimes'"):
+        model.set_shift_mode("sometimes")
+
+
+def test_shift_modes_need_chunk_windows():
+    with pytest.raises(ValueError, match="shift_mode='random' needs window_mode='chunk'"):
+        create_model("vil_nano", window_mode="exact", shift_mode="random")
+    model = create_model("vil_nano", window_mode="exact")
+    with pytest.raises(ValueError, match="window_mode='exact' has no chunks"):
+        model.set_shift_mode("own")
+    assert model.shift_mode == "full"
+
+
+def test_random_shift_under_activation_checkpointing_replays_the_same_neighbour():
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("vil_nano", pos_embed="rpe", shift_mode="random", drop_path_rate=0.2, num_classes=3)
+    block = model.stages[0].blocks[0]
+    tokens = torch.randn(2, 1 + 64, 32)
+    grads = []
+    for checkpointed in (False, True):
+        x = tokens.clone().requires_grad_()
+        torch.manual_seed(3)
+        out = checkpoint(block, x, (8, 8), use_reentrant=False) if checkpointed else block(x, (8, 8))
+        out.square().sum().backward()
+        grads.append((out.detach(), x.grad, block.attn.qkv.weight.grad.clone()))
+        block.zero_grad()
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, rtol=0, atol=0)
+
+
+def test_flops_in_training_count_the_shift_mode():
+    with torch.device("meta"):
+        model = create_model("vil_small", shift_mode="random", pos_embed="rpe")
+    full = count_flops(model)
+    assert count_flops(model, training=True) < full
+    # Per ViL layer: every padded local query loses 7 w^2 keys in q.k and in p.v.
+    saved = 0
+    for stage, (height, width) in zip(model.config.stages, model.config.stage_maps()):
+        if stage.vil_attention:
+            padded = -(-height // stage.window) * stage.window * -(-width // stage.window) * stage.window
+            saved += stage.depth * 2 * padded * 7 * stage.window ** 2 * stage.dim
+    assert full - count_flops(model, training=True) == saved
+    model.set_shift_mode("own")
+    assert full - count_flops(model) == saved * 8 // 7  # w^2 keys instead of 9 w^2, in evaluation too
+
+
+@pytest.mark.parametrize("num_global", [0, 2])
+def test_full_attention_matches_its_definition_forward_and_gradients(num_global):
+    torch.manual_seed(0)
+    attn = FullAttention(24, 3, num_global=num_global, map_hw=(4, 5), rpe=True)
+    with torch.no_grad():
+        for parameter in attn.parameters():
+            parameter.normal_(0, 0.5)
+    x = torch.randn(2, num_global + 6 * 3, 24)  # a 6x3 map: offsets beyond the 4x5 table are clamped
+    grad = torch.randn(x.shape)
+
+    def definition(x):
+        qkv = attn.qkv(x).reshape(2, x.shape[1], 3, 3, 8).permute(2, 0, 3, 1, 4)
+        scores = qkv[0] @ qkv[1].transpose(-1, -2) * 8 ** -0.5 + attn.relative_bias((6, 3))
+        return attn.proj((scores.softmax(-1) @ qkv[2]).transpose(1, 2).reshape(x.shape))
+
+    results = []
+    for fn in (definition, lambda x: attn(x, (6, 3))):
+        inputs = x.clone().requires_grad_()
+        out = fn(inputs)
+        out.backward(grad)
+        results.append([out, inputs.grad] + [p.grad.clone() for p in attn.parameters()])
+        attn.zero_grad()
+    names = ["out", "x"] + [name for name, _ in attn.named_parameters()]
+    for name, want, have in zip(names, *results):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=name)

@@ -6,8 +6,11 @@ with the ``G`` global tokens first. Scores live in the log2 domain inside the ke
 
 Local work is tiled over the map: a program owns a ``TILE_Y x TILE_X`` tile of local queries (or,
 for dk/dv, of local keys) and walks the rows of the small rectangle of the map its tile can see,
-one map row segment of ``KEY_W`` tokens per step, plus the global tokens. Because visibility is
-symmetric in both window modes, a key tile sees exactly the query rectangle a query tile would.
+one map row segment of ``KEY_W`` tokens per step, plus the global tokens. With all 9 chunks
+(``ALL_NB``) or exact windows visibility is symmetric, so a key tile walks the query rectangle a
+query tile would; with one neighbour at chunk offset ``(nb_y, nb_x)`` (the random-shift and
+own-chunk modes, where ``(0, 0)`` is the own chunk), a query tile walks its chunks and the ones at
+``+(nb_y, nb_x)``, a key tile its chunks and the ones at ``-(nb_y, nb_x)``.
 Global queries and global keys see every token; their kernels split the local tokens into
 ``split`` ranges whose partial results the host reduces in a fixed order (deterministic). They
 compute in fp32 whatever the input dtype: their work is only O(G * N * d), and the g2l gradient,
@@ -47,11 +50,16 @@ def _mma(a, b, PRECISE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @_inline
-def _span(lo, hi, size, WINDOW: tl.constexpr, CHUNK: tl.constexpr):
-    """Map rows (or columns) [start, stop) seen by the tokens lo..hi (inclusive) of one axis."""
+def _span(lo, hi, size, shift, WINDOW: tl.constexpr, CHUNK: tl.constexpr, ALL_NB: tl.constexpr):
+    """Map rows (or columns) [start, stop) seen by the tokens lo..hi (inclusive) of one axis. With
+    chunks and one neighbour (not ALL_NB), the other side lies in the own chunk or ``shift`` chunks away."""
     if CHUNK:
-        start = tl.maximum((lo // WINDOW - 1) * WINDOW, 0)
-        stop = tl.minimum((hi // WINDOW + 2) * WINDOW, size)
+        if ALL_NB:
+            start = tl.maximum((lo // WINDOW - 1) * WINDOW, 0)
+            stop = tl.minimum((hi // WINDOW + 2) * WINDOW, size)
+        else:
+            start = tl.maximum((lo // WINDOW + tl.minimum(shift, 0)) * WINDOW, 0)
+            stop = tl.minimum((hi // WINDOW + 1 + tl.maximum(shift, 0)) * WINDOW, size)
     else:
         start = tl.maximum(lo - WINDOW, 0)
         stop = tl.minimum(hi + WINDOW + 1, size)
@@ -59,12 +67,16 @@ def _span(lo, hi, size, WINDOW: tl.constexpr, CHUNK: tl.constexpr):
 
 
 @_inline
-def _visible(qy, qx, ky, kx, WINDOW: tl.constexpr, CHUNK: tl.constexpr):
-    """Whether local query (qy, qx) sees local key (ky, kx); coordinates are >= 0."""
+def _visible(qy, qx, ky, kx, nb_y, nb_x, WINDOW: tl.constexpr, CHUNK: tl.constexpr, ALL_NB: tl.constexpr):
+    """Whether local query (qy, qx) sees local key (ky, kx); coordinates are >= 0. Chunk windows see
+    the 3x3 chunks around the query's (ALL_NB), or its own chunk and the one at chunk offset (nb_y, nb_x)."""
     if CHUNK:
         dy = ky // WINDOW - qy // WINDOW
         dx = kx // WINDOW - qx // WINDOW
-        seen = (dy <= 1) & (dy >= -1) & (dx <= 1) & (dx >= -1)
+        if ALL_NB:
+            seen = (dy <= 1) & (dy >= -1) & (dx <= 1) & (dx >= -1)
+        else:
+            seen = ((dy == 0) & (dx == 0)) | ((dy == nb_y) & (dx == nb_x))
     else:
         dy = ky - qy
         dx = kx - qx
@@ -94,8 +106,8 @@ def _tile_origin(tile, W, TILE_Y: tl.constexpr, TILE_X: tl.constexpr):
 @triton.jit
 def fwd_local_kernel(Q, K, V, OUT, LSE, LB, L2G,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                     heads, G, H, W, qk_scale,
-                     WINDOW: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     heads, G, H, W, qk_scale, nb_y, nb_x,
+                     WINDOW: tl.constexpr, CHUNK: tl.constexpr, ALL_NB: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, HAS_LB: tl.constexpr,
                      HAS_L2G: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
                      TILE_Y: tl.constexpr, TILE_X: tl.constexpr, KEY_W: tl.constexpr):
@@ -142,8 +154,8 @@ def fwd_local_kernel(Q, K, V, OUT, LSE, LB, L2G,
         m_i = m_new
 
     # local keys: the rows of the rectangle the tile sees, one row segment at a time
-    ky_start, ky_stop = _span(y0, tl.minimum(y0 + TILE_Y, H) - 1, H, WINDOW, CHUNK)
-    kx_start, kx_stop = _span(x0, tl.minimum(x0 + TILE_X, W) - 1, W, WINDOW, CHUNK)
+    ky_start, ky_stop = _span(y0, tl.minimum(y0 + TILE_Y, H) - 1, H, nb_y, WINDOW, CHUNK, ALL_NB)
+    kx_start, kx_stop = _span(x0, tl.minimum(x0 + TILE_X, W) - 1, W, nb_x, WINDOW, CHUNK, ALL_NB)
     n = tl.arange(0, KEY_W)
     kx = kx_start + n
     kx_ok = kx < kx_stop
@@ -153,7 +165,7 @@ def fwd_local_kernel(Q, K, V, OUT, LSE, LB, L2G,
         k = tl.load(k_base + k_tok[:, None] * skn + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + k_tok[:, None] * svn + d[None, :], mask=kv_mask, other=0.0)
         s = _mma(q, tl.trans(k), PRECISE, UPCAST) * qk_scale
-        seen = _visible(qy[:, None], qx[:, None], ky, kx[None, :], WINDOW, CHUNK)
+        seen = _visible(qy[:, None], qx[:, None], ky, kx[None, :], nb_y, nb_x, WINDOW, CHUNK, ALL_NB)
         seen = seen & q_ok[:, None] & kx_ok[None, :]
         if HAS_LB:
             s += _local_bias(LB, h, qy[:, None], qx[:, None], ky, kx[None, :], seen, WINDOW) * 1.4426950408889634
@@ -252,8 +264,8 @@ def fwd_global_kernel(Q, K, V, PO, PM, PL, G2L, G2G,
 @triton.jit
 def bwd_local_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LB, L2G, PLB,
                         sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                        heads, G, H, W, qk_scale, scale,
-                        WINDOW: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        heads, G, H, W, qk_scale, scale, nb_y, nb_x,
+                        WINDOW: tl.constexpr, CHUNK: tl.constexpr, ALL_NB: tl.constexpr, HEAD_DIM: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, HAS_LB: tl.constexpr,
                         HAS_L2G: tl.constexpr, LB_GRAD: tl.constexpr, RADIUS: tl.constexpr,
                         OFFSETS: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
@@ -299,8 +311,8 @@ def bwd_local_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LB, L2G, PLB,
         ds = p * (dp - delta[:, None])
         dq += _mma(ds.to(k.dtype), k, PRECISE, UPCAST)
 
-    ky_start, ky_stop = _span(y0, tl.minimum(y0 + TILE_Y, H) - 1, H, WINDOW, CHUNK)
-    kx_start, kx_stop = _span(x0, tl.minimum(x0 + TILE_X, W) - 1, W, WINDOW, CHUNK)
+    ky_start, ky_stop = _span(y0, tl.minimum(y0 + TILE_Y, H) - 1, H, nb_y, WINDOW, CHUNK, ALL_NB)
+    kx_start, kx_stop = _span(x0, tl.minimum(x0 + TILE_X, W) - 1, W, nb_x, WINDOW, CHUNK, ALL_NB)
     n = tl.arange(0, KEY_W)
     kx = kx_start + n
     kx_ok = kx < kx_stop
@@ -319,7 +331,7 @@ def bwd_local_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LB, L2G, PLB,
         k = tl.load(k_base + k_tok[:, None] * skn + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + k_tok[:, None] * svn + d[None, :], mask=kv_mask, other=0.0)
         s = _mma(q, tl.trans(k), PRECISE, UPCAST) * qk_scale
-        seen = _visible(qy[:, None], qx[:, None], ky, kx[None, :], WINDOW, CHUNK)
+        seen = _visible(qy[:, None], qx[:, None], ky, kx[None, :], nb_y, nb_x, WINDOW, CHUNK, ALL_NB)
         seen = seen & q_ok[:, None] & kx_ok[None, :]
         if HAS_LB:
             s += _local_bias(LB, h, qy[:, None], qx[:, None], ky, kx[None, :], seen, WINDOW) * 1.4426950408889634
@@ -346,8 +358,8 @@ def bwd_local_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LB, L2G, PLB,
 @triton.jit
 def bwd_local_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LB, G2L,
                           sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                          heads, G, H, W, qk_scale, scale,
-                          WINDOW: tl.constexpr, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          heads, G, H, W, qk_scale, scale, nb_y, nb_x,
+                          WINDOW: tl.constexpr, CHUNK: tl.constexpr, ALL_NB: tl.constexpr, HEAD_DIM: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, HAS_LB: tl.constexpr,
                           HAS_G2L: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
                           TILE_Y: tl.constexpr, TILE_X: tl.constexpr, KEY_W: tl.constexpr):
@@ -391,8 +403,9 @@ def bwd_local_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LB, G2L,
         ds_t = p_t * (dp_t - delta[None, :])
         dk += _mma(ds_t.to(q.dtype), q, PRECISE, UPCAST)
 
-    qy_start, qy_stop = _span(y0, tl.minimum(y0 + TILE_Y, H) - 1, H, WINDOW, CHUNK)
-    qx_start, qx_stop = _span(x0, tl.minimum(x0 + TILE_X, W) - 1, W, WINDOW, CHUNK)
+    # the queries that see this key tile lie in its chunks or -(nb_y, nb_x) chunks away
+    qy_start, qy_stop = _span(y0, tl.minimum(y0 + TILE_Y, H) - 1, H, 0 - nb_y, WINDOW, CHUNK, ALL_NB)
+    qx_start, qx_stop = _span(x0, tl.minimum(x0 + TILE_X, W) - 1, W, 0 - nb_x, WINDOW, CHUNK, ALL_NB)
     n = tl.arange(0, KEY_W)
     qx = qx_start + n
     qx_ok = qx < qx_stop
@@ -404,7 +417,7 @@ def bwd_local_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LB, G2L,
         lse = tl.load(LSE + row_base + q_tok, mask=qx_ok, other=0.0)
         delta = tl.load(DELTA + row_base + q_tok, mask=qx_ok, other=0.0)
         s_t = _mma(k, tl.trans(q), PRECISE, UPCAST) * qk_scale
-        seen = _visible(qy, qx[None, :], ky[:, None], kx[:, None], WINDOW, CHUNK)
+        seen = _visible(qy, qx[None, :], ky[:, None], kx[:, None], nb_y, nb_x, WINDOW, CHUNK, ALL_NB)
         seen = seen & k_ok[:, None] & qx_ok[None, :]
         if HAS_LB:
             s_t += _local_bias(LB, h, qy, qx[None, :], ky[:, None], kx[:, None], seen, WINDOW) * 1.4426950408889634

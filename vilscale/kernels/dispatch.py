@@ -60,11 +60,12 @@ def select_backend(name: str, q: torch.Tensor, **problem) -> str:
 
 def vil_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, map_hw: tuple[int, int],
                   num_global: int, window: int, mode: str = "chunk", scale: float | None = None,
-                  local_bias=None, g2l_bias=None, l2g_bias=None, g2g_bias=None,
+                  local_bias=None, g2l_bias=None, l2g_bias=None, g2g_bias=None, neighbour: int | None = None,
                   backend: str = "auto") -> torch.Tensor:
-    """ViL attention (see ``vilscale.kernels.reference`` for the exact semantics and layout)."""
-    validate_problem(q, k, v, map_hw=map_hw, num_global=num_global, window=window, mode=mode)
+    """ViL attention (see ``vilscale.kernels.reference`` for the exact semantics and layout;
+    ``neighbour`` narrows the chunks a local query sees, chunk mode only)."""
+    validate_problem(q, k, v, map_hw=map_hw, num_global=num_global, window=window, mode=mode, neighbour=neighbour)
     problem = dict(map_hw=map_hw, num_global=num_global, window=window, mode=mode)
     chosen = select_backend(backend, q, **problem)
     return get_backend(chosen).forward(q, k, v, scale=scale, local_bias=local_bias, g2l_bias=g2l_bias,
-                                       l2g_bias=l2g_bias, g2g_bias=g2g_bias, **problem)
+                                       l2g_bias=l2g_bias, g2g_bias=g2g_bias, neighbour=neighbour, **problem)

@@ -1,7 +1,7 @@
 """Fused Triton ViL attention: one pass per tile of the map, forward and backward.
 
 Semantics and layout are those of ``vilscale.kernels.reference`` (tokens ``(B, heads, G + H*W, d)``,
-global tokens first, ``chunk``/``exact`` windows, four bias tables).
+global tokens first, ``chunk``/``exact`` windows, four bias tables, ``neighbour`` for the shift modes).
 
 Forward: a program per (tile of local queries, batch x head) runs one online softmax over the
 global keys and the map rows its tile can see; global queries run a split-K flash attention over
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vilscale.kernels.reference import WINDOW_MODES, validate_problem
+from vilscale.kernels.reference import WINDOW_MODES, neighbour_offset, validate_problem
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 MAX_HEAD_DIM = 128
@@ -81,7 +81,7 @@ def _local_launchers():
         if not kernels.INTERPRETED:
             configs = [triton.Config({"TILE_Y": ty, "TILE_X": tx}, num_warps=warps)
                        for ty, tx in GPU_TILES for warps in (4, 8)]
-            kernel = triton.autotune(configs, key=["H", "W", "G", "WINDOW", "CHUNK", "HEAD_DIM"])(kernel)
+            kernel = triton.autotune(configs, key=["H", "W", "G", "WINDOW", "CHUNK", "ALL_NB", "HEAD_DIM"])(kernel)
         wrapped[name] = kernel
     return wrapped
 
@@ -118,6 +118,14 @@ class _Problem:
     window: int
     mode: str
     scale: float
+    neighbour: int | None = None
+
+    def neighbour_args(self) -> dict:
+        """Kernel arguments for the chunks a local query sees: all 9, or its own and one at (nb_y, nb_x)."""
+        if self.neighbour is None:
+            return dict(nb_y=0, nb_x=0, ALL_NB=True)
+        nb_y, nb_x = neighbour_offset(self.neighbour)
+        return dict(nb_y=nb_y, nb_x=nb_x, ALL_NB=False)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -162,7 +170,7 @@ def _forward(q, k, v, tables, problem: _Problem):
                   q, k, v, out, lse, _or(local_bias, dummy), _or(l2g, dummy), *strides,
                   heads, n_global, height, width, qk_scale,
                   WINDOW=problem.window, CHUNK=problem.mode == "chunk",
-                  HAS_LB=local_bias is not None, HAS_L2G=l2g is not None, **common)
+                  HAS_LB=local_bias is not None, HAS_L2G=l2g is not None, **problem.neighbour_args(), **common)
     if n_global:
         block_n, split, n_splits = _global_split(n_local)
         part_o = torch.empty((n_splits, batch * heads, n_global, head_dim), dtype=torch.float32, device=q.device)
@@ -225,12 +233,13 @@ def _backward(grad_out, q, k, v, out, lse, global_out, tables, problem: _Problem
         q, k, v, grad_out, lse, delta, dq, _or(local_bias, dummy), _or(l2g, dummy), lb_parts, *strides,
         heads, n_global, height, width, qk_scale, problem.scale,
         WINDOW=window, CHUNK=chunk, HAS_LB=local_bias is not None, HAS_L2G=l2g is not None,
-        LB_GRAD=lb_grad, RADIUS=radius, OFFSETS=offsets, **common)
+        LB_GRAD=lb_grad, RADIUS=radius, OFFSETS=offsets, **problem.neighbour_args(), **common)
     _launch_local(
         "bwd_local_dkdv_kernel", batch * heads, height, width,
         q, k, v, grad_out, lse, delta, dk, dv, _or(local_bias, dummy), _or(g2l, dummy), *strides,
         heads, n_global, height, width, qk_scale, problem.scale,
-        WINDOW=window, CHUNK=chunk, HAS_LB=local_bias is not None, HAS_G2L=g2l is not None, **common)
+        WINDOW=window, CHUNK=chunk, HAS_LB=local_bias is not None, HAS_G2L=g2l is not None,
+        **problem.neighbour_args(), **common)
 
     d_local_bias = d_g2l = d_l2g = d_g2g = None
     if lb_grad:
@@ -305,9 +314,9 @@ def _table(table, name, shape, device):
 
 
 def vil_attention_triton(q, k, v, *, map_hw, num_global, window, mode="chunk", scale=None, local_bias=None,
-                         g2l_bias=None, l2g_bias=None, g2g_bias=None) -> torch.Tensor:
+                         g2l_bias=None, l2g_bias=None, g2g_bias=None, neighbour=None) -> torch.Tensor:
     """ViL attention through the fused kernels; differentiable w.r.t. q, k, v and every table."""
-    validate_problem(q, k, v, map_hw=map_hw, num_global=num_global, window=window, mode=mode)
+    validate_problem(q, k, v, map_hw=map_hw, num_global=num_global, window=window, mode=mode, neighbour=neighbour)
     reason = BACKEND.can_run(q, map_hw=map_hw, num_global=num_global, window=window, mode=mode)
     if reason is not None:
         raise ValueError(f"the triton backend cannot run this problem: {reason}")
@@ -323,7 +332,7 @@ def vil_attention_triton(q, k, v, *, map_hw, num_global, window, mode="chunk", s
               _table(l2g_bias, "l2g_bias", (heads, num_global), q.device),
               _table(g2g_bias, "g2g_bias", (heads, num_global, num_global), q.device))
     problem = _Problem(map_hw=(int(map_hw[0]), int(map_hw[1])), num_global=int(num_global), window=int(window),
-                       mode=mode, scale=float(head_dim ** -0.5 if scale is None else scale))
+                       mode=mode, scale=float(head_dim ** -0.5 if scale is None else scale), neighbour=neighbour)
     out = ViLAttentionFunction.apply(q, k, v, *tables, problem)
     # Empty tables (no global tokens) still get a (zero-size) gradient through this no-op.
     for table in (g2l_bias, l2g_bias, g2g_bias):
@@ -371,10 +380,10 @@ class _TritonBackend:
         return f"device type {q.device.type!r} is not supported; use CUDA (or CPU with TRITON_INTERPRET=1)"
 
     def forward(self, q, k, v, *, map_hw, num_global, window, mode, scale=None, local_bias=None, g2l_bias=None,
-                l2g_bias=None, g2g_bias=None):
+                l2g_bias=None, g2g_bias=None, neighbour=None):
         return vil_attention_triton(q, k, v, map_hw=map_hw, num_global=num_global, window=window, mode=mode,
                                     scale=scale, local_bias=local_bias, g2l_bias=g2l_bias, l2g_bias=l2g_bias,
-                                    g2g_bias=g2g_bias)
+                                    g2g_bias=g2g_bias, neighbour=neighbour)
 
 
 BACKEND = _TritonBackend()

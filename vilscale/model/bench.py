@@ -2,7 +2,9 @@
 
 Counted on the ``meta`` device (no memory, no compute) with ``vilscale.model.count_flops``; the
 reference column is what the official repository reports for the same setting (README of
-microsoft/vision-longformer), where it reports one.
+microsoft/vision-longformer), where it reports one. With ``--shift-mode random`` (or ``own``) a
+``train`` column counts the forward as it runs in training, where a local query sees its own chunk
+and one neighbour (or its own chunk only).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=int, default=None, help="input size (default: each variant's own)")
     parser.add_argument("--window", type=int, default=None, help="ViL window (default: each variant's own)")
     parser.add_argument("--window-mode", choices=("chunk", "exact"), default="chunk")
+    parser.add_argument("--shift-mode", choices=("full", "random", "own"), default="full",
+                        help="ViL attention shift mode; other than full, also prints the training-time GMACs")
 
 
 def run(args) -> int:
@@ -35,9 +39,11 @@ def run(args) -> int:
     if unknown:
         print(f"unknown model(s) {unknown}; valid: {', '.join(list_models())}")
         return 2
-    print(f"{'model':18s} {'img':>5s} {'params (M)':>11s} {'GMACs':>8s}   official (M / GMACs)")
+    training = args.shift_mode != "full"
+    print(f"{'model':18s} {'img':>5s} {'params (M)':>11s} {'GMACs':>8s}" + (f" {'train':>8s}" if training else "")
+          + "   official (M / GMACs)")
     for name in names:
-        kwargs = dict(window_mode=args.window_mode)
+        kwargs = dict(window_mode=args.window_mode, shift_mode=args.shift_mode)
         if args.img_size:
             kwargs["img_size"] = args.img_size
         if args.window:
@@ -53,5 +59,6 @@ def run(args) -> int:
         gmacs = count_flops(model) / 1e9
         reference = OFFICIAL.get((name, img))
         ref_text = f"{reference[0]:.1f} / {reference[1]:.2f}" if reference else "-"
-        print(f"{name:18s} {img:5d} {params:11.2f} {gmacs:8.3f}   {ref_text}")
+        train_text = f" {count_flops(model, training=True) / 1e9:8.3f}" if training else ""
+        print(f"{name:18s} {img:5d} {params:11.2f} {gmacs:8.3f}{train_text}   {ref_text}")
     return 0

@@ -8,6 +8,17 @@ from vilscale.kernels import BACKEND_NAMES, WINDOW_MODES
 
 POS_EMBEDS = ("ape", "rpe")
 ATTN_BACKENDS = ("auto", *BACKEND_NAMES)
+SHIFT_MODES = ("full", "random", "own")
+
+
+def check_shift_mode(shift_mode: str, window_mode: str) -> None:
+    """Raise ValueError unless ``shift_mode`` is valid with ``window_mode``."""
+    if shift_mode not in SHIFT_MODES:
+        raise ValueError(f"shift_mode={shift_mode!r} is not valid; use one of {SHIFT_MODES}")
+    if shift_mode != "full" and window_mode != "chunk":
+        raise ValueError(f"shift_mode={shift_mode!r} needs window_mode='chunk': the shift modes choose among the "
+                         f"chunks around a query, and window_mode={window_mode!r} has no chunks (the official code "
+                         "refuses this combination too); use shift_mode='full' with exact windows")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,6 +72,13 @@ class ViLConfig:
     """``ape``: absolute 2-D position embedding; ``rpe``: relative position bias in every attention."""
     window_mode: str = "chunk"
     """``chunk`` (the released checkpoints) or ``exact`` (the paper's sliding window)."""
+    shift_mode: str = "full"
+    """Which chunks a local query of a ViL attention sees (the official ``Long2DSCSelfAttention``
+    ``mode``; ``chunk`` windows only): ``full`` its own and all 8 neighbouring chunks (official 0);
+    ``random`` in training its own chunk plus ONE neighbouring chunk, drawn uniformly per attention
+    layer and forward call from torch's global generator, and ``full`` in evaluation (official > 0,
+    the paper's random-shift training); ``own`` its own chunk only, in training and evaluation
+    (official -1)."""
     drop_path_rate: float = 0.1
     """Stochastic depth of the last block; rates grow linearly from 0 over all blocks."""
     attn_backend: str = "auto"
@@ -81,6 +99,7 @@ class ViLConfig:
             raise ValueError(f"pos_embed={self.pos_embed!r} is not valid; use one of {POS_EMBEDS}")
         if self.window_mode not in WINDOW_MODES:
             raise ValueError(f"window_mode={self.window_mode!r} is not valid; use one of {WINDOW_MODES}")
+        check_shift_mode(self.shift_mode, self.window_mode)
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"attn_backend={self.attn_backend!r} is not valid; use one of {ATTN_BACKENDS}")
         if not 0.0 <= self.drop_path_rate < 1.0:

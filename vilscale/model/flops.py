@@ -9,6 +9,11 @@ keys, padding included when the map is not a multiple of ``w``) and the global k
 query against all tokens, and ``N x N`` products in full-attention stages. Normalisations, softmax,
 GELU and additions are not counted.
 
+``training=True`` counts the forward as it runs in training, where the shift mode applies: with
+``shift_mode="random"`` a local query sees its own chunk and one neighbour (``2 w^2`` keys), with
+``"own"`` its own chunk (``w^2``, in evaluation too). The default counts evaluation, where ``random``
+runs full attention.
+
 This reproduces the official README's figures (ViL-Tiny 1.43 G, Small 5.12 G, Medium-Deep 9.1 G,
 Medium-Wide 11.3 G at 224; Medium-Deep 29.4 G, Medium-Wide 35.1 G, Base-Deep 45.3 G, Base-Wide
 55.8 G at 384) within 0.6%. The arXiv tables list lower numbers for some variants (Tiny 1.3 G,
@@ -36,9 +41,11 @@ if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
 
 
 @torch.no_grad()
-def count_flops(model: torch.nn.Module, img_size: int | tuple[int, int] | None = None) -> int:
+def count_flops(model: torch.nn.Module, img_size: int | tuple[int, int] | None = None, *,
+                training: bool = False) -> int:
     """Multiply-adds of one forward pass of ``model`` on one ``img_size`` image (default: the size the
-    model was built for)."""
+    model was built for), as the model runs in evaluation (default) or in ``training`` (the shift
+    mode's neighbour draws use a forked RNG, so counting leaves the global generator untouched)."""
     config = model.config
     height, width = config.img_size if img_size is None else (
         (img_size, img_size) if isinstance(img_size, int) else tuple(img_size))
@@ -48,8 +55,8 @@ def count_flops(model: torch.nn.Module, img_size: int | tuple[int, int] | None =
     was_training = model.training
     try:
         model.set_attn_backend("chunked")
-        model.eval()
-        with FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
+        model.train(training)
+        with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
             model(image)
     finally:
         model.train(was_training)

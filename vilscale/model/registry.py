@@ -70,7 +70,7 @@ def get_variant(name: str) -> Variant:
     return VARIANTS[name]
 
 
-def build_config(name: str, *, pos_embed: str = "ape", window_mode: str = "chunk",
+def build_config(name: str, *, pos_embed: str = "ape", window_mode: str = "chunk", shift_mode: str = "full",
                  window: int | Sequence[int] | None = None, img_size: int | Sequence[int] | None = None,
                  num_classes: int = 1000, attn_backend: str = "auto", drop_path_rate: float = 0.1,
                  backbone: bool = False, **overrides) -> ViLConfig:
@@ -98,11 +98,11 @@ def build_config(name: str, *, pos_embed: str = "ape", window_mode: str = "chunk
     if len(img_hw) != 2:
         raise ValueError(f"img_size={img_size!r} must be an int or (height, width)")
     return ViLConfig(stages=tuple(stages), img_size=img_hw, num_classes=num_classes, pos_embed=pos_embed,
-                     window_mode=window_mode, drop_path_rate=drop_path_rate, attn_backend=attn_backend,
-                     backbone=backbone, **overrides)
+                     window_mode=window_mode, shift_mode=shift_mode, drop_path_rate=drop_path_rate,
+                     attn_backend=attn_backend, backbone=backbone, **overrides)
 
 
-def create_model(name: str, *, pos_embed: str = "ape", window_mode: str = "chunk",
+def create_model(name: str, *, pos_embed: str = "ape", window_mode: str = "chunk", shift_mode: str = "full",
                  window: int | Sequence[int] | None = None, img_size: int | Sequence[int] | None = None,
                  num_classes: int = 1000, attn_backend: str = "auto", drop_path_rate: float = 0.1,
                  backbone: bool = False, **overrides) -> VisionLongformer:
@@ -112,6 +112,10 @@ def create_model(name: str, *, pos_embed: str = "ape", window_mode: str = "chunk
         name: one of ``list_models()``.
         pos_embed: ``ape`` (absolute, default) or ``rpe`` (relative position biases).
         window_mode: ``chunk`` (default, the released checkpoints) or ``exact`` (the paper's window).
+        shift_mode: which chunks a ViL attention query sees (chunk windows only): ``full`` (default) its
+            own and the 8 neighbouring chunks; ``random`` in training its own plus one random neighbouring
+            chunk per layer and call, full in evaluation (the official random-shift training); ``own``
+            its own chunk only. Switch later with ``model.set_shift_mode``.
         window: ViL window, one int or one per stage; ``None`` = the variant's default (7; 2 for vil_nano).
         img_size: int or (height, width) the position tables are built for; ``None`` = the variant's
             default (224; 32 for vil_nano). Other input sizes work at run time.
@@ -123,6 +127,6 @@ def create_model(name: str, *, pos_embed: str = "ape", window_mode: str = "chunk
             ``depths``, ``patch_sizes``, ``heads``, ``dims``, ``num_global``, ``vil_stages``.
     """
     return VisionLongformer(build_config(
-        name, pos_embed=pos_embed, window_mode=window_mode, window=window, img_size=img_size,
+        name, pos_embed=pos_embed, window_mode=window_mode, shift_mode=shift_mode, window=window, img_size=img_size,
         num_classes=num_classes, attn_backend=attn_backend, drop_path_rate=drop_path_rate, backbone=backbone,
         **overrides))

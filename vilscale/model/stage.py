@@ -54,11 +54,12 @@ class Stage(nn.Module):
         qkv_bias: bias in the query/key/value projections.
         ln_eps: LayerNorm epsilon.
         attn_backend: backend of the ViL attention.
+        shift_mode: which chunks a ViL attention query sees (``full``, ``random``, ``own``).
     """
 
     def __init__(self, in_chans: int, config: StageConfig, *, map_hw: tuple[int, int], use_vil: bool, pos_embed: str,
                  window_mode: str, drop_paths: list[float], mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 ln_eps: float = 1e-6, attn_backend: str = "auto"):
+                 ln_eps: float = 1e-6, attn_backend: str = "auto", shift_mode: str = "full"):
         super().__init__()
         dim, g = config.dim, config.num_global
         self.num_global = g
@@ -72,7 +73,7 @@ class Stage(nn.Module):
         for rate in drop_paths:
             if use_vil:
                 attn = ViLAttention(dim, config.heads, num_global=g, window=config.window, window_mode=window_mode,
-                                    rpe=rpe, qkv_bias=qkv_bias, backend=attn_backend)
+                                    rpe=rpe, qkv_bias=qkv_bias, backend=attn_backend, shift_mode=shift_mode)
             else:
                 attn = FullAttention(dim, config.heads, num_global=g, map_hw=map_hw, rpe=rpe, qkv_bias=qkv_bias)
             blocks.append(Block(dim, attn, mlp_ratio=mlp_ratio, drop_path=rate, ln_eps=ln_eps))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from vilscale.model.config import ViLConfig
+from vilscale.model.attention import ViLAttention
+from vilscale.model.config import ViLConfig, check_shift_mode
 from vilscale.model.stage import Stage
 
 
@@ -36,7 +39,8 @@ class VisionLongformer(nn.Module):
             stages.append(Stage(in_chans, stage, map_hw=map_hw, use_vil=config.uses_vil(index),
                                 pos_embed=config.pos_embed, window_mode=config.window_mode,
                                 drop_paths=rates[first:first + stage.depth], mlp_ratio=config.mlp_ratio,
-                                qkv_bias=config.qkv_bias, ln_eps=config.ln_eps, attn_backend=config.attn_backend))
+                                qkv_bias=config.qkv_bias, ln_eps=config.ln_eps, attn_backend=config.attn_backend,
+                                shift_mode=config.shift_mode))
             in_chans, first = stage.dim, first + stage.depth
         self.stages = nn.ModuleList(stages)
         self.num_features = in_chans
@@ -66,6 +70,23 @@ class VisionLongformer(nn.Module):
             stage.grad_checkpointing = enable
         return sum(len(stage.blocks) for stage in self.stages) if enable else 0
 
+    @property
+    def shift_mode(self) -> str:
+        """Which chunks the ViL attention queries see: ``full``, ``random`` or ``own`` (see
+        ``ViLConfig.shift_mode``)."""
+        return self.config.shift_mode
+
+    def set_shift_mode(self, shift_mode: str) -> None:
+        """Switch every ViL attention to ``shift_mode`` (``full``, ``random``, ``own``), e.g. from random
+        shifts to full attention for the last part of training, as the official recipe does at 0.75 of
+        the epochs (``MsViT.reset_vil_mode``). ``config.shift_mode`` follows; weights are unchanged, so
+        the switch can happen at any step and in either direction."""
+        check_shift_mode(shift_mode, self.config.window_mode)
+        self.config = dataclasses.replace(self.config, shift_mode=shift_mode)
+        for module in self.modules():
+            if isinstance(module, ViLAttention):
+                module.shift_mode = shift_mode
+
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One ``(B, C_s, h_s, w_s)`` map per stage, global tokens dropped, before the final norm."""
         maps = []
@@ -93,10 +114,12 @@ class VisionLongformer(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters the official recipe trains without weight decay: position
-        embeddings, global tokens, relative-position tables, every LayerNorm and the head's bias
-        (the official ``no_weight_decay`` patterns ``pos_embed``, ``cls_token``, ``norm.weight``,
-        ``norm.bias``, ``norm_embed``, ``head.bias``, ``relative_position`` mapped to our names).
-        Other biases (qkv, proj, MLP, patch convolution) are decayed in the official recipe."""
+        embeddings, global tokens, relative-position tables, every LayerNorm and the head's bias.
+        The official ``get_opt`` skips decay for names containing one of ``pos_embed``, ``cls_token``,
+        ``norm.weight``, ``norm.bias``, ``norm_embed``, ``head.bias``, ``relative_position``; its block
+        LayerNorms are named ``norm`` (``layer1.1.norm.weight``), so they match too. Other biases
+        (qkv, proj, MLP, patch convolution) are decayed in the official recipe.
+        ``tests/test_model_weight_decay.py`` checks this list against that rule on the official names."""
         names = set()
         for module_name, module in self.named_modules():
             if isinstance(module, nn.LayerNorm):

@@ -1,4 +1,4 @@
-"""AdamW with the official weight-decay exclusions, and the per-step learning-rate schedule."""
+"""AdamW with the official (or timm's) weight-decay exclusions, and the per-step learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -9,18 +9,28 @@ import torch
 
 from vilscale.orchestration.config import JobSpec
 
+WEIGHT_DECAY_RULES = ("official", "timm")
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weights, and what the official recipe never decays (1-D parameters such as
-    norms and biases, plus whatever the model lists in ``no_weight_decay()``: position embeddings,
-    global tokens, relative-position tables)."""
+
+def param_groups(model: torch.nn.Module, weight_decay: float, rule: str = "official") -> list[dict]:
+    """Two groups, decayed and not decayed, by ``rule``:
+
+    - ``official``: the official ``get_opt`` (microsoft/vision-longformer): no decay exactly for what
+      ``model.no_weight_decay()`` lists (for ViL: every LayerNorm, position embeddings, global tokens,
+      relative-position tables, the head's bias); all other weights and biases (q/k/v, projections,
+      MLPs, patch convolutions) are decayed.
+    - ``timm``: timm's rule: additionally no decay for every 1-D parameter and every bias.
+    """
+    if rule not in WEIGHT_DECAY_RULES:
+        raise ValueError(f"weight decay rule {rule!r} is not valid; use one of {WEIGHT_DECAY_RULES}")
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        excluded = parameter.ndim <= 1 or name.endswith(".bias") or name in skip or any(
-            name.startswith(prefix + ".") for prefix in skip)
+        excluded = name in skip or any(name.startswith(prefix + ".") for prefix in skip)
+        if rule == "timm":
+            excluded = excluded or parameter.ndim <= 1 or name.endswith(".bias")
         (no_decay if excluded else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
