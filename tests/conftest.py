@@ -68,8 +68,10 @@ def digits(tmp_path_factory) -> Path:
 class SmokeRuns:
     """Runs jobs/smoke.yaml through the real `vilscale` command on the session's digits shards."""
 
-    BASELINE = ("--set", "train.record_samples=true", "--set", "optim.ema_decay=0.9")
-    """What the uninterrupted reference run (`baseline_run`) sets on top of the smoke job."""
+    BASELINE = ("--set", "train.record_samples=true", "--set", "optim.ema_decay=0.9",
+                "--set", "model.shift_mode=random", "--set", "schedule.full_attention_from=0.5")
+    """What the uninterrupted reference run (`baseline_run`) sets on top of the smoke job: per-step sample records,
+    an EMA, and the official attention schedule (random shifts, full attention from step 4 of 8)."""
 
     def __init__(self, digits: Path):
         self.digits = digits
@@ -121,8 +123,9 @@ def smoke(digits) -> SmokeRuns:
 
 @pytest.fixture(scope="session")
 def baseline_run(smoke, tmp_path_factory) -> Path:
-    """One uninterrupted 2-rank ZeRO-2 run of the smoke job (8 steps, checkpoints at 4 and 8) with an EMA,
-    recording every step's sample indices: the reference the resume and fault tests compare against."""
+    """One uninterrupted 2-rank ZeRO-2 run of the smoke job (8 steps, checkpoints at 4 and 8) with an EMA and
+    random-shift attention switching to full at step 4, recording every step's sample indices: the reference
+    the resume and fault tests compare against."""
     run_dir = tmp_path_factory.mktemp("baseline") / "run"
     smoke.train(run_dir, *smoke.BASELINE)
     return run_dir

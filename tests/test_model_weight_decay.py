@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from vilscale.model import create_model, vilscale_to_official
-from vilscale.orchestration.optim import param_groups
+from vilscale.orchestration.training.optim import param_groups
 
 # MsViT.no_weight_decay() in the official code: substrings of parameter names.
 OFFICIAL_NO_DECAY = ("pos_embed", "cls_token", "norm.weight", "norm.bias", "norm_embed", "head.bias",

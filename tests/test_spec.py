@@ -135,3 +135,14 @@ def test_resumes_tell_execution_adjustable_and_fixed_keys_apart():
     old = spec_from_dict(minimal()).to_dict()
     new = spec_from_dict({**minimal(), "train": {"max_steps": 9, "ckpt_every": 5}, "launcher": {"nodes": 2}}).to_dict()
     assert spec_changes(old, new) == [("train.max_steps", 0, 9)]
+
+
+def test_shift_modes_need_chunk_windows_and_the_switch_is_a_fraction():
+    spec = spec_from_dict({**minimal(), "model": {"shift_mode": "random"}, "schedule": {"full_attention_from": 0.75}})
+    assert spec.model.shift_mode == "random" and spec.schedule.full_attention_from == 0.75
+    with pytest.raises(SpecError, match=r"model\.shift_mode='random' needs model\.window_mode='chunk'"):
+        spec_from_dict({**minimal(), "model": {"shift_mode": "random", "window_mode": "exact"}})
+    with pytest.raises(SpecError, match=r"schedule\.full_attention_from=1\.5 must be in \[0, 1\]"):
+        spec_from_dict({**minimal(), "schedule": {"full_attention_from": 1.5}})
+    with pytest.raises(SpecError, match=r"optim\.weight_decay_rule='keras'"):
+        spec_from_dict({**minimal(), "optim": {"weight_decay_rule": "keras"}})

@@ -64,6 +64,7 @@ def test_resume_is_bit_exact_with_zero2_on_two_processes(smoke, baseline_run, tm
     assert first["exited_early"] and first["step"] == 3
     result = smoke.train(split, *smoke.BASELINE)
     assert "resumed from step_00000003" in result.stderr
+    assert "step 4: ViL attention switches from shift_mode='random' to 'full'" in result.stderr
     resumed, uninterrupted = (json.loads((run / "summary.json").read_text()) for run in (split, baseline_run))
     assert resumed["step"] == 8
     assert smoke.samples(split) == smoke.samples(baseline_run), "the resumed run read other samples"

@@ -26,8 +26,7 @@ def test_rank_sigkilled_mid_step_restarts_from_latest_and_sees_every_sample_once
     the step-4 checkpoint and finishes; the samples of every step, and the final weights, equal those of
     the uninterrupted run: none repeated, none skipped."""
     run_dir = tmp_path / "run"
-    result = smoke.train(run_dir, "--set", "train.record_samples=true",
-                         env={"VILSCALE_INJECT_FAULT": "mid-step:6:1"})
+    result = smoke.train(run_dir, *smoke.BASELINE, env={"VILSCALE_INJECT_FAULT": "mid-step:6:1"})
     assert "a rank failed (exit code -9); restarting from the latest checkpoint" in result.stderr
     assert "resumed from step_00000004" in result.stderr
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 8

@@ -16,7 +16,7 @@ from typing import Any
 from vilscale.data.config import AugmentConfig, DataConfig
 from vilscale.devices import DEVICE_CHOICES
 from vilscale.kernels import BACKEND_NAMES, WINDOW_MODES
-from vilscale.model.config import POS_EMBEDS
+from vilscale.model.config import POS_EMBEDS, SHIFT_MODES
 
 
 class SpecError(ValueError):
@@ -39,6 +39,11 @@ class ModelConfig:
     """Classifier width; must match the data's class count."""
     attn_backend: str = "auto"
     """"auto", "reference", "chunked" or "triton"."""
+    shift_mode: str = "full"
+    """Which chunks a ViL attention query sees in training (window_mode "chunk" only): "full" (its own and
+    the 8 neighbouring chunks), "random" (its own and one neighbouring chunk drawn per layer and forward
+    call, full attention in evaluation: the official recipe, until `schedule.full_attention_from`) or
+    "own" (its own chunk only, in training and evaluation)."""
     drop_path_rate: float = 0.1
     """Stochastic depth at the last block (linear schedule over the blocks)."""
     init_weights: str = ""
@@ -50,6 +55,10 @@ class ModelConfig:
         _one_of("model.pos_embed", self.pos_embed, POS_EMBEDS)
         _one_of("model.window_mode", self.window_mode, WINDOW_MODES)
         _one_of("model.attn_backend", self.attn_backend, ("auto", *BACKEND_NAMES))
+        _one_of("model.shift_mode", self.shift_mode, SHIFT_MODES)
+        if self.shift_mode != "full" and self.window_mode != "chunk":
+            raise SpecError(f"model.shift_mode={self.shift_mode!r} needs model.window_mode='chunk' (shifts choose "
+                            f"among chunks; window_mode={self.window_mode!r} has none); use shift_mode='full'")
         _positive("model.window", self.window)
         _positive("model.img_size", self.img_size)
         _positive("model.num_classes", self.num_classes)
@@ -69,7 +78,11 @@ class OptimConfig:
     lr_batch_ref: int = 1024
     """Global batch at which `lr` is given; 0 disables linear scaling."""
     weight_decay: float = 0.1
-    """AdamW weight decay (not applied to norms, biases, position embeddings, global tokens, RPE)."""
+    """Weight decay (decoupled in AdamW), applied to the parameters `weight_decay_rule` decays."""
+    weight_decay_rule: str = "official"
+    """Which parameters are not decayed: "official" (the official ViL recipe: LayerNorms, position
+    embeddings, global tokens, relative-position tables and the head's bias; other biases are decayed) or
+    "timm" (additionally every bias and every 1-D parameter)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     eps: float = 1e-8
@@ -81,6 +94,7 @@ class OptimConfig:
 
     def __post_init__(self):
         _one_of("optim.name", self.name, ("adamw", "qhm"))
+        _one_of("optim.weight_decay_rule", self.weight_decay_rule, ("official", "timm"))
         if not 0 <= self.momentum < 1:
             raise SpecError(f"optim.momentum={self.momentum!r} must be in [0, 1)")
         if not self.lr > 0:
@@ -105,8 +119,15 @@ class ScheduleConfig:
     """Learning rate at step 0."""
     min_lr: float = 1e-6
     """Learning rate at the end of the cosine decay."""
+    full_attention_from: float = 1.0
+    """Fraction of the run's steps after which ViL attention switches from `model.shift_mode` to "full"
+    for the rest of training (the official recipe trains with random shifts and switches at 0.75 of the
+    epochs); 1.0 never switches."""
 
     def __post_init__(self):
+        if not 0.0 <= self.full_attention_from <= 1.0:
+            raise SpecError(f"schedule.full_attention_from={self.full_attention_from!r} must be in [0, 1] "
+                            "(a fraction of the run; 1.0 never switches)")
         if self.warmup_epochs < 0:
             raise SpecError(f"schedule.warmup_epochs={self.warmup_epochs!r} must be >= 0")
         if self.warmup_lr < 0 or self.min_lr < 0:

@@ -63,7 +63,7 @@ def build_model(spec: JobSpec, *, log=None) -> torch.nn.Module:
     try:
         model = create_model(cfg.name, pos_embed=cfg.pos_embed, window_mode=cfg.window_mode, window=cfg.window,
                              img_size=cfg.img_size, num_classes=cfg.num_classes, attn_backend=cfg.attn_backend,
-                             drop_path_rate=cfg.drop_path_rate)
+                             shift_mode=cfg.shift_mode, drop_path_rate=cfg.drop_path_rate)
     except ValueError as error:
         raise SpecError(f"model: {error}") from None
     if cfg.init_weights:

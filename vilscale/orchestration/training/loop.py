@@ -104,7 +104,7 @@ class TrainingRun:
 
         torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
         model = build_model(spec, log=self.log)
-        flops_per_image = _training_flops_per_image(model, spec)
+        self.flops_per_image = _training_flops_per_image(model, spec)
         self.checkpointer = Checkpointer(self.run_dir, keep=spec.train.keep_checkpoints, spec_digest=spec.digest())
         self.resume_from = self.checkpointer.find_resumable(log=self.log)
         rescaled = self.resume_from is not None and self.resume_from["world_size"] != ctx.world_size
@@ -118,6 +118,8 @@ class TrainingRun:
             raise SpecError(f"an epoch has {len(self.train_loader)} micro-batches per rank, fewer than grad_accum="
                             f"{self.accum}; lower train.micro_batch or train.grad_accum")
         self.total_steps = spec.train.max_steps or spec.train.epochs * self.steps_per_epoch
+        switches = spec.model.shift_mode != "full" and spec.schedule.full_attention_from < 1
+        self.full_attention_step = round(spec.schedule.full_attention_from * self.total_steps) if switches else None
         self.schedule = LrSchedule.for_run(spec, world_size=ctx.world_size, steps_per_epoch=self.steps_per_epoch,
                                            total_steps=self.total_steps)
         augment = BatchAugment(spec.augment, num_classes=spec.model.num_classes, seed=spec.train.seed,
@@ -137,7 +139,8 @@ class TrainingRun:
         self._resume()
         self.progress = _progress_bar(ctx, self.total_steps, self.state.step)
         self.window = MetricsWindow(self.metrics, world_size=ctx.world_size, log_every=spec.train.log_every,
-                                    total_steps=self.total_steps, flops_per_image=flops_per_image,
+                                    total_steps=self.total_steps,
+                                    flops_per_image=self.flops_per_image[spec.model.shift_mode],
                                     peak_flops=device_peak_flops(ctx.device, spec.train.precision,
                                                                  spec.metrics.peak_flops),
                                     device=ctx.device, progress=self.progress)
@@ -150,6 +153,7 @@ class TrainingRun:
             batches = self._epoch_batches()
             while state.micro_in_epoch < self.steps_per_epoch * self.accum and state.step < self.total_steps:
                 started = time.perf_counter()
+                self._attention_schedule()
                 lr = self.schedule.apply(self.optimizer, state.step)
                 result = self.stepper.run(batches, state.step)
                 self.nonfinite.observe(state, result.skipped, self.metrics)  # raises after too many in a row
@@ -188,6 +192,19 @@ class TrainingRun:
         if self.state.micro_in_epoch == 0:
             self.train_loader.set_epoch(self.state.epoch)
         return iter(self.train_loader)
+
+    def _attention_schedule(self) -> None:
+        """From `schedule.full_attention_from` of the run on, ViL attention sees all neighbouring chunks (also
+        right after a resume past that point: the mode is not part of the weights)."""
+        module = self.engine.module
+        if self.full_attention_step is None or self.state.step < self.full_attention_step:
+            return
+        if module.shift_mode == "full":
+            return
+        module.set_shift_mode("full")
+        self.window.flops_per_image = self.flops_per_image["full"]
+        self.log(f"step {self.state.step}: ViL attention switches from shift_mode={self.spec.model.shift_mode!r} to "
+                 f"'full' (schedule.full_attention_from={self.spec.schedule.full_attention_from})")
 
     def _decode_errors(self) -> int:
         """Samples this rank's loaders failed to decode so far (training and validation)."""
@@ -307,11 +324,17 @@ def _record_samples(run_dir: Path, rank: int, step: int, indices: list[torch.Ten
         handle.write(json.dumps({"step": step, "indices": torch.cat(indices).tolist()}) + "\n")
 
 
-def _training_flops_per_image(model: torch.nn.Module, spec: JobSpec) -> float:
-    """Forward + backward FLOPs of one image (3 x forward, 2 FLOPs per multiply-add)."""
+def _training_flops_per_image(model: torch.nn.Module, spec: JobSpec) -> dict[str, float]:
+    """Forward + backward FLOPs of one training image (3 x forward, 2 FLOPs per multiply-add), for the
+    run's shift mode and for full attention (what the run switches to)."""
     from vilscale.model.flops import count_flops
 
-    return 6.0 * count_flops(model, spec.model.img_size)
+    flops = {}
+    for mode in dict.fromkeys((spec.model.shift_mode, "full")):
+        model.set_shift_mode(mode)
+        flops[mode] = 6.0 * count_flops(model, spec.model.img_size, training=True)
+    model.set_shift_mode(spec.model.shift_mode)
+    return flops
 
 
 def _progress_bar(ctx: RankContext, total: int, initial: int):

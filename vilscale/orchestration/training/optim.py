@@ -37,7 +37,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, rule: str = "offic
 
 def build_optimizer(model: torch.nn.Module, spec: JobSpec) -> torch.optim.Optimizer:
     """torch's optimizers: DeepSpeed would otherwise JIT-build its fused Adam, which CPUs cannot use."""
-    groups = param_groups(model, spec.optim.weight_decay)
+    groups = param_groups(model, spec.optim.weight_decay, rule=spec.optim.weight_decay_rule)
     if spec.optim.name == "qhm":
         # QHM with nu = 1: buffer = m * buffer + (1 - m) * grad; step = lr * buffer.
         return torch.optim.SGD(groups, lr=spec.optim.lr, momentum=spec.optim.momentum,
