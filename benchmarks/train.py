@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -89,13 +88,11 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
 
-    from vilscale.orchestration.training.distributed import free_port
+    from vilscale.orchestration.training.distributed import init_distributed
     from vilscale.orchestration.training.engine import use_environment_ninja
 
     use_environment_ninja()
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
-    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    init_distributed("auto")  # a one-rank group
     rows = []
     for backend in args.backends.split(","):
         try:

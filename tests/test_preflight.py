@@ -112,12 +112,13 @@ def test_a_refused_relaunch_leaves_a_finished_run_untouched(smoke, baseline_run,
     run_dir = tmp_path / "run"
     shutil.copytree(baseline_run, run_dir)
     before = snapshot(run_dir)
-    line = refused_in_one_line(vilscale("train", str(SMOKE), *smoke.args(run_dir, "--set", "model.pos_embed=rpe")))
-    assert "model.pos_embed: 'ape' -> 'rpe'" in line and "cannot change" in line, line
-    line = refused_in_one_line(vilscale("train", str(SMOKE), *smoke.args(run_dir, "--set", "train.max_steps=12")))
+    same = smoke.args(run_dir, *smoke.BASELINE)
+    line = refused_in_one_line(vilscale("train", str(SMOKE), *same, "--set", "model.pos_embed=rpe"))
+    assert line.count("->") == 1 and "model.pos_embed: 'ape' -> 'rpe'" in line and "cannot change" in line, line
+    line = refused_in_one_line(vilscale("train", str(SMOKE), *same, "--set", "train.max_steps=12"))
     assert "train.max_steps: 8 -> 12" in line and "--allow-spec-change" in line, line
-    line = refused_in_one_line(vilscale("train", str(SMOKE), "--allow-spec-change",
-                                        *smoke.args(run_dir, "--set", "model.pos_embed=rpe")))
+    line = refused_in_one_line(vilscale("train", str(SMOKE), "--allow-spec-change", *same,
+                                        "--set", "model.pos_embed=rpe"))
     assert "cannot change" in line, line
     assert snapshot(run_dir) == before
     # eval and export of the untouched run still work and agree with what it reported
@@ -134,8 +135,8 @@ def test_a_second_launch_into_a_live_run_is_refused_naming_the_owner(smoke, tmp_
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
                              start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while not (run_dir / "spec.yaml").exists() and time.monotonic() < deadline and first.poll() is None:
+        deadline = time.monotonic() + 120  # until the first run's rank 0 is up (it writes the run's id)
+        while not (run_dir / "run_id").exists() and time.monotonic() < deadline and first.poll() is None:
             time.sleep(0.2)
         assert first.poll() is None, first.stderr.read()
         before = snapshot(run_dir)

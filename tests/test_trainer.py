@@ -81,7 +81,7 @@ def test_resume_on_a_different_number_of_ranks_goes_through_a_universal_checkpoi
     run_dir = tmp_path / "run"
     shutil.copytree(baseline_run, run_dir)
     before = smoke.export(run_dir, tmp_path / "before.safetensors")
-    result = smoke.train(run_dir, "--set", "train.max_steps=10", "--allow-spec-change", nproc=1)
+    result = smoke.train(run_dir, *smoke.BASELINE, "--set", "train.max_steps=10", "--allow-spec-change", nproc=1)
     assert "written by 2 ranks, this run has 1: converting it to a universal checkpoint" in result.stderr
     assert "resumed from step_00000008" in result.stderr
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 10

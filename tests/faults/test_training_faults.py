@@ -60,7 +60,7 @@ def test_truncated_checkpoint_is_detected_named_and_the_previous_one_used(smoke,
     shutil.copytree(baseline_run, run_dir)
     shard = run_dir / "checkpoints" / "step_00000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     shard.write_bytes(shard.read_bytes()[:1000])
-    result = smoke.train(run_dir, "--set", "train.max_steps=10", "--allow-spec-change")
+    result = smoke.train(run_dir, *smoke.BASELINE, "--set", "train.max_steps=10", "--allow-spec-change")
     assert "checkpoint step_00000008 is not usable" in result.stderr
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt has 1000 bytes" in result.stderr
     assert "resumed from step_00000004" in result.stderr
@@ -114,7 +114,7 @@ def test_checkpoint_client_state_is_loaded_without_running_pickled_code(smoke, b
     manifest = json.loads((directory / "manifest.json").read_text())
     manifest["files"]["client_rank0.pt"] = {"sha256": sha256_of(client), "bytes": client.stat().st_size}
     (directory / "manifest.json").write_text(json.dumps(manifest))
-    result = smoke.train(run_dir, "--set", "train.max_steps=10", "--set", "launcher.max_restarts=0",
+    result = smoke.train(run_dir, *smoke.BASELINE, "--set", "train.max_steps=10", "--set", "launcher.max_restarts=0",
                          "--allow-spec-change", check=False)
     assert result.returncode != 0 and "Weights only load failed" in result.stderr
     assert not marker.exists(), "unpickling the checkpoint ran code"

@@ -93,14 +93,14 @@ def check_resume_compatible(spec: JobSpec, *, allow_change: bool = False) -> lis
 
     described = "; ".join(f"{key}: {before!r} -> {after!r}" for key, before, after in changes[:8])
     fixed = [key for key, _, _ in changes if key_kind(key) == "fixed"]
-    new_run = (f"to train this spec from scratch, use a new run_dir (e.g. --set run_dir={spec.run_dir}-2); to start "
+    new_run = (f"To train this spec from scratch, use a new run_dir (e.g. --set run_dir={spec.run_dir}-2); to start "
                f"from this run's weights, use a new run_dir with --set model.init_weights={spec.run_dir}")
     if fixed:
         raise RunDirError(f"{spec.run_dir} holds a run trained with a different spec ({described}); "
                           f"{', '.join(fixed)} cannot change in a resumed run. {new_run}")
     if not allow_change:
         raise RunDirError(f"{spec.run_dir} holds a run trained with a different spec ({described}). These keys may "
-                          f"change when the run resumes: pass --allow-spec-change to accept them, or {new_run}")
+                          f"change when the run resumes: pass --allow-spec-change to accept them. {new_run}")
     return changes
 
 

@@ -10,7 +10,6 @@ runs. What a launcher leaves out is an error here, never a silent default: a ran
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from dataclasses import dataclass
 
@@ -41,12 +40,6 @@ class RankContext:
     """Where the model and batches live."""
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     if value in (None, ""):
@@ -75,23 +68,25 @@ def init_distributed(requested_device: str) -> RankContext:
 
 def _init_from_environment(device_type: str) -> None:
     rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
+    backend = "nccl" if device_type == "cuda" else "gloo"
     if rank is None and world_size is None:
-        # Nobody launched a group: one rank on this machine.
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-    else:
-        missing = [name for name in ("RANK", "WORLD_SIZE", *RENDEZVOUS_VARS) if not os.environ.get(name)]
-        if missing:
-            raise RendezvousError(
-                f"the launcher set {'RANK' if rank is not None else 'WORLD_SIZE'} but not {', '.join(missing)}: a rank "
-                "cannot find its peers without them. Launch through `vilscale train --nproc N`, `vilscale submit` "
-                "or torchrun, or set every one of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT")
-        if not 0 <= rank < world_size:
-            raise RendezvousError(f"RANK={rank} is not in [0, WORLD_SIZE={world_size})")
-        if world_size > 1 and _env_int("LOCAL_RANK") is None:
-            raise RendezvousError("LOCAL_RANK is not set in a multi-rank run; it chooses this rank's device on its "
-                                  "node. Set it (torchrun and submitit do), or launch through vilscale")
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", init_method="env://")
+        # Nobody launched a group: one rank on this machine, with an in-memory store (no port to race for, and
+        # no RANK/MASTER_* left in the environment for child processes to mistake for a group of their own).
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        return
+    missing = [name for name in ("RANK", "WORLD_SIZE", *RENDEZVOUS_VARS) if not os.environ.get(name)]
+    if missing:
+        raise RendezvousError(
+            f"the launcher set {'RANK' if rank is not None else 'WORLD_SIZE'} but not {', '.join(missing)}: a rank "
+            "cannot find its peers without them. Launch through `vilscale train --nproc N`, `vilscale submit` "
+            "or torchrun, or set every one of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT")
+    if not 0 <= rank < world_size:
+        raise RendezvousError(f"RANK={rank} is not in [0, WORLD_SIZE={world_size})")
+    if world_size > 1 and _env_int("LOCAL_RANK") is None:
+        raise RendezvousError("LOCAL_RANK is not set in a multi-rank run; it chooses this rank's device on its "
+                              "node. Set it (torchrun and submitit do), or launch through vilscale")
+    dist.init_process_group(backend=backend, init_method="env://")
 
 
 def _local_layout(rank: int, world_size: int) -> tuple[int, int, bool]:
