@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vilscale.data.ffcv_import import import_ffcv
 from vilscale.data.manifest import DataError
 
 _COMPILE_LOCK = threading.Lock()
@@ -51,7 +52,8 @@ output size, and resample the exact box (`vilscale.data.cropdecode`): training."
 
 
 def _decoder_class():
-    """Defined lazily: importing ffcv costs seconds of numba compilation, which `vilscale --help` must not pay."""
+    """Defined lazily: importing ffcv costs seconds, which `vilscale --help` must not pay."""
+    import_ffcv()
     from ffcv.fields.rgb_image import IMAGE_MODES
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.pipeline.allocation_query import AllocationQuery
@@ -149,6 +151,7 @@ class ShardHandle:
     """
 
     def __init__(self, path: Path, os_cache: bool):
+        import_ffcv()
         from ffcv.memory_managers import OSCacheManager, ProcessCacheManager
         from ffcv.reader import Reader
 
@@ -196,6 +199,7 @@ def _compiled_code(template_shard: Path, *, num_threads: int, os_cache: bool, pa
     key = (num_threads, os_cache, None if os_cache else page_size)
     with _COMPILE_LOCK:
         if key not in _CODE_CACHE:
+            import_ffcv()
             from ffcv.fields.basics import IntDecoder
             from ffcv.loader import Loader, OrderOption
             from ffcv.pipeline.pipeline_spec import PipelineSpec

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vilscale.data.ffcv_import import import_ffcv
 from vilscale.data.manifest import FORMAT, DataError, Manifest, load_manifest
 from vilscale.files import atomic_write_json, sha256_of
 
@@ -402,6 +403,7 @@ def shard_name(index: int) -> str:
 
 def _write_shard(task) -> dict:
     """Write one shard (in a worker process); returns its manifest entry and the images it skipped."""
+    import_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.memory_allocator import MemoryAllocator
     from ffcv.writer import DatasetWriter, handle_sample

@@ -104,7 +104,9 @@ class TrainingRun:
 
         torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
         model = build_model(spec, log=self.log)
-        self.flops_per_image = _training_flops_per_image(model, spec)
+        peak_flops = device_peak_flops(ctx.device, spec.train.precision, spec.metrics.peak_flops)
+        # FLOPs matter for MFU only, which needs the device's peak (known GPUs, or metrics.peak_flops).
+        self.flops_per_image = _training_flops_per_image(model, spec) if peak_flops else {}
         self.checkpointer = Checkpointer(self.run_dir, keep=spec.train.keep_checkpoints, spec_digest=spec.digest())
         self.resume_from = self.checkpointer.find_resumable(log=self.log)
         rescaled = self.resume_from is not None and self.resume_from["world_size"] != ctx.world_size
@@ -140,9 +142,8 @@ class TrainingRun:
         self.progress = _progress_bar(ctx, self.total_steps, self.state.step)
         self.window = MetricsWindow(self.metrics, world_size=ctx.world_size, log_every=spec.train.log_every,
                                     total_steps=self.total_steps,
-                                    flops_per_image=self.flops_per_image[spec.model.shift_mode],
-                                    peak_flops=device_peak_flops(ctx.device, spec.train.precision,
-                                                                 spec.metrics.peak_flops),
+                                    flops_per_image=self.flops_per_image.get(spec.model.shift_mode, 0.0),
+                                    peak_flops=peak_flops,
                                     device=ctx.device, progress=self.progress)
 
     def train(self) -> dict:
@@ -202,7 +203,7 @@ class TrainingRun:
         if module.shift_mode == "full":
             return
         module.set_shift_mode("full")
-        self.window.flops_per_image = self.flops_per_image["full"]
+        self.window.flops_per_image = self.flops_per_image.get("full", 0.0)
         self.log(f"step {self.state.step}: ViL attention switches from shift_mode={self.spec.model.shift_mode!r} to "
                  f"'full' (schedule.full_attention_from={self.spec.schedule.full_attention_from})")
 
