@@ -146,3 +146,10 @@ def test_shift_modes_need_chunk_windows_and_the_switch_is_a_fraction():
         spec_from_dict({**minimal(), "schedule": {"full_attention_from": 1.5}})
     with pytest.raises(SpecError, match=r"optim\.weight_decay_rule='keras'"):
         spec_from_dict({**minimal(), "optim": {"weight_decay_rule": "keras"}})
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_numbers_must_be_finite(tmp_path, value):
+    """NaN passed every range check written as `x < 0` (weight decay, warmup lr): refuse it outright."""
+    with pytest.raises(SpecError, match=r"optim\.weight_decay=.* must be a finite number"):
+        load_spec(write(tmp_path, minimal()), [f"optim.weight_decay={value}"])

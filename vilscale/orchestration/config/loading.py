@@ -7,6 +7,7 @@ values raise `SpecError` naming the key path, the value and what is valid.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -63,6 +64,8 @@ def _coerce(path: str, value, tp):
             return float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SpecError(f"{path}={value!r} must be a number")
+        if not math.isfinite(value):
+            raise SpecError(f"{path}={value!r} must be a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
