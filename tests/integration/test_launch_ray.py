@@ -16,10 +16,10 @@ from real_services import SMOKE, metric_steps, smoke_overrides, vilscale
 pytestmark = pytest.mark.integration
 
 
-def test_unreachable_address_is_an_error_before_anything_is_submitted(tmp_path):
+def test_unreachable_address_is_an_error_before_anything_is_submitted(digits, tmp_path):
     address = f"http://127.0.0.1:{services.free_port()}"
     result = vilscale("submit", str(SMOKE), "--backend", "ray", "--address", address,
-                      "--set", f"run_dir={tmp_path / 'run'}", timeout_s=60)
+                      *smoke_overrides(digits, tmp_path / "run"), timeout_s=60)
     assert result.returncode == 2, result.stderr
     assert "cannot reach the Ray cluster" in result.stderr and address.split("//")[1] in result.stderr
     assert not (tmp_path / "run").exists()
@@ -29,9 +29,9 @@ def test_unreachable_address_is_an_error_before_anything_is_submitted(tmp_path):
     ("launcher.gpus_per_node=4", "asks for 4 GPUs (1 node(s) x 4 launcher.gpus_per_node)"),
     ("launcher.cpus_per_task=3", "asks for 6 CPUs (1 node(s) x 2 rank(s) x 3 launcher.cpus_per_task)"),
 ])
-def test_a_job_larger_than_the_cluster_is_refused_with_the_numbers(ray_head, tmp_path, override, expected):
+def test_a_job_larger_than_the_cluster_is_refused_with_the_numbers(ray_head, digits, tmp_path, override, expected):
     result = vilscale("submit", str(SMOKE), "--backend", "ray", "--address", ray_head.dashboard_url,
-                      "--set", override, "--set", f"run_dir={tmp_path / 'run'}", timeout_s=120)
+                      "--set", override, *smoke_overrides(digits, tmp_path / "run"), timeout_s=120)
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr
     assert "has 0 GPU(s) and 2 CPU(s) on 1 node(s)" in result.stderr

@@ -15,9 +15,9 @@ from real_services import SMOKE, metric_steps, smoke_overrides, vilscale
 pytestmark = pytest.mark.integration
 
 
-def test_missing_sbatch_is_an_error_before_anything_is_submitted(tmp_path):
+def test_missing_sbatch_is_an_error_before_anything_is_submitted(digits, tmp_path):
     run_dir = tmp_path / "run"
-    result = vilscale("submit", str(SMOKE), "--backend", "slurm", "--set", f"run_dir={run_dir}",
+    result = vilscale("submit", str(SMOKE), "--backend", "slurm", *smoke_overrides(digits, run_dir),
                       env={"PATH": str(tmp_path)})
     assert result.returncode == 2, result.stderr
     assert "sbatch not found" in result.stderr
@@ -29,9 +29,9 @@ def test_missing_sbatch_is_an_error_before_anything_is_submitted(tmp_path):
     ("launcher.gpus_per_node=8", r"asks for 1 node\(s\) with 8 GPU\(s\)"),
     ("launcher.nodes=3", r"asks for 3 node\(s\)"),
 ])
-def test_a_job_larger_than_the_cluster_is_refused_with_the_numbers(slurm, tmp_path, override, expected):
+def test_a_job_larger_than_the_cluster_is_refused_with_the_numbers(slurm, digits, tmp_path, override, expected):
     result = vilscale("submit", str(SMOKE), "--backend", "slurm", "--set", override,
-                      "--set", f"run_dir={tmp_path / 'run'}")
+                      *smoke_overrides(digits, tmp_path / "run"))
     assert result.returncode == 2, result.stderr
     assert re.search(expected, result.stderr), result.stderr
     cpus = os.cpu_count()

@@ -22,8 +22,15 @@ pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
 MAX_STEPS = 40  # within the first epoch (44 steps of 2 x 16 of the 1437 digits)
 CKPT_EVERY = 4
+HOLD_AT = CKPT_EVERY + 2  # every rank waits before this step until the test has lost a node
 TWO_HOSTS = {"launcher.nodes": 2, "launcher.cpu_workers_per_node": 1, "launcher.cpus_per_task": 1,
              "metrics.host": "0.0.0.0", "launcher.max_restarts": 3}
+
+
+def held_until(gate: Path) -> dict[str, str]:
+    """The `--set` that holds both ranks before step HOLD_AT until ``gate`` exists (vilscale/orchestration/faults.py):
+    the node is lost while the run is surely mid-way, however fast this machine steps."""
+    return {"launcher.env.VILSCALE_INJECT_HOLD": f"{HOLD_AT}:{gate}"}
 
 
 def latest_step(run_dir: Path) -> int:
@@ -90,13 +97,13 @@ def test_two_host_slurm_run_survives_a_node_loss_and_is_scraped_on_both_hosts(sl
     (--requeue), which waits for two nodes; h2 comes back, the job runs again and resumes from the latest
     checkpoint. Prometheus, in the root namespace, scrapes both ranks at their hosts' addresses."""
     hosts = slurm_two_nodes.hosts
-    run_dir = tmp_path / "run"
+    run_dir, gate = tmp_path / "run", tmp_path / "release"
     run_dir.mkdir()
     (prometheus.targets_dir / "slurm-run.json").symlink_to(run_dir / "prometheus_targets.json")
     submit = subprocess.Popen(
         [sys.executable, "-m", "vilscale.cli", "submit", str(SMOKE), "--backend", "slurm", "--wait",
-         *smoke_overrides(digits, run_dir, TWO_HOSTS, max_steps=MAX_STEPS, ckpt_every=CKPT_EVERY,
-                          record_samples="true", keep_checkpoints=20)],
+         *smoke_overrides(digits, run_dir, {**TWO_HOSTS, **held_until(gate)}, max_steps=MAX_STEPS,
+                          ckpt_every=CKPT_EVERY, record_samples="true", keep_checkpoints=20)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=services.REPO,
         env={**os.environ, **slurm_two_nodes.env})
     try:
@@ -113,7 +120,8 @@ def test_two_host_slurm_run_survives_a_node_loss_and_is_scraped_on_both_hosts(sl
         services.wait_until(lambda: "Restarts=1" in slurm_two_nodes.command("scontrol", "show", "job", job_id),
                             timeout_s=120, what="job requeued after the node loss", logs=logs[:-1])
         at_loss = latest_step(run_dir)
-        assert at_loss < MAX_STEPS, "the run ended before the node was lost"
+        assert at_loss == CKPT_EVERY, f"the run was held before step {HOLD_AT}, yet its latest checkpoint is {at_loss}"
+        gate.touch()
         slurm_two_nodes.restore_node("h2")
         output, _ = submit.communicate(timeout=600)
     finally:
@@ -137,12 +145,12 @@ def test_two_node_ray_run_places_a_rank_per_node_and_resumes_after_the_worker_no
     from the run dir's latest checkpoint."""
     from ray.util.state import list_actors
 
-    run_dir = tmp_path / "run"
+    run_dir, gate = tmp_path / "run", tmp_path / "release"
     submit = subprocess.Popen(
         [sys.executable, "-m", "vilscale.cli", "submit", str(SMOKE), "--backend", "ray", "--wait",
          "--address", ray_two_nodes.dashboard_url,
-         *smoke_overrides(digits, run_dir, TWO_HOSTS, max_steps=MAX_STEPS, ckpt_every=CKPT_EVERY,
-                          record_samples="true", keep_checkpoints=20)],
+         *smoke_overrides(digits, run_dir, {**TWO_HOSTS, **held_until(gate)}, max_steps=MAX_STEPS,
+                          ckpt_every=CKPT_EVERY, record_samples="true", keep_checkpoints=20)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=services.REPO)
     try:
         logs = (ray_two_nodes.head.log,)
@@ -157,8 +165,9 @@ def test_two_node_ray_run_places_a_rank_per_node_and_resumes_after_the_worker_no
         assert advertised == sorted(ray_two_nodes.addresses), targets
         ray_two_nodes.lose_node("r1", how="raylet")
         at_loss = latest_step(run_dir)
-        assert at_loss < MAX_STEPS, "the run ended before the node was lost"
+        assert at_loss == CKPT_EVERY, f"the run was held before step {HOLD_AT}, yet its latest checkpoint is {at_loss}"
         time.sleep(5)  # the driver sees the failed worker group and waits for two nodes again
+        gate.touch()
         ray_two_nodes.restore_node("r1")
         output, _ = submit.communicate(timeout=600)
     finally:

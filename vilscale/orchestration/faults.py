@@ -8,19 +8,26 @@ from dying again). Points: ``mid-step`` (after the forward of a step, before its
 
 ``VILSCALE_INJECT_NONFINITE=STEP:MICRO:RANK[,STEP:MICRO:RANK...]`` makes the loss of micro-batch MICRO
 (0-based) of step STEP (1-based) on rank RANK NaN.
+
+``VILSCALE_INJECT_HOLD=STEP:PATH`` makes every rank wait before step STEP (1-based) until the file PATH
+exists (at most ten minutes), so that a test can lose a node while the run is surely mid-way, however
+fast the machine steps.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
 
 ENV = "VILSCALE_INJECT_FAULT"
 NONFINITE_ENV = "VILSCALE_INJECT_NONFINITE"
+HOLD_ENV = "VILSCALE_INJECT_HOLD"
 POINTS = ("mid-step", "checkpoint-files-written")
+HOLD_LIMIT_S = 600.0
 
 
 def maybe_die(point: str, *, step: int, rank: int, run_dir: Path) -> None:
@@ -49,3 +56,19 @@ def maybe_poison_loss(loss: torch.Tensor, *, step: int, micro: int, rank: int) -
     except ValueError:
         raise ValueError(f"{NONFINITE_ENV}={setting!r} is not valid; use STEP:MICRO:RANK[,...]") from None
     return loss * float("nan") if (step, micro, rank) in targets else loss
+
+
+def maybe_hold(*, step: int) -> None:
+    setting = os.environ.get(HOLD_ENV)
+    if not setting:
+        return
+    at, sep, path = setting.partition(":")
+    if not sep or not at.isdigit() or not path:
+        raise ValueError(f"{HOLD_ENV}={setting!r} is not valid; use STEP:PATH")
+    if int(at) != step:
+        return
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{HOLD_ENV}: {path} did not appear within {HOLD_LIMIT_S:.0f} s")
+        time.sleep(0.1)

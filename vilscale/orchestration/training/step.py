@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from vilscale.data.augment import soft_target_cross_entropy
-from vilscale.orchestration.faults import maybe_die, maybe_poison_loss
+from vilscale.orchestration.faults import maybe_die, maybe_hold, maybe_poison_loss
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,6 +82,7 @@ class StepRunner:
     def run(self, batches, step: int) -> StepResult:
         """Step ``step`` (0-based: the number of steps completed before it)."""
         result = StepResult()
+        maybe_hold(step=step + 1)
         for micro in range(self.accum):
             wait_start = time.perf_counter()
             images, labels, indices = next(batches)
