@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from provenance import commit  # noqa: E402
 
 from vilscale.kernels.reference import vil_attention_reference  # noqa: E402
 
@@ -288,17 +289,6 @@ def forward_traffic_bytes(case: Case, dtype: torch.dtype) -> int:
 
 # ----------------------------------------------------------------------------------------------
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return out + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _triton_version():
     try:
         import triton
@@ -380,7 +370,7 @@ def main(argv=None) -> int:
                     del q, k, v, tables, forward
 
     report = {"device": device_name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": _commit(), "torch": torch.__version__, "triton": _triton_version(), "cases": results}
+              "commit": commit(), "torch": torch.__version__, "triton": _triton_version(), "cases": results}
     out = args.out
     if out is None and device.type == "cuda":
         slug = "".join(ch if ch.isalnum() else "-" for ch in device_name.lower()).strip("-")

@@ -41,7 +41,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +53,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from provenance import commit  # noqa: E402
 
 from vilscale.data.config import AugmentConfig, DataConfig  # noqa: E402
 from vilscale.data.pipeline import random_resized_boxes  # noqa: E402
@@ -146,17 +147,6 @@ def _epoch(loader, epoch: int) -> tuple[float, float, int]:
     return time.perf_counter() - t0, _cpu_seconds(loader) - c0, images
 
 
-def _git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "vilscale", "benchmarks",
-                                "setup.py"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        return commit + ("+uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run(args) -> dict:
     from vilscale.data.loader import ShardedLoader
     from vilscale.data.samples import photo_imagefolder
@@ -177,7 +167,7 @@ def run(args) -> dict:
     sizes = [os.stat(r[1]).st_size for r in plan.refs]
     result = {
         "benchmark": "data", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "commit": _git_commit(), "host": platform.node(), "cpu_count": os.cpu_count(),
+        "commit": commit(), "host": platform.node(), "cpu_count": os.cpu_count(),
         "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
         "images": len(plan.refs), "mean_jpeg_bytes": int(np.mean(sizes)), "shards": args.shards,
         "batch": BATCH, "crop": SIZE, "rounds": args.epochs, "rows": [],

@@ -44,12 +44,13 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import types
 from pathlib import Path
+
+from provenance import commit, cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL = "official"
@@ -314,28 +315,6 @@ def _write_weights(args, size: int, folder: str) -> dict:
     return paths
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return out + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _median(runs: list[dict], key: str) -> float:
     """Median over runs of a per-run figure; for step times, the median of all steps of all runs."""
     if key in ("seconds", "cpu_seconds"):
@@ -384,7 +363,7 @@ def main(argv=None) -> int:
     sizes = [size for size in args.sizes if args.max_size is None or size <= args.max_size]
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     report = {"benchmark": "model", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "commit": _commit(), "host": platform.node(), "machine": _cpu_model() if device == "cpu" else where,
+              "commit": commit(), "host": platform.node(), "machine": cpu_model() if device == "cpu" else where,
               "cpu_count": os.cpu_count(), "torch": torch.__version__, "device": where,
               "load_average_at_start": os.getloadavg(), "model": args.model, "pos_embed": args.pos_embed,
               "shift_mode": args.shift_mode, "batch": args.batch, "dtype": args.dtype, "threads": args.threads,

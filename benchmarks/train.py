@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from provenance import commit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -115,10 +115,9 @@ def main() -> int:
             ratio = row["images_per_second"] / baseline["images_per_second"]
             print(f"{row['backend']} vs chunked: {ratio:.2f}x images/s")
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         Path(args.json).write_text(json.dumps({
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
             "torch": torch.__version__, "config": vars(args), "results": rows}, indent=1))
     torch.distributed.destroy_process_group()
     return 0

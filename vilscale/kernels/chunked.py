@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from vilscale.kernels.dense import no_autocast, softmax_
-from vilscale.kernels.reference import OWN_CHUNK, neighbour_offset, validate_problem
+from vilscale.kernels.reference import OWN_CHUNK, AttentionProblem, neighbour_offset, validate_problem
 
 
 @dataclass(frozen=True)
@@ -223,21 +223,11 @@ def _add_bias_and_mask(scores: list[torch.Tensor], geometry: _Geometry, bias: to
         first += width
 
 
-@dataclass(frozen=True)
-class _Problem:
-    map_hw: tuple[int, int]
-    num_global: int
-    window: int
-    mode: str
-    neighbour: int | None
-    scale: float
-
-
 class _ChunkedAttention(torch.autograd.Function):
     """``apply(q, k, v, local_bias, g2l_bias, l2g_bias, g2g_bias, problem) -> (B, h, N, d)``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, local_bias, g2l_bias, l2g_bias, g2g_bias, problem: _Problem):
+    def forward(ctx, q, k, v, local_bias, g2l_bias, l2g_bias, g2g_bias, problem: AttentionProblem):
         with no_autocast(q.device):  # all math in fp32, whatever the input dtype
             out, probs, global_probs = _forward(q.float(), k.float(), v.float(),
                                                 (local_bias, g2l_bias, l2g_bias, g2g_bias), problem)
@@ -256,7 +246,7 @@ class _ChunkedAttention(torch.autograd.Function):
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *tables, None)
 
 
-def _forward(q, k, v, tables, problem: _Problem):
+def _forward(q, k, v, tables, problem: AttentionProblem):
     """fp32 q, k, v (B, h, N, d) -> output (B, h, N, d) fp32, the probabilities of the local queries
     (global keys first, then one tensor per key block) and those of the global queries."""
     local_bias, g2l_bias, l2g_bias, g2g_bias = tables
@@ -307,7 +297,7 @@ def _forward(q, k, v, tables, problem: _Problem):
     return out, probs, global_probs
 
 
-def _backward(grad_out, q, k, v, out, probs, global_probs, tables, problem: _Problem, needs_grad):
+def _backward(grad_out, q, k, v, out, probs, global_probs, tables, problem: AttentionProblem, needs_grad):
     """fp32 everything; returns (dq, dk, dv, d_local_bias, d_g2l, d_l2g, d_g2g)."""
     local_bias, g2l_bias, l2g_bias, g2g_bias = tables
     batch, heads, n_tokens, dim = q.shape
@@ -400,8 +390,8 @@ def vil_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     if not num_global:  # empty global tables take no part (they still get a zero-size gradient below)
         empty = [t for t in (g2l_bias, l2g_bias, g2g_bias) if t is not None]
         g2l_bias = l2g_bias = g2g_bias = None
-    problem = _Problem(map_hw=(int(map_hw[0]), int(map_hw[1])), num_global=int(num_global), window=int(window),
-                       mode=mode, neighbour=neighbour, scale=float(head_dim ** -0.5 if scale is None else scale))
+    problem = AttentionProblem.of(head_dim, map_hw=map_hw, num_global=num_global, window=window, mode=mode,
+                                  neighbour=neighbour, scale=scale)
     out = _ChunkedAttention.apply(q, k, v, local_bias, g2l_bias, l2g_bias, g2g_bias, problem)
     if not num_global:
         for table in empty:

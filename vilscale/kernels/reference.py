@@ -29,6 +29,8 @@ Memory is O(N^2): use it as an oracle and for small maps only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 WINDOW_MODES = ("chunk", "exact")
@@ -58,6 +60,26 @@ def neighbour_of_official_mode(mode: int) -> int | None:
 def neighbour_offset(neighbour: int) -> tuple[int, int]:
     """(dy, dx) chunk offset of ``neighbour`` (0..8, row-major over the 3x3 chunks around the query's)."""
     return neighbour // 3 - 1, neighbour % 3 - 1
+
+
+@dataclass(frozen=True)
+class AttentionProblem:
+    """The shape of one ViL attention call that the fast backends carry from forward to backward
+    (hashable, so autograd functions take it as a plain argument)."""
+
+    map_hw: tuple[int, int]
+    num_global: int
+    window: int
+    mode: str
+    neighbour: int | None
+    scale: float
+
+    @classmethod
+    def of(cls, head_dim: int, *, map_hw, num_global: int, window: int, mode: str, neighbour: int | None,
+           scale: float | None) -> AttentionProblem:
+        """``scale=None`` is the usual ``head_dim ** -0.5``."""
+        return cls(map_hw=(int(map_hw[0]), int(map_hw[1])), num_global=int(num_global), window=int(window),
+                   mode=mode, neighbour=neighbour, scale=float(head_dim ** -0.5 if scale is None else scale))
 
 
 def validate_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, map_hw: tuple[int, int],

@@ -23,11 +23,10 @@ Nothing here touches CUDA at import time.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 
-from vilscale.kernels.reference import WINDOW_MODES, neighbour_offset, validate_problem
+from vilscale.kernels.reference import WINDOW_MODES, AttentionProblem, neighbour_offset, validate_problem
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 MAX_HEAD_DIM = 128
@@ -111,28 +110,19 @@ def _max_tiles(height: int, width: int) -> int:
     return max(triton_cdiv(height, ty) * triton_cdiv(width, tx) for ty, tx in tiles)
 
 
-@dataclass(frozen=True)
-class _Problem:
-    map_hw: tuple[int, int]
-    num_global: int
-    window: int
-    mode: str
-    scale: float
-    neighbour: int | None = None
-
-    def neighbour_args(self) -> dict:
-        """Kernel arguments for the chunks a local query sees: all 9, or its own and one at (nb_y, nb_x)."""
-        if self.neighbour is None:
-            return dict(nb_y=0, nb_x=0, ALL_NB=True)
-        nb_y, nb_x = neighbour_offset(self.neighbour)
-        return dict(nb_y=nb_y, nb_x=nb_x, ALL_NB=False)
+def _neighbour_args(problem: AttentionProblem) -> dict:
+    """Kernel arguments for the chunks a local query sees: all 9, or its own and one at (nb_y, nb_x)."""
+    if problem.neighbour is None:
+        return dict(nb_y=0, nb_x=0, ALL_NB=True)
+    nb_y, nb_x = neighbour_offset(problem.neighbour)
+    return dict(nb_y=nb_y, nb_x=nb_x, ALL_NB=False)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _common(q: torch.Tensor, problem: _Problem) -> dict:
+def _common(q: torch.Tensor, problem: AttentionProblem) -> dict:
     kernels = _kernels()
     head_dim = q.shape[3]
     return dict(HEAD_DIM=head_dim, BLOCK_D=max(16, _next_pow2(head_dim)), BLOCK_G=BLOCK_G,
@@ -152,7 +142,7 @@ def _global_split(n_local: int) -> tuple[int, int, int]:
     return block_n, split, triton_cdiv(n_local, split)
 
 
-def _forward(q, k, v, tables, problem: _Problem):
+def _forward(q, k, v, tables, problem: AttentionProblem):
     kernels = _kernels()
     local_bias, g2l, l2g, g2g = tables
     batch, heads, n_tokens, head_dim = q.shape
@@ -170,7 +160,7 @@ def _forward(q, k, v, tables, problem: _Problem):
                   q, k, v, out, lse, _or(local_bias, dummy), _or(l2g, dummy), *strides,
                   heads, n_global, height, width, qk_scale,
                   WINDOW=problem.window, CHUNK=problem.mode == "chunk",
-                  HAS_LB=local_bias is not None, HAS_L2G=l2g is not None, **problem.neighbour_args(), **common)
+                  HAS_LB=local_bias is not None, HAS_L2G=l2g is not None, **_neighbour_args(problem), **common)
     if n_global:
         block_n, split, n_splits = _global_split(n_local)
         part_o = torch.empty((n_splits, batch * heads, n_global, head_dim), dtype=torch.float32, device=q.device)
@@ -195,7 +185,7 @@ def _or(table, dummy):
     return dummy if table is None else table
 
 
-def _backward(grad_out, q, k, v, out, lse, global_out, tables, problem: _Problem, needs_table_grad):
+def _backward(grad_out, q, k, v, out, lse, global_out, tables, problem: AttentionProblem, needs_table_grad):
     kernels = _kernels()
     local_bias, g2l, l2g, g2g = tables
     batch, heads, n_tokens, head_dim = q.shape
@@ -233,13 +223,13 @@ def _backward(grad_out, q, k, v, out, lse, global_out, tables, problem: _Problem
         q, k, v, grad_out, lse, delta, dq, _or(local_bias, dummy), _or(l2g, dummy), lb_parts, *strides,
         heads, n_global, height, width, qk_scale, problem.scale,
         WINDOW=window, CHUNK=chunk, HAS_LB=local_bias is not None, HAS_L2G=l2g is not None,
-        LB_GRAD=lb_grad, RADIUS=radius, OFFSETS=offsets, **problem.neighbour_args(), **common)
+        LB_GRAD=lb_grad, RADIUS=radius, OFFSETS=offsets, **_neighbour_args(problem), **common)
     _launch_local(
         "bwd_local_dkdv_kernel", batch * heads, height, width,
         q, k, v, grad_out, lse, delta, dk, dv, _or(local_bias, dummy), _or(g2l, dummy), *strides,
         heads, n_global, height, width, qk_scale, problem.scale,
         WINDOW=window, CHUNK=chunk, HAS_LB=local_bias is not None, HAS_G2L=g2l is not None,
-        **problem.neighbour_args(), **common)
+        **_neighbour_args(problem), **common)
 
     d_local_bias = d_g2l = d_l2g = d_g2g = None
     if lb_grad:
@@ -286,7 +276,7 @@ class ViLAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: ``apply(q, k, v, local_bias, g2l_bias, l2g_bias, g2g_bias, problem)``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, local_bias, g2l_bias, l2g_bias, g2g_bias, problem: _Problem):
+    def forward(ctx, q, k, v, local_bias, g2l_bias, l2g_bias, g2g_bias, problem: AttentionProblem):
         tables = (local_bias, g2l_bias, l2g_bias, g2g_bias)
         out, lse, global_out = _forward(q, k, v, tables, problem)
         ctx.save_for_backward(q, k, v, out, lse, global_out, *tables)
@@ -331,8 +321,8 @@ def vil_attention_triton(q, k, v, *, map_hw, num_global, window, mode="chunk", s
               _table(g2l_bias, "g2l_bias", (heads, num_global), q.device),
               _table(l2g_bias, "l2g_bias", (heads, num_global), q.device),
               _table(g2g_bias, "g2g_bias", (heads, num_global, num_global), q.device))
-    problem = _Problem(map_hw=(int(map_hw[0]), int(map_hw[1])), num_global=int(num_global), window=int(window),
-                       mode=mode, scale=float(head_dim ** -0.5 if scale is None else scale), neighbour=neighbour)
+    problem = AttentionProblem.of(head_dim, map_hw=map_hw, num_global=num_global, window=window, mode=mode,
+                                  neighbour=neighbour, scale=scale)
     out = ViLAttentionFunction.apply(q, k, v, *tables, problem)
     # Empty tables (no global tokens) still get a (zero-size) gradient through this no-op.
     for table in (g2l_bias, l2g_bias, g2g_bias):
