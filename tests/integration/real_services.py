@@ -53,6 +53,13 @@ def smoke_overrides(digits: Path, run_dir: Path, extra: dict | None = None, **tr
     return args
 
 
+def held_before(step: int, gate: Path) -> dict[str, str]:
+    """`smoke_overrides` extras that make every rank wait before ``step`` until ``gate`` exists
+    (VILSCALE_INJECT_HOLD, vilscale/orchestration/faults.py): a test kills, loses or signals while the run
+    is surely mid-way, however fast the machine steps, then creates ``gate``."""
+    return {"launcher.env.VILSCALE_INJECT_HOLD": f"{step}:{gate}"}
+
+
 def metric_steps(run_dir: Path) -> list[int]:
     """The step of every training record in metrics.jsonl, in the order the run wrote them."""
     path = run_dir / "metrics.jsonl"

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import real_services as services
-from real_services import SMOKE, metric_steps, smoke_overrides, vilscale
+from real_services import SMOKE, held_before, metric_steps, smoke_overrides, vilscale
 
 pytestmark = pytest.mark.integration
 
@@ -42,21 +42,23 @@ def test_a_job_larger_than_the_cluster_is_refused_with_the_numbers(ray_head, dig
 
 @pytest.mark.slow
 def test_killed_worker_is_restarted_and_resumes_from_the_latest_checkpoint(ray_head, digits, tmp_path):
-    run_dir = tmp_path / "run"
-    max_steps = 60
+    run_dir, gate = tmp_path / "run", tmp_path / "release"
+    max_steps = 16
     submit = subprocess.Popen(
         [sys.executable, "-m", "vilscale.cli", "submit", str(SMOKE), "--backend", "ray", "--wait",
-         "--address", ray_head.dashboard_url, *smoke_overrides(digits, run_dir, max_steps=max_steps, ckpt_every=4)],
+         "--address", ray_head.dashboard_url,
+         *smoke_overrides(digits, run_dir, held_before(6, gate), max_steps=max_steps, ckpt_every=4)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=services.REPO)
     try:
         latest = run_dir / "checkpoints" / "latest"
         services.wait_until(latest.exists, timeout_s=300, what="first checkpoint", poll_s=0.1,
                             logs=(ray_head.log,))
         step_at_kill = int(latest.read_text().strip().split("_")[-1])
-        assert not (run_dir / "summary.json").exists(), "the run ended before a worker could be killed"
+        assert step_at_kill == 4, "the ranks are held before step 6: step 4 is the only checkpoint"
         workers = ray_head.alive_workers()
         assert len(workers) == 2, workers
         os.kill(workers[-1], signal.SIGKILL)
+        gate.touch()
         output, _ = submit.communicate(timeout=600)
     finally:
         if submit.poll() is None:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import real_services as services
-from real_services import SMOKE, metric_steps, smoke_overrides, vilscale
+from real_services import SMOKE, held_before, metric_steps, smoke_overrides, vilscale
 
 pytestmark = pytest.mark.integration
 
@@ -49,11 +49,11 @@ def test_preempted_then_requeued_job_resumes_from_its_latest_checkpoint_each_tim
     """USR2 (what SLURM sends before the time limit, and on preemption) makes the ranks save a checkpoint at
     the step they are in and rank 0 requeue the job, which resumes from exactly that step (no step is
     trained twice); an administrator's `scontrol requeue` restarts it too, from the latest checkpoint."""
-    run_dir = tmp_path / "run"
-    max_steps = 60
+    run_dir, gate = tmp_path / "run", tmp_path / "release"
+    max_steps = 24
     submit = subprocess.Popen(
         [sys.executable, "-m", "vilscale.cli", "submit", str(SMOKE), "--backend", "slurm", "--wait",
-         *smoke_overrides(digits, run_dir, max_steps=max_steps, ckpt_every=4)],
+         *smoke_overrides(digits, run_dir, held_before(6, gate), max_steps=max_steps, ckpt_every=4)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=services.REPO,
         env={**os.environ, **slurm.env})
     try:
@@ -63,7 +63,9 @@ def test_preempted_then_requeued_job_resumes_from_its_latest_checkpoint_each_tim
         services.wait_until(lambda: _latest_step(run_dir) >= 0, timeout_s=300, what="first checkpoint",
                             poll_s=0.1, logs=logs)
         step_at_signal = _latest_step(run_dir)
+        assert step_at_signal == 4, "the ranks are held before step 6: step 4 is the only checkpoint"
         slurm.command("scancel", "--signal=USR2", job_id)
+        gate.touch()
         # Rank 0 requeues the job and exits, so this allocation cannot finish the run.
         services.wait_until(lambda: "Restarts=1" in slurm.command("scontrol", "show", "job", job_id),
                             timeout_s=60, what="job requeued by rank 0", logs=logs)

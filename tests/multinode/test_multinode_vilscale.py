@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import real_services as services
-from real_services import SMOKE, smoke_overrides
+from real_services import SMOKE, held_before, smoke_overrides
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
@@ -25,12 +25,6 @@ CKPT_EVERY = 4
 HOLD_AT = CKPT_EVERY + 2  # every rank waits before this step until the test has lost a node
 TWO_HOSTS = {"launcher.nodes": 2, "launcher.cpu_workers_per_node": 1, "launcher.cpus_per_task": 1,
              "metrics.host": "0.0.0.0", "launcher.max_restarts": 3}
-
-
-def held_until(gate: Path) -> dict[str, str]:
-    """The `--set` that holds both ranks before step HOLD_AT until ``gate`` exists (vilscale/orchestration/faults.py):
-    the node is lost while the run is surely mid-way, however fast this machine steps."""
-    return {"launcher.env.VILSCALE_INJECT_HOLD": f"{HOLD_AT}:{gate}"}
 
 
 def latest_step(run_dir: Path) -> int:
@@ -102,7 +96,7 @@ def test_two_host_slurm_run_survives_a_node_loss_and_is_scraped_on_both_hosts(sl
     (prometheus.targets_dir / "slurm-run.json").symlink_to(run_dir / "prometheus_targets.json")
     submit = subprocess.Popen(
         [sys.executable, "-m", "vilscale.cli", "submit", str(SMOKE), "--backend", "slurm", "--wait",
-         *smoke_overrides(digits, run_dir, {**TWO_HOSTS, **held_until(gate)}, max_steps=MAX_STEPS,
+         *smoke_overrides(digits, run_dir, {**TWO_HOSTS, **held_before(HOLD_AT, gate)}, max_steps=MAX_STEPS,
                           ckpt_every=CKPT_EVERY, record_samples="true", keep_checkpoints=20)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=services.REPO,
         env={**os.environ, **slurm_two_nodes.env})
@@ -149,7 +143,7 @@ def test_two_node_ray_run_places_a_rank_per_node_and_resumes_after_the_worker_no
     submit = subprocess.Popen(
         [sys.executable, "-m", "vilscale.cli", "submit", str(SMOKE), "--backend", "ray", "--wait",
          "--address", ray_two_nodes.dashboard_url,
-         *smoke_overrides(digits, run_dir, {**TWO_HOSTS, **held_until(gate)}, max_steps=MAX_STEPS,
+         *smoke_overrides(digits, run_dir, {**TWO_HOSTS, **held_before(HOLD_AT, gate)}, max_steps=MAX_STEPS,
                           ckpt_every=CKPT_EVERY, record_samples="true", keep_checkpoints=20)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=services.REPO)
     try:
