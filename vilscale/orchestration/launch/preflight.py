@@ -61,8 +61,8 @@ def _check_model(spec: JobSpec) -> None:
         raise SpecError(f"model.name={cfg.name!r} is not a vilscale model; valid names: {', '.join(list_models())}")
     try:
         build_config(cfg.name, pos_embed=cfg.pos_embed, window_mode=cfg.window_mode, window=cfg.window,
-                            img_size=cfg.img_size, num_classes=cfg.num_classes, attn_backend=cfg.attn_backend,
-                            drop_path_rate=cfg.drop_path_rate)
+                     img_size=cfg.img_size, num_classes=cfg.num_classes, attn_backend=cfg.attn_backend,
+                     drop_path_rate=cfg.drop_path_rate)
     except ValueError as error:
         raise SpecError(f"model ({cfg.name} at img_size={cfg.img_size}, window={cfg.window}): {error}") from None
 
