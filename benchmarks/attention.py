@@ -271,6 +271,16 @@ def measure(forward, leaves, device, repeats: int, warmup: int) -> dict:
             "peak_mem_bytes": peak}
 
 
+@torch.no_grad()
+def error_against_chunked(case: Case, q, k, v, tables, forward) -> float:
+    """Largest difference of ``forward``'s output from the chunked backend's on the same inputs, relative to
+    the largest magnitude of the chunked output (the kernels checked at the very shape that is timed)."""
+    chunked = backend_from_dispatcher("chunked", case, q)
+    want = chunked.forward(q, k, v, **_problem(case), **tables).float()
+    got = forward().float()
+    return ((got - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
+
+
 def copy_bandwidth(device) -> float:
     """Bytes per second of a large device-to-device copy (read + write)."""
     src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
@@ -338,6 +348,22 @@ def main(argv=None) -> int:
         print(f"{device_name}: measured copy bandwidth {bandwidth / 1e9:.0f} GB/s")
 
     results = []
+    out = args.out
+    if out is None and device.type == "cuda":
+        slug = "".join(ch if ch.isalnum() else "-" for ch in device_name.lower()).strip("-")
+        out = str(REPO / "benchmarks" / "results" / f"attention-{slug}{'-quick' if args.quick else ''}.json")
+
+    def write_report():
+        """Rewritten after every row, so a run stopped midway (a time-boxed device check) keeps what it measured."""
+        if not out:
+            return
+        report = {"device": device_name,
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "commit": commit(), "torch": torch.__version__, "triton": _triton_version(),
+                  "copy_bandwidth_bytes_per_s": bandwidth, "cases": results}
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+
     for case in cases:
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
@@ -356,28 +382,34 @@ def main(argv=None) -> int:
                         print(f"{label} skipped: out of memory")
                         torch.cuda.empty_cache()
                         continue
+                    except Exception as error:  # a backend that breaks is a result too; the others still run
+                        text = str(error).strip()
+                        message = f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
+                        print(f"{label} FAILED: {message}", flush=True)
+                        results.append({"name": case.name, "backend": backend, "dtype": dtype_name, "bias": bias,
+                                        "error": message})
+                        write_report()
+                        continue
                     entry = {"name": case.name, "backend": backend, "dtype": dtype_name, **row}
+                    if backend in ("triton", "flex") and bias:
+                        entry["max_rel_err_vs_chunked"] = error_against_chunked(case, q, k, v, tables, forward)
                     if backend in ("triton", "natten") and "natten" in backends:
                         entry["bias"] = bias
                     line = (f"{label} fwd {row['fwd_ms']:9.3f} ms   fwd+bwd {row['fwdbwd_ms']:9.3f} ms"
                             + (f"   peak {row['peak_mem_bytes'] / 2**20:9.1f} MiB" if row["peak_mem_bytes"] else ""))
+                    if "max_rel_err_vs_chunked" in entry:
+                        line += f"   (vs chunked {entry['max_rel_err_vs_chunked']:.1e})"
                     if backend == "triton" and bandwidth and bias:
                         bound = forward_traffic_bytes(case, dtype) / bandwidth * 1e3
                         entry["fwd_traffic_bound_ms"] = bound
                         line += f"   (traffic bound {bound:.3f} ms: {row['fwd_ms'] / bound:.2f}x)"
                     print(line, flush=True)
                     results.append(entry)
+                    write_report()
                     del q, k, v, tables, forward
 
-    report = {"device": device_name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": commit(), "torch": torch.__version__, "triton": _triton_version(), "cases": results}
-    out = args.out
-    if out is None and device.type == "cuda":
-        slug = "".join(ch if ch.isalnum() else "-" for ch in device_name.lower()).strip("-")
-        out = str(REPO / "benchmarks" / "results" / f"attention-{slug}{'-quick' if args.quick else ''}.json")
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        write_report()
         print(f"wrote {out}")
     else:
         print("no --out given on CPU: results not written (benchmarks/results/ holds GPU measurements)")

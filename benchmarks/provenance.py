@@ -4,6 +4,7 @@ Shared by the scripts in this folder (run as ``python benchmarks/NAME.py``, whic
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -12,7 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def commit() -> str:
-    """The short commit id, with ``+uncommitted changes`` when the code that is measured differs from it."""
+    """The short commit id, with ``+uncommitted changes`` when the code that is measured differs from it;
+    ``VILSCALE_COMMIT`` when set (a copy of the tree without its git history, as on a lent GPU machine)."""
+    if os.environ.get("VILSCALE_COMMIT"):
+        return os.environ["VILSCALE_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()

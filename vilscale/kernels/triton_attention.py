@@ -23,6 +23,7 @@ Nothing here touches CUDA at import time.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -32,9 +33,18 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 MAX_HEAD_DIM = 128
 MAX_WINDOW = 32
 MAX_GRID_Y = 65535  # CUDA limit on the batch x heads grid axis
-# Tile shapes (TILE_Y, TILE_X) autotuned on GPU; the interpreter uses one fixed tile (no autotuning).
-GPU_TILES = ((4, 8), (8, 8), (8, 16), (16, 8))
+# Launch configurations (TILE_Y, TILE_X, num_warps) autotuned on GPU; the interpreter uses one fixed tile.
+# Chosen from Triton 3.6's sm_90 compile (ptxas -v, bf16/fp16/fp32, head dims 16-128): the dq kernel's
+# tl.gather does not lower with fewer than 8 query rows per warp ("GatherLoweringHelper(op).isWarpLocal()"),
+# so (4, 8) runs with 4 warps only; (8, 8), (8, 16) and (16, 8) with 4 warps spill (up to 1.6 KiB per
+# thread in bf16 at head dim 64, more in fp32), with 8 warps they spill little or nothing. Every
+# configuration costs a compile per new shape, so the list is kept to what can win.
+GPU_CONFIGS = ((4, 8, 4), (8, 8, 8), (8, 16, 8), (16, 8, 8))
+GPU_TILES = tuple(sorted({(ty, tx) for ty, tx, _ in GPU_CONFIGS}))
 INTERPRETER_TILE = (4, 8)
+# VILSCALE_TRITON_CONFIG=TYxTXxWARPS (e.g. 8x8x4) runs every tiled kernel at that one configuration, without
+# the autotuning sweep: for test runs on a GPU, where each new shape would otherwise compile every configuration.
+FIXED_CONFIG_ENV = "VILSCALE_TRITON_CONFIG"
 # Global queries/keys see every token; their kernels cut the local tokens into splits of this many
 # tokens (one program each) whose partial results are reduced on the host.
 GLOBAL_SPLIT_TOKENS = 1024
@@ -68,18 +78,34 @@ def _heuristic_key_width(args) -> int:
     return key_width(args["TILE_X"], args["WINDOW"], args["CHUNK"], args["W"])
 
 
+def fixed_config() -> tuple[int, int, int] | None:
+    """The configuration named by VILSCALE_TRITON_CONFIG, or None (autotune)."""
+    value = os.environ.get(FIXED_CONFIG_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        config = tuple(int(part) for part in value.lower().split("x"))
+    except ValueError:
+        config = ()
+    if config not in GPU_CONFIGS:
+        valid = ", ".join("x".join(map(str, c)) for c in GPU_CONFIGS)
+        raise ValueError(f"{FIXED_CONFIG_ENV}={value!r} is not a known configuration; valid: {valid}")
+    return config
+
+
 @functools.lru_cache(maxsize=1)
 def _local_launchers():
-    """The three tiled kernels, autotuned over GPU_TILES on GPU, fixed under the interpreter."""
+    """The three tiled kernels, autotuned over GPU_CONFIGS on GPU, fixed under the interpreter."""
     import triton
 
     kernels = _kernels()
     wrapped = {}
+    chosen = fixed_config()
     for name in ("fwd_local_kernel", "bwd_local_dq_kernel", "bwd_local_dkdv_kernel"):
         kernel = triton.heuristics({"KEY_W": _heuristic_key_width})(getattr(kernels, name))
         if not kernels.INTERPRETED:
             configs = [triton.Config({"TILE_Y": ty, "TILE_X": tx}, num_warps=warps)
-                       for ty, tx in GPU_TILES for warps in (4, 8)]
+                       for ty, tx, warps in ([chosen] if chosen else GPU_CONFIGS)]
             kernel = triton.autotune(configs, key=["H", "W", "G", "WINDOW", "CHUNK", "ALL_NB", "HEAD_DIM"])(kernel)
         wrapped[name] = kernel
     return wrapped
