@@ -81,20 +81,21 @@ class Skip(Exception):
 # problem inputs and backends: each returns a closure running one forward
 # ----------------------------------------------------------------------------------------------
 
-def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, *, bias: bool = True):
+def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, *, bias: bool = True,
+                table_grad: bool = True):
     gen = torch.Generator(device="cpu").manual_seed(0)
 
-    def leaf(*shape, dt=dtype):
-        return torch.randn(*shape, generator=gen).to(device, dt).requires_grad_()
+    def leaf(*shape, dt=dtype, grad=True):
+        return torch.randn(*shape, generator=gen).to(device, dt).requires_grad_(grad)
 
     shape = (case.batch, case.heads, case.tokens, case.head_dim)
     q, k, v = leaf(*shape), leaf(*shape), leaf(*shape)
     tables = {}
     if bias:
         g, h = case.num_global, case.heads
-        tables = {"local_bias": leaf(h, (4 * case.window - 1) ** 2, dt=torch.float32),
-                  "g2l_bias": leaf(h, g, dt=torch.float32), "l2g_bias": leaf(h, g, dt=torch.float32),
-                  "g2g_bias": leaf(h, g, g, dt=torch.float32)}
+        table = dict(dt=torch.float32, grad=table_grad)
+        tables = {"local_bias": leaf(h, (4 * case.window - 1) ** 2, **table), "g2l_bias": leaf(h, g, **table),
+                  "l2g_bias": leaf(h, g, **table), "g2g_bias": leaf(h, g, g, **table)}
     return q, k, v, tables
 
 
@@ -224,9 +225,13 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _time_ms(fn, device, repeats: int) -> float:
+def _time_ms(fn, device, repeats: int, budget_ms: float = 3000.0) -> float:
+    """Median of up to ``repeats`` runs; stops early (after at least 3) once ``budget_ms`` is spent, so a
+    pathologically slow backend cannot eat a time-boxed run."""
     samples = []
     for _ in range(repeats):
+        if len(samples) >= 3 and sum(samples) > budget_ms:
+            break
         if device.type == "cuda":
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -368,11 +373,20 @@ def main(argv=None) -> int:
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             for backend in backends:
-                variants = [True, False] if backend == "triton" and "natten" in backends else [True]
-                for bias in ([False] if backend == "natten" else variants):
-                    label = f"{case.name:<20} {dtype_name:<4} {backend:<9}{'' if bias else ' (no bias)'}"
+                # (bias, table_grad): with the bias tables learnt (training), with them frozen (FlexAttention
+                # differentiates a gathered table through atomics), and without bias (NATTEN's form)
+                variants = [(True, True)]
+                if backend in ("triton", "flex"):
+                    variants.append((True, False))
+                if backend == "triton" and "natten" in backends:
+                    variants.append((False, True))
+                if backend == "natten":
+                    variants = [(False, True)]
+                for bias, table_grad in variants:
+                    label = (f"{case.name:<20} {dtype_name:<4} {backend:<9}{'' if bias else ' (no bias)'}"
+                             f"{'' if table_grad else ' (tables frozen)'}")
                     try:
-                        q, k, v, tables = make_inputs(case, dtype, device, bias=bias)
+                        q, k, v, tables = make_inputs(case, dtype, device, bias=bias, table_grad=table_grad)
                         forward = RUNNERS[backend](case, q, k, v, tables)
                         row = measure(forward, [q, k, v, *tables.values()], device, repeats, warmup)
                     except Skip as why:
@@ -387,19 +401,18 @@ def main(argv=None) -> int:
                         message = f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
                         print(f"{label} FAILED: {message}", flush=True)
                         results.append({"name": case.name, "backend": backend, "dtype": dtype_name, "bias": bias,
-                                        "error": message})
+                                        "table_grad": table_grad, "error": message})
                         write_report()
                         continue
-                    entry = {"name": case.name, "backend": backend, "dtype": dtype_name, **row}
-                    if backend in ("triton", "flex") and bias:
+                    entry = {"name": case.name, "backend": backend, "dtype": dtype_name, "bias": bias,
+                             "table_grad": table_grad, **row}
+                    if backend in ("triton", "flex") and bias and table_grad:
                         entry["max_rel_err_vs_chunked"] = error_against_chunked(case, q, k, v, tables, forward)
-                    if backend in ("triton", "natten") and "natten" in backends:
-                        entry["bias"] = bias
                     line = (f"{label} fwd {row['fwd_ms']:9.3f} ms   fwd+bwd {row['fwdbwd_ms']:9.3f} ms"
                             + (f"   peak {row['peak_mem_bytes'] / 2**20:9.1f} MiB" if row["peak_mem_bytes"] else ""))
                     if "max_rel_err_vs_chunked" in entry:
                         line += f"   (vs chunked {entry['max_rel_err_vs_chunked']:.1e})"
-                    if backend == "triton" and bandwidth and bias:
+                    if backend == "triton" and bandwidth and bias and table_grad:
                         bound = forward_traffic_bytes(case, dtype) / bandwidth * 1e3
                         entry["fwd_traffic_bound_ms"] = bound
                         line += f"   (traffic bound {bound:.3f} ms: {row['fwd_ms'] / bound:.2f}x)"

@@ -67,10 +67,10 @@ def steps_table(path: Path | None) -> list[dict]:
     return rows
 
 
-def _row(cases, name, backend, dtype="bf16", bias=True):
+def _row(cases, name, backend, dtype="bf16", bias=True, table_grad=True):
     for row in cases:
         if (row["name"] == name and row["backend"] == backend and row["dtype"] == dtype
-                and row.get("bias", True) == bias and "error" not in row):
+                and row.get("bias", True) == bias and row.get("table_grad", True) == table_grad and "error" not in row):
             return row
     return None
 
@@ -91,6 +91,9 @@ def attention_figures(attention: dict | None, case: str) -> dict:
         if flex:
             out["fwdbwd_vs_flex"] = flex["fwdbwd_ms"] / triton["fwdbwd_ms"]
             out["fwd_vs_flex"] = flex["fwd_ms"] / triton["fwd_ms"]
+        frozen_triton, frozen_flex = (_row(cases, case, name, dtype, table_grad=False) for name in ("triton", "flex"))
+        if frozen_triton and frozen_flex:  # bias tables not learnt: FlexAttention without its atomics
+            out["fwdbwd_vs_flex_tables_frozen"] = frozen_flex["fwdbwd_ms"] / frozen_triton["fwdbwd_ms"]
         if chunked:
             out["fwdbwd_vs_chunked"] = chunked["fwdbwd_ms"] / triton["fwdbwd_ms"]
             out["fwd_vs_chunked"] = chunked["fwd_ms"] / triton["fwd_ms"]

@@ -150,21 +150,24 @@ def relative_index(map_hw: tuple[int, int], window: int, device=None) -> torch.T
 def dense_bias_and_mask(map_hw: tuple[int, int], num_global: int, window: int, mode: str, heads: int,
                         *, local_bias=None, g2l_bias=None, l2g_bias=None, g2g_bias=None,
                         device=None, neighbour: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full (heads, N, N) additive bias (fp32, differentiable w.r.t. the tables) and (N, N) mask."""
+    """Full (heads, N, N) additive bias (fp32, or fp64 for fp64 tables; differentiable w.r.t. the tables)
+    and (N, N) mask."""
     height, width = map_hw
     n_local = height * width
     n = num_global + n_local
     visible = torch.ones(n, n, dtype=torch.bool, device=device)
     visible[num_global:, num_global:] = local_visibility(map_hw, window, mode, device, neighbour)
 
-    bias = torch.zeros(heads, n, n, dtype=torch.float32, device=device)
+    tables = [t for t in (local_bias, g2l_bias, l2g_bias, g2g_bias) if t is not None]
+    compute = torch.float64 if any(t.dtype == torch.float64 for t in tables) else torch.float32
+    bias = torch.zeros(heads, n, n, dtype=compute, device=device)
     if local_bias is not None:
         expected = (4 * window - 1) ** 2
         if local_bias.shape != (heads, expected):
             raise ValueError(f"local_bias must be (heads={heads}, (4w-1)^2={expected}), "
                              f"got {tuple(local_bias.shape)}")
         index = relative_index(map_hw, window, device)
-        local = local_bias.float()[:, index.reshape(-1)].reshape(heads, n_local, n_local)
+        local = local_bias.to(compute)[:, index.reshape(-1)].reshape(heads, n_local, n_local)
         bias = bias + torch.nn.functional.pad(local, (num_global, 0, num_global, 0))
     for name, table, shape in (("g2l_bias", g2l_bias, (heads, num_global)),
                                ("l2g_bias", l2g_bias, (heads, num_global)),
@@ -172,13 +175,13 @@ def dense_bias_and_mask(map_hw: tuple[int, int], num_global: int, window: int, m
         if table is not None and tuple(table.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(table.shape)}")
     if num_global and g2l_bias is not None:
-        block = g2l_bias.float()[:, :, None].expand(heads, num_global, n_local)
+        block = g2l_bias.to(compute)[:, :, None].expand(heads, num_global, n_local)
         bias = bias + torch.nn.functional.pad(block, (num_global, 0, 0, n_local))
     if num_global and l2g_bias is not None:
-        block = l2g_bias.float()[:, None, :].expand(heads, n_local, num_global)
+        block = l2g_bias.to(compute)[:, None, :].expand(heads, n_local, num_global)
         bias = bias + torch.nn.functional.pad(block, (0, n_local, num_global, 0))
     if num_global and g2g_bias is not None:
-        bias = bias + torch.nn.functional.pad(g2g_bias.float(), (0, n_local, 0, n_local))
+        bias = bias + torch.nn.functional.pad(g2g_bias.to(compute), (0, n_local, 0, n_local))
     return bias, visible
 
 
@@ -187,7 +190,8 @@ def vil_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
                             scale: float | None = None, local_bias: torch.Tensor | None = None,
                             g2l_bias: torch.Tensor | None = None, l2g_bias: torch.Tensor | None = None,
                             g2g_bias: torch.Tensor | None = None, neighbour: int | None = None) -> torch.Tensor:
-    """ViL attention by its definition: dense scores, exact mask and biases, softmax in fp32.
+    """ViL attention by its definition: dense scores, exact mask and biases, softmax in fp32 (in fp64
+    for fp64 inputs: the oracle the GPU tests measure fp32 rounding against).
 
     Returns ``(B, heads, N, d)`` in the dtype of ``q``.
     """
@@ -197,7 +201,8 @@ def vil_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     bias, visible = dense_bias_and_mask(
         map_hw, num_global, window, mode, heads, local_bias=local_bias, g2l_bias=g2l_bias,
         l2g_bias=l2g_bias, g2g_bias=g2g_bias, device=q.device, neighbour=neighbour)
-    scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * scale + bias  # (B, h, N, N)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.to(compute), k.to(compute)) * scale + bias  # (B, h, N, N)
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = scores.softmax(dim=-1)
-    return torch.einsum("bhqk,bhkd->bhqd", probs, v.float()).to(q.dtype)
+    return torch.einsum("bhqk,bhkd->bhqd", probs, v.to(compute)).to(q.dtype)

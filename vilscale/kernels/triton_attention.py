@@ -63,15 +63,20 @@ def _kernels():
     return _triton_vil
 
 
+# The dq kernel gathers along rows of MIN_ROW columns or more: Triton 3.6's sm_90 lowering of tl.gather
+# fails ("GatherLoweringHelper(op).isWarpLocal()") for 16-column operands at 4 and 8 warps (compile sweep
+# over windows 2-12, both window modes and every configuration).
+MIN_ROW = 32
+
+
 def key_width(tile_x: int, window: int, chunk: bool, width: int) -> int:
-    """Length (a power of two, >= 16 for tl.dot) of the map row segment a tile of ``tile_x``
-    columns can see."""
+    """Length (a power of two, >= MIN_ROW) of the map row segment a tile of ``tile_x`` columns can see."""
     if chunk:
         chunks_spanned = -(-(tile_x - 1) // window) + 1
         needed = (chunks_spanned + 2) * window
     else:
         needed = tile_x + 2 * window
-    return max(16, _next_pow2(min(needed, width)))
+    return max(MIN_ROW, _next_pow2(min(needed, width)))
 
 
 def _heuristic_key_width(args) -> int:
@@ -237,7 +242,7 @@ def _backward(grad_out, q, k, v, out, lse, global_out, tables, problem: Attentio
     dummy = lse
 
     radius = 2 * window - 1 if chunk else window
-    offsets = _next_pow2(2 * radius + 1)
+    offsets = max(MIN_ROW, _next_pow2(2 * radius + 1))
     lb_grad = local_bias is not None and needs_table_grad[0]
     if lb_grad:
         lb_parts = torch.empty((batch * heads * _max_tiles(height, width), offsets, offsets),

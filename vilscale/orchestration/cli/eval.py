@@ -34,7 +34,7 @@ def run(args) -> int:
     from vilscale.orchestration.checkpoint.rundir import stored_spec
     from vilscale.orchestration.config import SpecError, apply_override, spec_from_dict
     from vilscale.orchestration.training.distributed import RankContext
-    from vilscale.orchestration.training.engine import COMPUTE_DTYPES, build_model
+    from vilscale.orchestration.training.engine import COMPUTE_DTYPES, build_model, settle_attention_backend
     from vilscale.orchestration.training.evaluation import evaluate, validation_loader
 
     run_dir = Path(args.run_dir)
@@ -60,10 +60,12 @@ def run(args) -> int:
         device = resolve_device(spec.train.device)
         model = build_model(spec)
         model.load_state_dict(state)
+        precision = args.precision or spec.train.precision
+        settle_attention_backend(model, spec, device, precision=precision,
+                                 log=lambda line: print(line, file=sys.stderr))
     except (SpecError, CheckpointError, OSError, ValueError) as error:
         print(f"vilscale eval: {error}", file=sys.stderr)
         return 2 if isinstance(error, SpecError | ValueError) else 1
-    precision = args.precision or spec.train.precision
     model.to(device=device, dtype=COMPUTE_DTYPES[precision])
     ctx = RankContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=device)
     result = evaluate(model, validation_loader(spec, ctx), spec, ctx)

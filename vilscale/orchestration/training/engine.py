@@ -75,6 +75,23 @@ def build_model(spec: JobSpec, *, log=None) -> torch.nn.Module:
     return model
 
 
+def settle_attention_backend(model: torch.nn.Module, spec: JobSpec, device: torch.device, *,
+                             precision: str | None = None, log=None) -> str:
+    """Resolve ``model.attn_backend`` on ``device``: where the triton kernels would run, they are checked
+    against chunked first (``vilscale.kernels.selfcheck``); ``auto`` falls back to chunked when they fail, an
+    explicit ``triton`` stops here (exit 2). Sets the model's backend; returns it, and logs one line why."""
+    from vilscale.kernels.selfcheck import KernelCheckError, settle_backend
+
+    try:
+        backend, reason = settle_backend(model, spec.model.attn_backend, device,
+                                         COMPUTE_DTYPES[precision or spec.train.precision])
+    except KernelCheckError as error:
+        raise SpecError(str(error)) from None
+    if log is not None:
+        log(f"attention backend: {backend} ({reason})")
+    return backend
+
+
 def build_engine(spec: JobSpec, model: torch.nn.Module, *, world_size: int, device: torch.device,
                  load_universal: bool = False):
     """(DeepSpeed engine, the torch optimizer inside it) for ``model`` on ``device``."""

@@ -31,7 +31,13 @@ from vilscale.orchestration.config import JobSpec, SpecError
 from vilscale.orchestration.ranks import broadcast_object as _broadcast
 from vilscale.orchestration.training.distributed import RankContext, init_distributed
 from vilscale.orchestration.training.ema import ExponentialMovingAverage
-from vilscale.orchestration.training.engine import COMPUTE_DTYPES, build_engine, build_model, use_environment_ninja
+from vilscale.orchestration.training.engine import (
+    COMPUTE_DTYPES,
+    build_engine,
+    build_model,
+    settle_attention_backend,
+    use_environment_ninja,
+)
 from vilscale.orchestration.training.evaluation import Evaluator
 from vilscale.orchestration.training.metrics import MetricsWindow, TrainingMetrics, device_peak_flops
 from vilscale.orchestration.training.optim import LrSchedule
@@ -104,6 +110,7 @@ class TrainingRun:
 
         torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
         model = build_model(spec, log=self.log)
+        self.attention_backend = settle_attention_backend(model, spec, ctx.device, log=self.log)
         peak_flops = device_peak_flops(ctx.device, spec.train.precision, spec.metrics.peak_flops)
         # FLOPs matter for MFU only, which needs the device's peak (known GPUs, or metrics.peak_flops).
         self.flops_per_image = _training_flops_per_image(model, spec) if peak_flops else {}
@@ -135,6 +142,7 @@ class TrainingRun:
                                        port=spec.metrics.port + ctx.rank if spec.metrics.port else 0,
                                        serve=spec.metrics.enabled, advertise_host=spec.metrics.advertise_host)
         self.metrics.publish_targets(self.run_id)
+        self.metrics.attention_backend.info({"backend": self.attention_backend, "requested": spec.model.attn_backend})
         self.ema = ExponentialMovingAverage(self.engine.module, spec.optim.ema_decay) if spec.optim.ema_decay else None
         self.evaluator = Evaluator(spec, ctx, self.engine, self.ema, self.metrics, log=self.log)
         self.state = TrainState()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from vilscale.files import atomic_write_text
 
@@ -111,6 +111,9 @@ class TrainingMetrics:
         self.last_checkpoint = gauge("vilscale_last_checkpoint_timestamp_seconds",
                                      "Unix time of the last complete checkpoint")
         self.val_top1 = gauge("vilscale_val_top1_ratio", "Validation top-1 accuracy of the last evaluation")
+        self.attention_backend = Info("vilscale_attention_backend", "The ViL attention backend in use (requested: "
+                                      "the spec's; auto falls back to chunked when the triton kernels fail their "
+                                      "check on the device)", names, registry=self.registry).labels(**self.labels)
         self.endpoint = None
         self._server = None
         if serve:
