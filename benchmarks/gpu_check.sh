@@ -16,6 +16,8 @@
 #   slow    the slow `gpu` tests (every variant's stage shapes, the 1024 backbone)      -> gpu_tests_slow.xml
 #   report  benchmarks/gpu_report.py merges all of it into gpu_check.json (device, versions, commit, figures)
 #
+# GPU_CHECK_STEPS=env,tests,slow runs only the steps named (a rerun after a fix); the report always runs.
+#
 # Everything is written under $OUT (at most 8 files: what the device tool brings back). Nothing here
 # imports deepspeed, ray, ffcv, kornia or submitit; the dry run makes them unimportable to prove it.
 # The commit is read from git, or from VILSCALE_COMMIT where the tree has no history.
@@ -25,7 +27,7 @@ DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (valid: --dry-run, --help)" >&2; exit 2 ;;
   esac
 done
@@ -72,11 +74,17 @@ LIMIT_SLOW=${LIMIT_SLOW:-90}
 WORKERS=${WORKERS:-8}
 
 say() { echo "$*" | tee -a "$LOG"; }
+# GPU_CHECK_STEPS=tests,slow (say) runs only those steps: a rerun after a fix, within what is left of a lease
+wanted() { [ -z "${GPU_CHECK_STEPS:-}" ] || [[ ",$GPU_CHECK_STEPS," == *",$1,"* ]]; }
 
 # run_step NAME LIMIT COMMAND...: runs with a time box, output to the log (and the terminal), records rc and time
 run_step() {
   local name=$1 limit=$2
   shift 2
+  if ! wanted "$name"; then
+    say "=== $name: not in GPU_CHECK_STEPS, skipped"
+    return
+  fi
   say "=== $name (limit ${limit}s): $*"
   local started=$SECONDS
   # SIGINT first: pytest then still writes its junit file, the benchmarks keep the rows they wrote
@@ -140,7 +148,7 @@ else
     --junitxml="$OUT/gpu_tests_slow.xml" "$REPO/tests/test_kernels_triton_gpu.py"
 fi
 
-run_step report 60 "$PY" "$REPO/benchmarks/gpu_report.py" --out "$OUT" --steps "$STEPS" \
+GPU_CHECK_STEPS= run_step report 60 "$PY" "$REPO/benchmarks/gpu_report.py" --out "$OUT" --steps "$STEPS" \
   $([ "$DRY_RUN" = 1 ] && echo --dry-run)
 say "files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 # the check itself fails only when its report could not be written; figures and test results are in it

@@ -288,7 +288,7 @@ def test_kernels_compile_for_an_h100_without_a_gpu():
     tiled = dict(WINDOW=window, CHUNK=True, TILE_Y=8, TILE_X=8, KEY_W=key_width(8, window, True, 56), **common)
     split = dict(BLOCK_N=64, **{**common, "PRECISE": True})
     fp32_buffers = {"LSE", "DELTA", "LB", "L2G", "G2L", "G2G", "PLB", "PO", "PM", "PL", "PDQ", "PG2L", "PG2G",
-                    "PDK", "PDV", "PL2G"}
+                    "PDK", "PDV", "PL2G", "PGG"}
     launches = []
     for all_neighbours in (True, False):  # full attention, and the shift modes' own chunk + one neighbour
         launches += [
@@ -299,7 +299,7 @@ def test_kernels_compile_for_an_h100_without_a_gpu():
         ]
     launches += [
         (kernels.fwd_global_kernel, dict(HAS_G2L=True, HAS_G2G=True, **split)),
-        (kernels.bwd_global_dq_kernel, dict(HAS_G2L=True, HAS_G2G=True, **split)),
+        (kernels.bwd_global_dq_kernel, dict(HAS_G2L=True, HAS_G2G=True, KEEP_GG=True, **split)),
         (kernels.bwd_global_dkdv_kernel, dict(HAS_L2G=True, HAS_G2G=True, **split)),
     ]
     for kernel, constexprs in launches:

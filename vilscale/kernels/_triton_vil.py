@@ -13,8 +13,9 @@ own-chunk modes, where ``(0, 0)`` is the own chunk), a query tile walks its chun
 ``+(nb_y, nb_x)``, a key tile its chunks and the ones at ``-(nb_y, nb_x)``.
 Global queries and global keys see every token; their kernels split the local tokens into
 ``split`` ranges whose partial results the host reduces in a fixed order (deterministic). They
-compute in fp32 whatever the input dtype: their work is only O(G * N * d), and the g2l gradient,
-a sum of ds over every local key that nearly cancels, needs it.
+compute in fp32 whatever the input dtype: their work is only O(G * N * d), and the gradients of the
+global rows need it. The g2l gradient (the sum of ds over every local key, which nearly cancels) is
+taken as minus the sum over the global keys instead.
 
 Importing this module does not touch CUDA. ``TRITON_INTERPRET`` is read by ``triton.jit`` when this
 module is imported: with it set, the kernels run on CPU tensors through Triton's interpreter.
@@ -433,14 +434,16 @@ def bwd_local_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LB, G2L,
 
 
 @triton.jit
-def bwd_global_dq_kernel(Q, K, V, DO, LSE, DELTA, PDQ, PG2L, PG2G, G2L, G2G,
+def bwd_global_dq_kernel(Q, K, V, DO, LSE, DELTA, PDQ, PGG, G2L, G2G,
                          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                          heads, G, n_local, split_tokens, qk_scale,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
                          BLOCK_N: tl.constexpr, HAS_G2L: tl.constexpr, HAS_G2G: tl.constexpr,
-                         PRECISE: tl.constexpr, UPCAST: tl.constexpr):
-    """Partial dq of BLOCK_G global queries over one split of the keys, with the matching partial
-    gradients of g2l (row sums over local keys) and, in split 0, of g2g."""
+                         KEEP_GG: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr):
+    """Partial dq of BLOCK_G global queries over one split of the keys; split 0 also stores ds of every
+    (global query, global key) pair when KEEP_GG: the g2g gradient, and the g2l gradient by the identity
+    sum over all keys of ds = 0 (the sum over the local keys is minus the sum over the global ones; summed
+    directly, thousands of terms that nearly cancel lose most of fp32's digits)."""
     split = tl.program_id(0)
     gblock = tl.program_id(1)
     bh = tl.program_id(2)
@@ -478,13 +481,12 @@ def bwd_global_dq_kernel(Q, K, V, DO, LSE, DELTA, PDQ, PG2L, PG2G, G2L, G2G,
         dp = _mma(do, tl.trans(v), PRECISE, UPCAST)
         ds = p * (dp - delta[:, None])
         dq += _mma(ds.to(k.dtype), k, PRECISE, UPCAST)
-        if HAS_G2G:
-            tl.store(PG2G + (bh * G + i[:, None]) * G + j[None, :], ds, mask=pair_ok)
+        if KEEP_GG:
+            tl.store(PGG + (bh * G + i[:, None]) * G + j[None, :], ds, mask=pair_ok)
 
     row_bias = tl.zeros([BLOCK_G], tl.float32)
     if HAS_G2L:
         row_bias = tl.load(G2L + h * G + i, mask=i_ok, other=0.0).to(tl.float32) * 1.4426950408889634
-    g2l_acc = tl.zeros([BLOCK_G], tl.float32)
     start = split * split_tokens
     stop = tl.minimum(start + split_tokens, n_local)
     for n0 in range(start, stop, BLOCK_N):
@@ -498,11 +500,9 @@ def bwd_global_dq_kernel(Q, K, V, DO, LSE, DELTA, PDQ, PG2L, PG2G, G2L, G2G,
         dp = _mma(do, tl.trans(v), PRECISE, UPCAST)
         ds = p * (dp - delta[:, None])
         dq += _mma(ds.to(k.dtype), k, PRECISE, UPCAST)
-        g2l_acc += tl.sum(ds, 1)
 
     out_rows = (split * n_bh + bh) * G + i
     tl.store(PDQ + out_rows[:, None] * HEAD_DIM + d[None, :], dq, mask=q_mask)
-    tl.store(PG2L + out_rows, g2l_acc, mask=i_ok)
 
 
 @triton.jit

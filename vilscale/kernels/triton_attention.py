@@ -278,12 +278,12 @@ def _backward(grad_out, q, k, v, out, lse, global_out, tables, problem: Attentio
         bh = batch * heads
         grid = (n_splits, triton_cdiv(n_global, BLOCK_G), bh)
         part_dq = torch.empty((n_splits, bh, n_global, head_dim), dtype=torch.float32, device=device)
-        part_g2l = torch.empty((n_splits, bh, n_global), dtype=torch.float32, device=device)
-        part_g2g = torch.empty((bh, n_global, n_global), dtype=torch.float32, device=device)
+        keep_gg = (g2l is not None and needs_table_grad[1]) or (g2g is not None and needs_table_grad[3])
+        part_gg = torch.empty((bh, n_global, n_global), dtype=torch.float32, device=device) if keep_gg else dummy
         kernels.bwd_global_dq_kernel[grid](
-            q, k, v, grad_out, lse, delta, part_dq, part_g2l, part_g2g, _or(g2l, dummy), _or(g2g, dummy),
+            q, k, v, grad_out, lse, delta, part_dq, part_gg, _or(g2l, dummy), _or(g2g, dummy),
             *strides, heads, n_global, n_local, split, qk_scale, BLOCK_N=block_n,
-            HAS_G2L=g2l is not None, HAS_G2G=g2g is not None, **_global_common(common))
+            HAS_G2L=g2l is not None, HAS_G2G=g2g is not None, KEEP_GG=keep_gg, **_global_common(common))
         part_dk = torch.empty((n_splits, bh, n_global, head_dim), dtype=torch.float32, device=device)
         part_dv = torch.empty_like(part_dk)
         part_l2g = torch.empty((n_splits, bh, n_global), dtype=torch.float32, device=device)
@@ -294,12 +294,15 @@ def _backward(grad_out, q, k, v, out, lse, global_out, tables, problem: Attentio
         dq[:, :, :n_global] = (part_dq.sum(0) * problem.scale).view(batch, heads, n_global, head_dim)
         dk[:, :, :n_global] = (part_dk.sum(0) * problem.scale).view(batch, heads, n_global, head_dim)
         dv[:, :, :n_global] = part_dv.sum(0).view(batch, heads, n_global, head_dim)
-        if g2l is not None:
-            d_g2l = part_g2l.sum(0).view(batch, heads, n_global).sum(0).to(g2l.dtype)
+        if keep_gg:
+            global_ds = part_gg.view(batch, heads, n_global, n_global)  # ds of (global query, global key)
+            if g2l is not None:
+                # every row of ds sums to 0 over all keys: the local keys' share is minus the global keys'
+                d_g2l = (-global_ds.sum(-1)).sum(0).to(g2l.dtype)
+            if g2g is not None:
+                d_g2g = global_ds.sum(0).to(g2g.dtype)
         if l2g is not None:
             d_l2g = part_l2g.sum(0).view(batch, heads, n_global).sum(0).to(l2g.dtype)
-        if g2g is not None:
-            d_g2g = part_g2g.view(batch, heads, n_global, n_global).sum(0).to(g2g.dtype)
     return dq, dk, dv, d_local_bias, d_g2l, d_l2g, d_g2g
 
 
