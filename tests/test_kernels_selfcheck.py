@@ -30,7 +30,7 @@ for argument in sys.argv[1:]:
     os.environ.pop(INJECT_ENV, None)
     if inject:
         os.environ[INJECT_ENV] = inject
-    model = create_model("vil_nano", pos_embed="rpe", shift_mode="random", num_classes=10)
+    model = create_model("vil_nano", pos_embed="rpe", shift_mode="random", num_classes=10, attn_backend=requested)
     try:
         backend, reason = settle_backend(model, requested, torch.device("cpu"), torch.float32)
         used = sorted({m.backend for m in model.modules() if hasattr(m, "window")})
@@ -67,7 +67,7 @@ def test_auto_uses_triton_when_the_kernels_pass_and_falls_back_when_they_fail():
                                         "triton@mismatch")
     for requested in ("auto", "triton"):
         assert settled[requested]["backend"] == "triton", settled
-        assert settled[requested]["model_uses"] == ["triton"]
+        assert settled[requested]["model_uses"] == [requested]  # auto: triton wherever it applies
         assert "checked against chunked on 4 problem(s)" in settled[requested]["reason"]
 
     for inject, sign in (("error", "RuntimeError: injected kernel failure"),
@@ -91,6 +91,18 @@ def test_without_a_gpu_or_the_interpreter_auto_is_chunked_and_triton_is_refused(
         settle_backend(create_model("vil_nano", num_classes=10), "triton", torch.device("cpu"), torch.float32)
     # chunked and reference are taken as configured, without a check
     assert settle_backend(create_model("vil_nano"), "chunked", torch.device("cpu"), torch.float32)[0] == "chunked"
+
+
+def test_layers_triton_cannot_run_are_left_to_auto_and_refused_to_an_explicit_triton():
+    """A head dim the kernels do not take (24: not a multiple of 16) is no reason to distrust them elsewhere:
+    the check covers the layers they apply to; an explicit triton names the layer it cannot run."""
+    from vilscale.kernels.selfcheck import triton_refusal
+
+    case = CheckCase(heads=2, head_dim=24, num_global=1, window=2, mode="chunk", neighbour=None, tables=False)
+    assert "head dim 24 is not supported" in (triton_refusal(case, torch.device("cpu"), torch.float32) or "")
+    model = create_model("vil_nano", num_classes=10, dims=(48, 64, 128))  # stage 1: 2 heads x 24
+    with pytest.raises(KernelCheckError, match=r"cannot run here \(head dim 24, window 2"):
+        settle_backend(model, "triton", torch.device("cpu"), torch.float32)
 
 
 def test_a_case_describes_itself():

@@ -156,36 +156,39 @@ def _check_cached(device: str, dtype: torch.dtype, cases: tuple[CheckCase, ...],
                              f"{worst:.1e}", worst)
 
 
-def triton_applies(device: torch.device, dtype: torch.dtype) -> str | None:
-    """None when the triton backend can run on ``device`` in ``dtype``, else why not."""
+def triton_refusal(case: CheckCase, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when the triton backend can run ``case`` on ``device`` in ``dtype``, else why not."""
     from vilscale.kernels.dispatch import get_backend
 
-    probe = torch.empty(1, 1, 2, 32, device=device, dtype=dtype)
+    probe = torch.empty(1, case.heads, case.num_global + 1, case.head_dim, device=device, dtype=dtype)
     try:
-        return get_backend("triton").can_run(probe, map_hw=(1, 1), num_global=1, window=1, mode="chunk")
+        return get_backend("triton").can_run(probe, map_hw=(1, 1), num_global=case.num_global, window=case.window,
+                                             mode=case.mode)
     except ImportError as error:
         return f"triton is not importable: {error}"
 
 
 def settle_backend(model: torch.nn.Module, requested: str, device: torch.device,
                    dtype: torch.dtype) -> tuple[str, str]:
-    """Resolve ``requested`` for ``model`` on ``device`` (checking the triton kernels where they would run),
-    set the model's backend to the result and return ``(backend, reason)``. Raises ``KernelCheckError``
-    when an explicit ``triton`` fails its check."""
+    """Resolve ``requested`` for ``model`` on ``device`` (checking the triton kernels where they would run)
+    and return ``(backend, reason)``. On a failed check ``auto`` sets the model to chunked; on a passed one
+    the model keeps its setting (``auto`` then runs triton on every layer it applies to, chunked on the
+    others). Raises ``KernelCheckError`` when an explicit ``triton`` cannot run or fails its check."""
     if requested in ("chunked", "reference"):
         return requested, "as configured"
     cases = check_cases(model)
     if not cases:
         return requested, "the model has no ViL attention"
-    refusal = triton_applies(device, dtype)
-    if refusal is not None:
-        if requested == "triton":
-            raise KernelCheckError(f"model.attn_backend=triton cannot run here: {refusal}")
+    refusals = {case: triton_refusal(case, device, dtype) for case in cases}
+    runnable = [case for case, refusal in refusals.items() if refusal is None]
+    if requested == "triton" and len(runnable) < len(cases):
+        case, refusal = next((case, refusal) for case, refusal in refusals.items() if refusal is not None)
+        raise KernelCheckError(f"model.attn_backend=triton cannot run here ({case.describe()}): {refusal}")
+    if not runnable:
         model.set_attn_backend("chunked")
-        return "chunked", f"auto: triton does not apply ({refusal})"
-    verdict = check_triton(cases, device, dtype)
+        return "chunked", f"auto: triton does not apply ({next(iter(refusals.values()))})"
+    verdict = check_triton(runnable, device, dtype)
     if verdict.ok:
-        model.set_attn_backend("triton")
         return "triton", f"{requested}: {verdict.reason}"
     if requested == "triton":
         raise KernelCheckError(f"model.attn_backend=triton: {verdict.reason}; use attn_backend auto (falls back "
@@ -195,4 +198,4 @@ def settle_backend(model: torch.nn.Module, requested: str, device: torch.device,
 
 
 __all__ = ["CheckCase", "CheckResult", "KernelCheckError", "check_cases", "check_triton", "settle_backend",
-           "triton_applies"]
+           "triton_refusal"]
