@@ -4,7 +4,10 @@
 #   make test    the whole suite: unit tests and integration tests with real services
 #   make lint    ruff
 
-TORCH_SPEC ?= torch==2.13.0
+# torch and torchvision as one matched pair: torchvision's C++ ops (nms, roi_align) must be built for the very
+# torch build beside them (PyPI's torchvision next to a +cpu torch fails at torchvision::nms).
+TORCH_SPEC ?= torch==2.14.1
+TORCHVISION_SPEC ?= torchvision==0.29.1
 PYTHON ?= python3
 VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
@@ -29,8 +32,8 @@ $(STAMP): setup.py pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	# torch first (pinned), and the build-time needs of ffcv and deepspeed, which build against the
 	# installed torch and numpy (with build isolation they would pull another torch build).
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy ninja pkgconfig
-	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]" "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)" numpy ninja pkgconfig
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]" "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)"
 	$(PY) -m vilscale.orchestration.training.prebuild
 	touch $(STAMP)
 

@@ -6,6 +6,8 @@ from setuptools import Extension, find_packages, setup
 # pull a different build; the range here only says what vilscale works with.
 INSTALL_REQUIRES = [
     "torch>=2.4",
+    "torchvision>=0.19",  # detection heads, FPN, NMS, RoIAlign and COCO reading (a build matching torch's)
+    "pycocotools",  # COCO annotations and box/mask AP
     "numpy",
     "deepspeed>=0.15",
     "ray[default,train]>=2.40",

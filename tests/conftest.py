@@ -65,6 +65,16 @@ def digits(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def digits_coco(tmp_path_factory) -> Path:
+    """COCO-format digits canvases (`vilscale prepare digits-coco`, the default 600 train / 120 val), written once."""
+    from vilscale.data.coco import write_digits_coco
+
+    out = tmp_path_factory.mktemp("digits_coco")
+    write_digits_coco(out)
+    return out
+
+
 class SmokeRuns:
     """Runs jobs/smoke.yaml through the real `vilscale` command on the session's digits shards."""
 

@@ -4,6 +4,7 @@
     vilscale prepare imagefolder /data/imagenet/val /shards/in1k/val --classes /shards/in1k/train/manifest.json
     vilscale prepare imagenet21k /data/imagenet21k /shards/in21k --shard-size-mb 512 --max-side 320
     vilscale prepare digits /shards/digits          # -> /shards/digits/{train,val}/manifest.json
+    vilscale prepare digits-coco data/digits_coco   # -> data/digits_coco/{train,val}/annotations.json + images/
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     digits.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle (default: 0)")
     digits.add_argument("--overwrite", action="store_true", help="delete shards of other settings found in OUT")
     digits.add_argument("--no-progress", action="store_true", help="no progress bar")
+    coco = sources.add_parser("digits-coco", help="COCO-format detection data: canvases of several handwritten "
+                              "digits at random positions and scales, boxes and masks from the strokes")
+    coco.add_argument("out", metavar="OUT", help="output folder; writes OUT/{train,val}/annotations.json and "
+                      "OUT/{train,val}/images/")
+    coco.add_argument("--canvas", type=int, default=96, help="canvas side in pixels (default: 96)")
+    coco.add_argument("--train-images", type=int, default=600, help="training canvases (default: 600)")
+    coco.add_argument("--val-images", type=int, default=120, help="validation canvases (default: 120)")
+    coco.add_argument("--seed", type=int, default=0, help="seed of the placements (default: 0)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         summarize_skipped,
     )
 
+    if args.source_kind == "digits-coco":
+        return _prepare_digits_coco(args)
     progress = False if args.no_progress else None
     try:
         if args.source_kind == "digits":
@@ -99,4 +110,18 @@ def run(args: argparse.Namespace) -> int:
         if manifest.ignored:
             print(f"{manifest.path}: ignored {len(manifest.ignored)} file(s) that are not images:\n"
                   f"{summarize_skipped(list(manifest.ignored))}", file=sys.stderr)
+    return 0
+
+
+def _prepare_digits_coco(args: argparse.Namespace) -> int:
+    from vilscale.data.coco import DigitsCocoSettings, write_digits_coco
+
+    if args.canvas < 48 or args.train_images < 1 or args.val_images < 1:
+        print("vilscale prepare digits-coco: error: --canvas must be >= 48 and --train-images/--val-images >= 1",
+              file=sys.stderr)
+        return 2
+    settings = DigitsCocoSettings(canvas=args.canvas, train_images=args.train_images, val_images=args.val_images,
+                                  seed=args.seed)
+    for split, path in write_digits_coco(args.out, settings).items():
+        print(f"{split}: {path} and {path.parent / 'images'}")
     return 0

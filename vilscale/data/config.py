@@ -67,6 +67,21 @@ class DataConfig:
     written) before the run stops with a `DataError` naming the shard. Below it, a training sample that fails is
     replaced by the next good sample of its shard and a validation sample is left out (label -1); each is counted
     (`ShardedLoader.decode_errors`) and logged once. 0: the first failure stops the run."""
+    train_annotations: str = ""
+    """task=detection: the training split's COCO instances JSON (e.g. instances_train2017.json)."""
+    train_images: str = ""
+    """task=detection: the folder of the training split's images (COCO's train2017/)."""
+    val_annotations: str = ""
+    """task=detection: the validation split's COCO instances JSON; "" evaluates nothing."""
+    val_images: str = ""
+    """task=detection: the folder of the validation split's images."""
+    min_size: tuple[int, ...] = (800,)
+    """task=detection: shorter image side after resizing; with several values training draws one per image
+    (multi-scale training, the 3x schedule's (640, 672, ..., 800)) and evaluation uses the last."""
+    max_size: int = 1333
+    """task=detection: longer image side at most (the shorter side gives way)."""
+    loader_workers: int = 2
+    """task=detection: processes per rank that read and decode images (0: in the rank's own process)."""
     verify_checksums: bool = True
     """Check every shard this rank reads against the manifest's sha256 before the first epoch. A verified
     shard is remembered (by path, size and mtime) under $VILSCALE_CACHE_DIR (default ~/.cache/vilscale), so a
@@ -90,6 +105,12 @@ class DataConfig:
                self.shuffle_block, "use an integer >= 1")
         _check(isinstance(self.shuffle_window, int) and self.shuffle_window >= 1, "data.shuffle_window",
                self.shuffle_window, "use an integer >= 1")
+        _check(len(self.min_size) >= 1 and all(isinstance(v, int) and v >= 16 for v in self.min_size),
+               "data.min_size", self.min_size, "give one or more integers >= 16 (the shorter side after resizing)")
+        _check(isinstance(self.max_size, int) and self.max_size >= max(self.min_size), "data.max_size",
+               self.max_size, f"use an integer >= data.min_size ({max(self.min_size)})")
+        _check(isinstance(self.loader_workers, int) and self.loader_workers >= 0, "data.loader_workers",
+               self.loader_workers, "use an integer >= 0")
         _check(isinstance(self.decode_error_limit, int) and self.decode_error_limit >= 0, "data.decode_error_limit",
                self.decode_error_limit, "use an integer >= 0 (0: the first sample that fails to decode stops the run)")
 

@@ -1,5 +1,6 @@
 """`vilscale eval RUN_DIR [--weights FILE.safetensors] [--tag TAG] [--ema | --live] [--precision P]`:
-top-1/top-5 on the run's validation manifest, every sample once.
+the task's evaluation on the run's validation split, every sample once: top-1/top-5 (classification), or COCO
+box AP (and mask AP for Mask R-CNN) with the predictions written to RUN_DIR/eval/bbox.json (segm.json).
 
 By default it evaluates what the trainer's own evaluation did: the EMA weights when the run keeps an
 EMA and ``eval.use_ema``, in the run's training precision (a bf16 run is evaluated in bf16), so the
@@ -35,7 +36,7 @@ def run(args) -> int:
     from vilscale.orchestration.config import SpecError, apply_override, spec_from_dict
     from vilscale.orchestration.training.distributed import RankContext
     from vilscale.orchestration.training.engine import COMPUTE_DTYPES, build_model, settle_attention_backend
-    from vilscale.orchestration.training.evaluation import evaluate, validation_loader
+    from vilscale.tasks import make_task
 
     run_dir = Path(args.run_dir)
     try:
@@ -46,8 +47,12 @@ def run(args) -> int:
         for assignment in args.overrides:
             apply_override(raw, assignment)
         spec = spec_from_dict(raw)
-        if not spec.data.val_manifest:
+        task = make_task(spec)
+        if spec.task == "classification" and not spec.data.val_manifest:
             raise SpecError("data.val_manifest is empty; set it with --set data.val_manifest=PATH")
+        if spec.task == "detection" and not (spec.data.val_annotations and spec.data.val_images):
+            raise SpecError("data.val_annotations/val_images are empty; set them with --set data.val_annotations=PATH "
+                            "--set data.val_images=DIR")
         use_ema = args.ema or (not args.live and not args.weights and spec.optim.ema_decay > 0 and spec.eval.use_ema)
         if args.weights:
             from safetensors.torch import load_file
@@ -68,8 +73,9 @@ def run(args) -> int:
         return 2 if isinstance(error, SpecError | ValueError) else 1
     model.to(device=device, dtype=COMPUTE_DTYPES[precision])
     ctx = RankContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=device)
-    result = evaluate(model, validation_loader(spec, ctx), spec, ctx)
+    result = task.evaluate(model, task.val_loader(ctx), ctx, out_dir=run_dir / "eval")
     result.update(weights=source, precision=precision)
     print(json.dumps(result))
-    print(f"val top-1: {100 * result['val_top1']:.1f}%")
+    for line in task.report(result):
+        print(line)
     return 0

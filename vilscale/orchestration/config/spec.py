@@ -17,6 +17,7 @@ from vilscale.data.config import AugmentConfig, DataConfig
 from vilscale.devices import DEVICE_CHOICES
 from vilscale.kernels import BACKEND_NAMES, WINDOW_MODES
 from vilscale.model.config import POS_EMBEDS, SHIFT_MODES
+from vilscale.tasks import DETECTORS, TASKS
 
 
 class SpecError(ValueError):
@@ -49,7 +50,21 @@ class ModelConfig:
     init_weights: str = ""
     """Weights to start from (fine-tuning): a vilscale export (.safetensors), an official ViL checkpoint
     (.pth), or a run directory (its newest verified checkpoint). Position tables are interpolated to this
-    model's img_size and window, and the head is replaced when the class count differs."""
+    model's img_size and window, and the head is replaced when the class count differs (task=detection:
+    they initialise the backbone; the classification head and final norm are dropped)."""
+    detector: str = "retinanet"
+    """task=detection: "retinanet" (box AP) or "mask_rcnn" (box and mask AP), torchvision's, on the ViL
+    backbone with torchvision's FPN. `num_classes` is then the number of object categories (no background)."""
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    """task=detection: anchor base size (pixels) of each of the five FPN levels (RetinaNet adds two scales
+    per octave, x 2^(1/3) and x 2^(2/3))."""
+    fpn_channels: int = 256
+    """task=detection: channels of every FPN level."""
+    proposals_per_image: int = 1000
+    """task=detection, mask_rcnn: RPN proposals kept per image after NMS (twice as many before it in
+    training)."""
+    detections_per_image: int = 100
+    """task=detection: detections kept per image (COCO's AP counts up to 100)."""
 
     def __post_init__(self):
         _one_of("model.pos_embed", self.pos_embed, POS_EMBEDS)
@@ -64,6 +79,12 @@ class ModelConfig:
         _positive("model.num_classes", self.num_classes)
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise SpecError(f"model.drop_path_rate={self.drop_path_rate!r} must be in [0, 1)")
+        _one_of("model.detector", self.detector, DETECTORS)
+        if len(self.anchor_sizes) != 5 or not all(isinstance(v, int) and v > 0 for v in self.anchor_sizes):
+            raise SpecError(f"model.anchor_sizes={list(self.anchor_sizes)!r} must be five positive integers, one "
+                            "per FPN level (e.g. [32, 64, 128, 256, 512])")
+        for name in ("fpn_channels", "proposals_per_image", "detections_per_image"):
+            _positive(f"model.{name}", getattr(self, name))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -119,6 +140,14 @@ class ScheduleConfig:
     """Learning rate at step 0."""
     min_lr: float = 1e-6
     """Learning rate at the end of the cosine decay."""
+    decay: str = "cosine"
+    """After warmup: "cosine" (to `min_lr` at the last step) or "step" (the peak, multiplied by `step_factor` at
+    each of `step_at`: detectron2's multi-step schedule of the detection recipes)."""
+    step_at: tuple[float, ...] = ()
+    """decay="step": fractions of the run's steps where the learning rate drops (1x schedule: 60k and 80k of
+    90k iterations = [0.6667, 0.8889])."""
+    step_factor: float = 0.1
+    """decay="step": factor applied at each of `step_at`."""
     full_attention_from: float = 1.0
     """Fraction of the run's steps after which ViL attention switches from `model.shift_mode` to "full"
     for the rest of training (the official recipe trains with random shifts and switches at 0.75 of the
@@ -132,6 +161,14 @@ class ScheduleConfig:
             raise SpecError(f"schedule.warmup_epochs={self.warmup_epochs!r} must be >= 0")
         if self.warmup_lr < 0 or self.min_lr < 0:
             raise SpecError("schedule.warmup_lr and schedule.min_lr must be >= 0")
+        _one_of("schedule.decay", self.decay, ("cosine", "step"))
+        if not all(0.0 < at < 1.0 for at in self.step_at) or list(self.step_at) != sorted(self.step_at):
+            raise SpecError(f"schedule.step_at={list(self.step_at)!r} must be increasing fractions of the run in "
+                            "(0, 1)")
+        if self.decay == "step" and not self.step_at:
+            raise SpecError("schedule.decay='step' needs schedule.step_at, e.g. [0.6667, 0.8889] (the 1x schedule)")
+        if not 0.0 < self.step_factor <= 1.0:
+            raise SpecError(f"schedule.step_factor={self.step_factor!r} must be in (0, 1]")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -271,6 +308,8 @@ class LauncherConfig:
 class JobSpec:
     run_dir: str
     """Directory of this run: resolved spec, checkpoints/, metrics.jsonl, prometheus_targets.json, logs."""
+    task: str = "classification"
+    """"classification" (FFCV shards, top-1) or "detection" (COCO-format data, `model.detector`, box/mask AP)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The ViL variant and how to build it."""
     data: DataConfig
@@ -293,6 +332,7 @@ class JobSpec:
     def __post_init__(self):
         if not self.run_dir:
             raise SpecError("run_dir is empty; give the directory this run writes to")
+        _one_of("task", self.task, TASKS)
         if self.data.img_size == 0:  # not set: the loader produces what the model is built for
             object.__setattr__(self, "data", dataclasses.replace(self.data, img_size=self.model.img_size))
         elif self.data.img_size != self.model.img_size:
@@ -361,6 +401,7 @@ EXECUTION_KEYS = (
     "train.record_samples", "train.max_bad_steps", "train.device", "train.activation_checkpointing",
     "train.compile", "model.attn_backend",
     "data.num_workers", "data.batches_ahead", "data.os_cache", "data.verify_checksums", "data.decode_error_limit",
+    "data.loader_workers",
 )
 # Keys a resumed run may change only when the user says so (`--allow-spec-change`): the checkpoint still
 # loads, and the change is a deliberate decision about the rest of the run (train longer, moved shards,
@@ -368,6 +409,7 @@ EXECUTION_KEYS = (
 # optimizer, seed, data order) is fixed for the life of a run dir.
 ADJUSTABLE_KEYS = (
     "train.max_steps", "train.epochs", "data.train_manifest", "data.val_manifest", "model.init_weights",
+    "data.train_annotations", "data.train_images", "data.val_annotations", "data.val_images",
     "model.drop_path_rate", "optim.lr", "optim.lr_batch_ref", "optim.weight_decay", "optim.clip_grad",
     "optim.ema_decay", "schedule", "augment", "eval.use_ema", "data.crop_decode",
 )

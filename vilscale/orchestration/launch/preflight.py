@@ -26,7 +26,10 @@ def preflight(spec: JobSpec, *, world_size: int, local: bool, allow_spec_change:
     _check_run_dir(spec)
     changes = _check_resume(spec, allow_spec_change)
     _check_model(spec)
-    _check_data(spec, world_size)
+    if spec.task == "classification":
+        _check_data(spec, world_size)
+    else:
+        _check_task(spec, world_size)
     if spec.model.init_weights:
         _check_initial_weights(spec, log=log)
     if spec.optim.ema_decay and spec.train.zero_stage == 3:
@@ -102,6 +105,16 @@ def _check_data(spec: JobSpec, world_size: int) -> None:
         val = read("val_manifest", data.val_manifest)
         if val.classes != train.classes:
             raise SpecError(_class_mismatch(data.train_manifest, train.classes, data.val_manifest, val.classes))
+
+
+def _check_task(spec: JobSpec, world_size: int) -> None:
+    """The task's own checks (annotation files, categories, enough data for a step)."""
+    from vilscale.tasks import make_task
+
+    try:
+        make_task(spec).check(world_size)
+    except ValueError as error:
+        raise SpecError(str(error)) from None
 
 
 def _class_mismatch(train_path, train_classes, val_path, val_classes) -> str:

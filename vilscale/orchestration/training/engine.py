@@ -56,20 +56,22 @@ def deepspeed_config(spec: JobSpec, world_size: int, device: torch.device) -> di
 
 
 def build_model(spec: JobSpec, *, log=None) -> torch.nn.Module:
-    """The spec's ViL, with `model.init_weights` loaded (position tables and head fitted to it)."""
-    from vilscale.model import create_model
+    """The spec's task model (a ViL classifier, or a detector on the ViL backbone), with `model.init_weights`
+    loaded into its ViL network (position tables fitted; a classifier's head fitted, a detector's dropped)."""
+    from vilscale.tasks import make_task
 
     cfg = spec.model
+    task = make_task(spec)
     try:
-        model = create_model(cfg.name, pos_embed=cfg.pos_embed, window_mode=cfg.window_mode, window=cfg.window,
-                             img_size=cfg.img_size, num_classes=cfg.num_classes, attn_backend=cfg.attn_backend,
-                             shift_mode=cfg.shift_mode, drop_path_rate=cfg.drop_path_rate)
+        model = task.create_model()
     except ValueError as error:
         raise SpecError(f"model: {error}") from None
     if cfg.init_weights:
         from vilscale.orchestration.training.init_weights import load_initial_weights
 
-        report = load_initial_weights(model, cfg.init_weights)
+        report = load_initial_weights(task.init_target(model), cfg.init_weights)
+        if getattr(task, "init_note", ""):
+            report.head = task.init_note
         if log is not None:
             log(f"initial weights {report.summary()}")
     return model

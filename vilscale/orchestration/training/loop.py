@@ -91,8 +91,7 @@ class TrainingRun:
 
     def __init__(self, spec: JobSpec, ctx: RankContext, *, run_id: str | None = None, fault_hook=None,
                  stop_requested=None):
-        from vilscale.data.augment import BatchAugment
-        from vilscale.data.loader import ShardedLoader
+        from vilscale.tasks import make_task
 
         spec.check_world(ctx.world_size)
         if spec.optim.ema_decay and spec.train.zero_stage == 3:
@@ -102,18 +101,16 @@ class TrainingRun:
         if ctx.rank == 0:
             write_spec(spec)
         self.run_id = run_id or _broadcast(read_or_create_run_id(self.run_dir) if ctx.rank == 0 else None)
+        self.task = make_task(spec)
         # The data first: a missing or corrupt shard is found before the engine's start-up, not after.
-        self.train_loader = ShardedLoader(
-            spec.data.train_manifest, rank=ctx.rank, world_size=ctx.world_size, batch_size=spec.train.micro_batch,
-            seed=spec.train.seed, train=True, config=spec.data, augment=spec.augment, device=ctx.device,
-            return_indices=True)
+        self.train_loader = self.task.train_loader(ctx)
 
         torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
         model = build_model(spec, log=self.log)
         self.attention_backend = settle_attention_backend(model, spec, ctx.device, log=self.log)
         peak_flops = device_peak_flops(ctx.device, spec.train.precision, spec.metrics.peak_flops)
         # FLOPs matter for MFU only, which needs the device's peak (known GPUs, or metrics.peak_flops).
-        self.flops_per_image = _training_flops_per_image(model, spec) if peak_flops else {}
+        self.flops_per_image = self.task.flops_per_image(model) if peak_flops else {}
         self.checkpointer = Checkpointer(self.run_dir, keep=spec.train.keep_checkpoints, spec_digest=spec.digest())
         self.resume_from = self.checkpointer.find_resumable(log=self.log)
         rescaled = self.resume_from is not None and self.resume_from["world_size"] != ctx.world_size
@@ -131,9 +128,8 @@ class TrainingRun:
         self.full_attention_step = round(spec.schedule.full_attention_from * self.total_steps) if switches else None
         self.schedule = LrSchedule.for_run(spec, world_size=ctx.world_size, steps_per_epoch=self.steps_per_epoch,
                                            total_steps=self.total_steps)
-        augment = BatchAugment(spec.augment, num_classes=spec.model.num_classes, seed=spec.train.seed,
-                               mean=spec.data.mean, std=spec.data.std, rank=ctx.rank)
-        self.stepper = StepRunner(self.engine, self.optimizer, augment, accum=self.accum,
+        self.task.setup(ctx)
+        self.stepper = StepRunner(self.engine, self.optimizer, self.task, accum=self.accum,
                                   dtype=COMPUTE_DTYPES[spec.train.precision], rank=ctx.rank, device=ctx.device,
                                   run_dir=self.run_dir, fault_hook=fault_hook)
         self.nonfinite = NonFinitePolicy(spec.train.max_bad_steps, log=self.log)
@@ -144,7 +140,7 @@ class TrainingRun:
         self.metrics.publish_targets(self.run_id)
         self.metrics.attention_backend.info({"backend": self.attention_backend, "requested": spec.model.attn_backend})
         self.ema = ExponentialMovingAverage(self.engine.module, spec.optim.ema_decay) if spec.optim.ema_decay else None
-        self.evaluator = Evaluator(spec, ctx, self.engine, self.ema, self.metrics, log=self.log)
+        self.evaluator = Evaluator(spec, ctx, self.engine, self.ema, self.metrics, self.task, log=self.log)
         self.state = TrainState()
         self._resume()
         self.progress = _progress_bar(ctx, self.total_steps, self.state.step)
@@ -331,19 +327,6 @@ def _record_samples(run_dir: Path, rank: int, step: int, indices: list[torch.Ten
     folder.mkdir(exist_ok=True)
     with open(folder / f"rank{rank}.jsonl", "a") as handle:
         handle.write(json.dumps({"step": step, "indices": torch.cat(indices).tolist()}) + "\n")
-
-
-def _training_flops_per_image(model: torch.nn.Module, spec: JobSpec) -> dict[str, float]:
-    """Forward + backward FLOPs of one training image (3 x forward, 2 FLOPs per multiply-add), for the
-    run's shift mode and for full attention (what the run switches to)."""
-    from vilscale.model.flops import count_flops
-
-    flops = {}
-    for mode in dict.fromkeys((spec.model.shift_mode, "full")):
-        model.set_shift_mode(mode)
-        flops[mode] = 6.0 * count_flops(model, spec.model.img_size, training=True)
-    model.set_shift_mode(spec.model.shift_mode)
-    return flops
 
 
 def _progress_bar(ctx: RankContext, total: int, initial: int):

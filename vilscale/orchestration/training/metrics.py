@@ -102,7 +102,10 @@ class TrainingMetrics:
         self.checkpoint_duration = Histogram(
             "vilscale_checkpoint_save_duration_seconds", "Wall time of a checkpoint save", names,
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600), registry=self.registry).labels(**self.labels)
-        self.loss = gauge("vilscale_train_loss", "Training loss of the last step")
+        self.loss_family = Gauge("vilscale_train_loss", "Training loss of the last step: component=\"total\" drives "
+                                 "the step, the others are the task's named losses (e.g. RetinaNet's classification "
+                                 "and bbox_regression)", names + ("component",), registry=self.registry)
+        self.loss = self.loss_family.labels(**self.labels, component="total")
         self.learning_rate = gauge("vilscale_learning_rate", "Learning rate of the last step")
         self.grad_norm = gauge("vilscale_grad_norm", "Global gradient norm of the last step")
         self.images_per_second = gauge("vilscale_images_per_second", "Training throughput of this rank")
@@ -111,6 +114,8 @@ class TrainingMetrics:
         self.last_checkpoint = gauge("vilscale_last_checkpoint_timestamp_seconds",
                                      "Unix time of the last complete checkpoint")
         self.val_top1 = gauge("vilscale_val_top1_ratio", "Validation top-1 accuracy of the last evaluation")
+        self.val_headline = Gauge("vilscale_val_headline_ratio", "The task's headline metric of the last evaluation "
+                                  "(val_top1, box_ap, mask_ap)", names + ("metric",), registry=self.registry)
         self.attention_backend = Info("vilscale_attention_backend", "The ViL attention backend in use (requested: "
                                       "the spec's; auto falls back to chunked when the triton kernels fail their "
                                       "check on the device)", names, registry=self.registry).labels(**self.labels)
@@ -169,6 +174,7 @@ class MetricsWindow:
         self.device, self.progress = device, progress
         self.start, self.images, self.loss, self.lr, self.data_wait = time.perf_counter(), 0, float("nan"), 0.0, 0.0
         self.decode_errors = 0
+        self.components: dict[str, float] = {}
 
     def observe(self, result, *, state, lr: float, images: int, seconds: float, engine, decode_errors: int = 0) -> None:
         """One step; ``decode_errors`` is the data loaders' running total of samples that failed to decode."""
@@ -186,6 +192,10 @@ class MetricsWindow:
         if result.losses:
             self.loss = torch.stack(result.losses).mean().item()
             m.loss.set(self.loss)
+        if len(result.components) > 1:  # a single component is the total itself
+            for name, values in result.components.items():
+                self.components[name] = torch.stack(values).mean().item()
+                m.loss_family.labels(**m.labels, component=name).set(self.components[name])
         if self.progress is not None:
             self.progress.update(1)
         if state.step % self.log_every == 0 or state.step == self.total_steps:
@@ -209,6 +219,8 @@ class MetricsWindow:
                   "images_per_second": throughput * self.world_size, "mfu": mfu, "data_wait_s": self.data_wait,
                   "device_memory_bytes": memory, "nonfinite_total": state.nonfinite_total,
                   "data_decode_errors_total": self.decode_errors}
+        if self.components:
+            record["loss_components"] = dict(self.components)
         m.log(record)
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{self.loss:.3f}", img_s=f"{record['images_per_second']:.0f}")

@@ -53,10 +53,13 @@ def peak_lr(spec: JobSpec, world_size: int) -> float:
 
 
 def lr_at(step: int, *, peak: float, total_steps: int, warmup_steps: int, warmup_lr: float,
-          min_lr: float) -> float:
-    """Linear warmup from ``warmup_lr`` to ``peak`` over ``warmup_steps``, then cosine to ``min_lr``."""
+          min_lr: float, step_at: tuple[int, ...] | None = None, step_factor: float = 0.1) -> float:
+    """Linear warmup from ``warmup_lr`` to ``peak`` over ``warmup_steps``, then cosine to ``min_lr`` or, with
+    ``step_at`` (absolute steps), the peak times ``step_factor`` once per milestone reached."""
     if step < warmup_steps:
         return warmup_lr + (peak - warmup_lr) * step / warmup_steps
+    if step_at is not None:
+        return peak * step_factor ** sum(step >= milestone for milestone in step_at)
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * progress))
@@ -75,17 +78,24 @@ class LrSchedule:
     warmup_lr: float
     """Learning rate at step 0."""
     min_lr: float
-    """Learning rate at the end."""
+    """Learning rate at the end (cosine)."""
+    step_at: tuple[int, ...] | None = None
+    """Steps where a multi-step schedule multiplies the peak by ``step_factor`` (None: cosine)."""
+    step_factor: float = 0.1
 
     @classmethod
     def for_run(cls, spec: JobSpec, *, world_size: int, steps_per_epoch: int, total_steps: int) -> LrSchedule:
+        schedule = spec.schedule
+        step_at = tuple(round(at * total_steps) for at in schedule.step_at) if schedule.decay == "step" else None
         return cls(peak=peak_lr(spec, world_size), total_steps=total_steps,
-                   warmup_steps=round(spec.schedule.warmup_epochs * steps_per_epoch),
-                   warmup_lr=spec.schedule.warmup_lr, min_lr=spec.schedule.min_lr)
+                   warmup_steps=round(schedule.warmup_epochs * steps_per_epoch),
+                   warmup_lr=schedule.warmup_lr, min_lr=schedule.min_lr, step_at=step_at,
+                   step_factor=schedule.step_factor)
 
     def lr(self, step: int) -> float:
         return lr_at(step, peak=self.peak, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
-                     warmup_lr=self.warmup_lr, min_lr=self.min_lr)
+                     warmup_lr=self.warmup_lr, min_lr=self.min_lr, step_at=self.step_at,
+                     step_factor=self.step_factor)
 
     def apply(self, optimizer, step: int) -> float:
         """Set every parameter group's lr for ``step``; returns it."""

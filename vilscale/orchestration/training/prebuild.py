@@ -1,4 +1,5 @@
-"""Build DeepSpeed's JIT communication op once, during setup, instead of inside the first test.
+"""Build DeepSpeed's JIT communication op once, during setup, instead of inside the first test, and check that
+torchvision's C++ ops (nms, roi_align: what the detectors run) work beside the installed torch.
 
 On CPU, the first ``deepspeed.initialize`` compiles its shared-memory communication op (about a
 minute and several GB of memory on a 2-core machine). A build killed midway leaves a ``lock`` file
@@ -32,8 +33,25 @@ def clear_stale_locks(root: Path) -> list[Path]:
     return removed
 
 
+def check_torchvision_ops() -> None:
+    """nms and roi_align on the CPU; a torchvision built for another torch fails here, not in a detection run."""
+    import torch
+    import torchvision
+    from torchvision.ops import nms, roi_align
+
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [20.0, 20.0, 30.0, 30.0]])
+    kept = nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5).tolist()
+    pooled = roi_align(torch.arange(64.0).reshape(1, 1, 8, 8), [torch.tensor([[0.0, 0.0, 3.0, 3.0]])], 2,
+                       aligned=True)
+    if kept != [0, 2] or pooled.shape != (1, 1, 2, 2):
+        raise SystemExit(f"torchvision {torchvision.__version__} ops give wrong results beside torch "
+                         f"{torch.__version__} (nms kept {kept}); install the torchvision built for this torch")
+    print(f"torchvision {torchvision.__version__}: nms and roi_align run on the CPU beside torch {torch.__version__}")
+
+
 def main() -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    check_torchvision_ops()
     from vilscale.orchestration.training.engine import use_environment_ninja
 
     use_environment_ninja()

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from vilscale.data.augment import soft_target_cross_entropy
 from vilscale.orchestration.faults import maybe_die, maybe_hold, maybe_poison_loss
 
 
@@ -29,7 +28,9 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class StepResult:
     losses: list[torch.Tensor] = field(default_factory=list)
-    """Losses of the step's micro-batches (finite ones only)."""
+    """Total losses of the step's micro-batches (finite ones only)."""
+    components: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    """Each named loss of the task (e.g. RetinaNet's classification and bbox_regression), per finite micro-batch."""
     skipped: bool = False
     """A micro-batch had a non-finite loss on some rank: the update was suppressed on every rank."""
     data_wait: float = 0.0
@@ -64,7 +65,7 @@ class StepRunner:
     Args:
         engine: the DeepSpeed engine.
         optimizer: the torch optimizer inside it (its update is what a bad step suppresses).
-        augment: the batch augmentation (uint8 images, labels, step) -> (inputs, soft targets).
+        task: the task (``vilscale.tasks``): turns a batch into its named losses.
         accum: micro-batches per optimizer step.
         dtype: the engine's compute dtype (DeepSpeed does not cast inputs).
         rank: this rank (fault injection points name ranks).
@@ -73,9 +74,9 @@ class StepRunner:
         fault_hook: ``(step, loss) -> loss``, for tests that replace a step's loss in-process.
     """
 
-    def __init__(self, engine, optimizer, augment, *, accum: int, dtype: torch.dtype, rank: int,
+    def __init__(self, engine, optimizer, task, *, accum: int, dtype: torch.dtype, rank: int,
                  device: torch.device, run_dir: Path, fault_hook=None):
-        self.engine, self.optimizer, self.augment = engine, optimizer, augment
+        self.engine, self.optimizer, self.task = engine, optimizer, task
         self.accum, self.dtype, self.rank, self.device = accum, dtype, rank, device
         self.run_dir, self.fault_hook = run_dir, fault_hook
 
@@ -85,18 +86,20 @@ class StepRunner:
         maybe_hold(step=step + 1)
         for micro in range(self.accum):
             wait_start = time.perf_counter()
-            images, labels, indices = next(batches)
+            batch = next(batches)
             result.data_wait += time.perf_counter() - wait_start
+            named, indices = self.task.losses(self.engine, batch, micro_step=step * self.accum + micro,
+                                              dtype=self.dtype)
             result.indices.append(indices)
-            images, targets = self.augment(images, labels, step=step * self.accum + micro)
-            logits = self.engine(images.to(self.dtype))
             maybe_die("mid-step", step=step + 1, rank=self.rank, run_dir=self.run_dir)
-            loss = soft_target_cross_entropy(logits, targets)
+            loss = sum(named.values())
             loss = maybe_poison_loss(loss, step=step + 1, micro=micro, rank=self.rank)
             if self.fault_hook is not None:
                 loss = self.fault_hook(step, loss)
             if finite_everywhere(loss, self.device):
                 result.losses.append(loss.detach())
+                for name, value in named.items():
+                    result.components.setdefault(name, []).append(value.detach().float())
             else:
                 result.skipped = True
             self.engine.backward(loss)

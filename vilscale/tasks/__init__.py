@@ -1,0 +1,38 @@
+"""What differs between tasks, one module each behind one small protocol.
+
+The training loop, the DeepSpeed engine, ZeRO, precision, checkpoints and exact resume, the EMA, the
+run-dir rules, restart policy, Prometheus metrics and the launchers are shared and know nothing about
+images, labels or boxes. A task supplies, for a job spec:
+
+- ``create_model()``: the bare ``nn.Module`` (its training forward, through ``losses``, gives named losses)
+  and ``init_target(model)``: the ViL module that ``model.init_weights`` loads into;
+- ``train_loader(ctx)`` / ``val_loader(ctx)``: iterables with ``set_epoch``, ``state_dict`` and
+  ``load_state_dict`` (exact resume), disjoint across ranks, and a ``decode_errors`` count;
+- ``setup(ctx)``, then ``losses(engine, batch, micro_step=..., dtype=...)``: ``({name: loss}, indices)``
+  for one micro-batch; the loop backpropagates their sum and logs each;
+- ``evaluate(model, loader, ctx, out_dir=...)``: a dict of metrics, the same on every rank, holding
+  the task's ``headline`` (``val_top1``, ``box_ap``, ``mask_ap``), and ``report(result)``: the lines the
+  trainer and `vilscale eval` print;
+- ``check(world_size)``: its pre-flight checks (raises ValueError with one line), run before any rank.
+"""
+
+from __future__ import annotations
+
+TASKS = ("classification", "detection")
+DETECTORS = ("retinanet", "mask_rcnn")
+
+
+def make_task(spec):
+    """The task object of ``spec.task``."""
+    if spec.task == "classification":
+        from vilscale.tasks.classification import ClassificationTask
+
+        return ClassificationTask(spec)
+    if spec.task == "detection":
+        from vilscale.tasks.detection import DetectionTask
+
+        return DetectionTask(spec)
+    raise ValueError(f"task={spec.task!r} is not valid; use one of {list(TASKS)}")
+
+
+__all__ = ["DETECTORS", "TASKS", "make_task"]

@@ -1,0 +1,389 @@
+"""Detection (RetinaNet) and instance segmentation (Mask R-CNN) on the ViL backbone.
+
+The detectors, anchors, box coding, NMS, RoIAlign, losses and the FPN are torchvision's; what is ours is
+the backbone (``create_model(..., backbone=True)``: ViL attention in every stage, one NCHW map per stage)
+and the glue. Levels follow the official detection configs (microsoft/VisionLongformerForObjectDetection):
+RetinaNet reads stages 2-4 (strides 8, 16, 32) plus P6/P7 (``LastLevelP6P7`` on P5), Mask R-CNN stages 1-4
+(strides 4-32) plus a max-pooled P6 for the RPN. A backbone with three stages (vil_nano) gives RetinaNet
+stages 1-3 and Mask R-CNN stages 1-3 plus the pooled level (the first four anchor sizes). Global tokens per
+stage are the variant's (1, 1, 1, 0), window 7, as the official configs.
+
+Images reach the detector as ``uint8`` tensors scaled to [0, 1]; its ``GeneralizedRCNNTransform`` resizes
+(shorter side ``data.min_size``, one drawn per image from a tuple for multi-scale training, longer side at
+most ``data.max_size``), normalises with ``data.mean``/``data.std`` and pads the batch to a multiple of 32,
+the backbone's total stride, so every stage map divides evenly (the ViL kernels handle maps of any size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+HEADLINES = {"retinanet": "box_ap", "mask_rcnn": "mask_ap"}
+
+
+class ViLFPN(nn.Module):
+    """The ViL backbone's stage maps through torchvision's FPN: an OrderedDict of levels, ``out_channels`` each.
+
+    Args:
+        body: a ``VisionLongformer`` built with ``backbone=True``.
+        levels: which stages (0-based) feed the FPN.
+        out_channels: channels of every FPN level.
+        extra_blocks: torchvision's ``LastLevelP6P7`` or ``LastLevelMaxPool``.
+    """
+
+    def __init__(self, body: nn.Module, levels: list[int], out_channels: int, extra_blocks):
+        from torchvision.ops import FeaturePyramidNetwork
+
+        super().__init__()
+        self.body, self.levels = body, list(levels)
+        self.fpn = FeaturePyramidNetwork([body.feature_dims[level] for level in self.levels], out_channels,
+                                         extra_blocks=extra_blocks)
+        self.out_channels = out_channels
+
+    def forward(self, images: torch.Tensor) -> OrderedDict:
+        maps = self.body.forward_intermediates(images)
+        return self.fpn(OrderedDict((str(index), maps[level]) for index, level in enumerate(self.levels)))
+
+
+class ViLDetector(nn.Module):
+    """A torchvision detector on a ViL backbone. ``forward(images, targets)`` returns torchvision's dict of
+    losses in training and its list of detections in evaluation; the ViL body's switches (shift mode,
+    attention backend) and weight-decay exclusions are reachable from here as on a classifier.
+
+    Args:
+        detector: torchvision's ``RetinaNet`` or ``MaskRCNN`` whose ``backbone`` is a ``ViLFPN``.
+        kind: "retinanet" or "mask_rcnn".
+    """
+
+    def __init__(self, detector: nn.Module, kind: str):
+        super().__init__()
+        self.detector, self.kind = detector, kind
+
+    @property
+    def body(self) -> nn.Module:
+        return self.detector.backbone.body
+
+    @property
+    def config(self):
+        return self.body.config
+
+    def forward(self, images, targets=None):
+        return self.detector(images, targets)
+
+    @property
+    def shift_mode(self) -> str:
+        return self.body.shift_mode
+
+    def set_shift_mode(self, shift_mode: str) -> None:
+        self.body.set_shift_mode(shift_mode)
+
+    def set_attn_backend(self, backend: str) -> None:
+        self.body.set_attn_backend(backend)
+
+    def no_weight_decay(self) -> set[str]:
+        """The ViL body's exclusions (LayerNorms, position tables, global tokens); FPN and heads are decayed,
+        as in the official detection recipe."""
+        return {f"detector.backbone.body.{name}" for name in self.body.no_weight_decay()}
+
+
+def anchor_generator(kind: str, base_sizes: tuple[int, ...]):
+    """RetinaNet: three scales per octave (x, x 2^(1/3), x 2^(2/3)) per level; Mask R-CNN's RPN: one size per
+    level; both with aspect ratios 0.5, 1, 2 (torchvision's and the official configs' defaults)."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    if kind == "retinanet":
+        sizes = tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))) for x in base_sizes)
+    else:
+        sizes = tuple((x,) for x in base_sizes)
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+
+
+def build_detector(spec) -> ViLDetector:
+    """The spec's detector (``model.detector``) with ``model.num_classes`` object classes (+ background)."""
+    from torchvision.models.detection import MaskRCNN, RetinaNet
+    from torchvision.ops import MultiScaleRoIAlign
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+    from vilscale.model import create_model
+
+    cfg, data = spec.model, spec.data
+    body = create_model(cfg.name, pos_embed=cfg.pos_embed, window_mode=cfg.window_mode, window=cfg.window,
+                        img_size=cfg.img_size, num_classes=0, attn_backend=cfg.attn_backend,
+                        shift_mode=cfg.shift_mode, drop_path_rate=cfg.drop_path_rate, backbone=True)
+    stages = len(body.feature_dims)
+    common = dict(min_size=tuple(data.min_size), max_size=data.max_size, image_mean=list(data.mean),
+                  image_std=list(data.std), size_divisible=body.feature_strides[-1])
+    if cfg.detector == "retinanet":
+        levels = list(range(max(0, stages - 3), stages))
+        backbone = ViLFPN(body, levels, cfg.fpn_channels, LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels))
+        detector = RetinaNet(backbone, num_classes=cfg.num_classes + 1,
+                             anchor_generator=anchor_generator("retinanet", cfg.anchor_sizes),
+                             detections_per_img=cfg.detections_per_image, **common)
+    else:
+        backbone = ViLFPN(body, list(range(stages)), cfg.fpn_channels, LastLevelMaxPool())
+        proposals = cfg.proposals_per_image
+        names = [str(index) for index in range(stages)]  # the RoI heads read the stage levels, not the pooled one
+        detector = MaskRCNN(backbone, num_classes=cfg.num_classes + 1,
+                            rpn_anchor_generator=anchor_generator("mask_rcnn", cfg.anchor_sizes[:stages + 1]),
+                            box_roi_pool=MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2),
+                            mask_roi_pool=MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2),
+                            rpn_pre_nms_top_n_train=2 * proposals, rpn_pre_nms_top_n_test=proposals,
+                            rpn_post_nms_top_n_train=proposals, rpn_post_nms_top_n_test=proposals,
+                            box_detections_per_img=cfg.detections_per_image, **common)
+    return ViLDetector(detector, cfg.detector)
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation: COCO box AP and mask AP with pycocotools, predictions gathered from every rank
+# ----------------------------------------------------------------------------------------------------
+
+AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def to_coco_results(outputs: list[dict], image_ids: list[int], category_of: dict[int, int], *,
+                    masks: bool) -> tuple[list[dict], list[dict]]:
+    """torchvision detections -> COCO results format (bbox [x, y, w, h]; segm as RLE of mask > 0.5)."""
+    boxes_out, segm_out = [], []
+    for output, image_id in zip(outputs, image_ids):
+        boxes = output["boxes"].float().cpu()
+        scores = output["scores"].float().cpu().tolist()
+        labels = output["labels"].cpu().tolist()
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        for box, score, label in zip(xywh, scores, labels):
+            if label not in category_of:
+                continue
+            boxes_out.append({"image_id": int(image_id), "category_id": int(category_of[label]),
+                              "bbox": [round(v, 3) for v in box], "score": round(float(score), 5)})
+        if masks and "masks" in output:
+            import numpy as np
+            from pycocotools import mask as mask_utils
+
+            binary = (output["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+            for mask, score, label in zip(binary, scores, labels):
+                if label not in category_of:
+                    continue
+                rle = mask_utils.encode(np.asfortranarray(mask))
+                rle["counts"] = rle["counts"].decode("ascii")
+                segm_out.append({"image_id": int(image_id), "category_id": int(category_of[label]),
+                                 "segmentation": rle, "score": round(float(score), 5)})
+    return boxes_out, segm_out
+
+
+def coco_ap(annotations: str | Path, results: list[dict], kind: str) -> dict[str, float]:
+    """COCOeval's AP, AP50, AP75, APs, APm, APl (in [0, 1]) of ``results`` against ``annotations``; 0 for
+    every figure when there are no results at all."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not results:
+        return dict.fromkeys(AP_NAMES, 0.0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(annotations))
+        evaluation = COCOeval(truth, truth.loadRes(results), kind)
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return {name: max(0.0, float(value)) for name, value in zip(AP_NAMES, evaluation.stats[:6])}
+
+
+def gather_lists(items: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(items)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, spec, ctx, *, out_dir: Path | None = None) -> dict:
+    """Box AP (and mask AP for Mask R-CNN) over the whole validation split, every image once across ranks;
+    the predictions are written in COCO's results format to ``out_dir/bbox.json`` (and ``segm.json``)."""
+    dtype = next(model.parameters()).dtype
+    masks = spec.model.detector == "mask_rcnn"
+    was_training = model.training
+    model.eval()
+    boxes, segms = [], []
+    try:
+        for images, targets, _ in loader:
+            inputs = [image.to(ctx.device, dtype) / 255 for image in images]
+            outputs = model(inputs)
+            batch_boxes, batch_segms = to_coco_results(outputs, [t["image_id"] for t in targets],
+                                                       loader.data.category_of, masks=masks)
+            boxes += batch_boxes
+            segms += batch_segms
+    finally:
+        model.train(was_training)
+    boxes, segms = gather_lists(boxes), gather_lists(segms)
+    result = {}
+    if ctx.rank == 0:
+        annotations = loader.data.annotations_path
+        result.update({f"box_{name}": value for name, value in coco_ap(annotations, boxes, "bbox").items()})
+        if masks:
+            result.update({f"mask_{name}": value for name, value in coco_ap(annotations, segms, "segm").items()})
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "bbox.json").write_text(json.dumps(boxes))
+            if masks:
+                (out_dir / "segm.json").write_text(json.dumps(segms))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [result]
+        dist.broadcast_object_list(shared, src=0)
+        result = shared[0]
+    result["box_ap"] = result["box_AP"]
+    if masks:
+        result["mask_ap"] = result["mask_AP"]
+    result["val_images"] = len(loader.data)
+    return result
+
+
+def headline_lines(result: dict, detector: str) -> list[str]:
+    """What the trainer and `vilscale eval` print: ``box AP: NN.N`` (and ``mask AP``) and the detail lines."""
+    lines = []
+    for prefix, label in (("box", "box"), ("mask", "mask")):
+        if f"{prefix}_AP" not in result:
+            continue
+        lines.append(f"{label} AP: {100 * result[f'{prefix}_AP']:.1f}")
+        lines.append(f"{label} " + "  ".join(f"{name} {100 * result[f'{prefix}_{name}']:.1f}"
+                                            for name in AP_NAMES[1:]))
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------
+# the task protocol (see vilscale.tasks)
+# ----------------------------------------------------------------------------------------------------
+
+class DetectionTask:
+    """The ``task: detection`` side of the task protocol: ``model.detector`` retinanet or mask_rcnn on COCO-format
+    data (``data.train_annotations``/``train_images``, ``data.val_annotations``/``val_images``)."""
+
+    name = "detection"
+    init_note = "dropped (the classifier's final norm and head; FPN and detection heads start fresh)"
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.headline = HEADLINES[spec.model.detector]
+        self.device = torch.device("cpu")
+        self._categories = None
+
+    @property
+    def masks(self) -> bool:
+        return self.spec.model.detector == "mask_rcnn"
+
+    # ---- model ---------------------------------------------------------------------------------------
+
+    def create_model(self) -> nn.Module:
+        return build_detector(self.spec)
+
+    @staticmethod
+    def init_target(model: nn.Module) -> nn.Module:
+        return model.body
+
+    @staticmethod
+    def vil(model: nn.Module) -> nn.Module:
+        return model.body
+
+    @staticmethod
+    def flops_per_image(model: nn.Module) -> dict[str, float]:
+        return {}  # images differ in size: MFU is not reported for detection
+
+    # ---- data ------------------------------------------------------------------------------------------
+
+    def categories(self) -> list[tuple[int, str]]:
+        """The training annotations' categories: labels 1..K in both splits follow them."""
+        if self._categories is None:
+            from vilscale.data.coco import categories_of, read_coco_json
+
+            self._categories = categories_of(read_coco_json(self.spec.data.train_annotations))
+        return self._categories
+
+    def _loader(self, ctx, *, train: bool, batch_size: int):
+        from vilscale.data.coco import CocoData, CocoLoader
+
+        data = self.spec.data
+        images, annotations = ((data.train_images, data.train_annotations) if train
+                               else (data.val_images, data.val_annotations))
+        split = CocoData(images, annotations, train=train, masks=self.masks, categories=self.categories())
+        if train and ctx.rank == 0:
+            print(f"[vilscale] {annotations}: {split.stats.line()}", flush=True)
+        return CocoLoader(split, rank=ctx.rank, world_size=ctx.world_size, batch_size=batch_size,
+                          seed=self.spec.train.seed, train=train, num_workers=data.loader_workers,
+                          hflip=self.spec.augment.hflip if train else 0.0,
+                          decode_error_limit=data.decode_error_limit)
+
+    def train_loader(self, ctx):
+        return self._loader(ctx, train=True, batch_size=self.spec.train.micro_batch)
+
+    def val_loader(self, ctx, *, batch_size: int | None = None):
+        if not self.spec.data.val_annotations:
+            return None
+        return self._loader(ctx, train=False, batch_size=batch_size or self.spec.eval.batch_size)
+
+    # ---- training ----------------------------------------------------------------------------------------
+
+    def setup(self, ctx) -> None:
+        self.device = ctx.device
+
+    def losses(self, engine, batch, *, micro_step: int, dtype: torch.dtype):
+        """(torchvision's dict of losses, indices) of one micro-batch."""
+        images, targets, indices = batch
+        images = [image.to(self.device, dtype) / 255 for image in images]
+        targets = [{key: value.to(self.device) if isinstance(value, torch.Tensor) else value
+                    for key, value in target.items()} for target in targets]
+        return engine(images, targets), indices
+
+    # ---- evaluation ----------------------------------------------------------------------------------------
+
+    def evaluate(self, model: nn.Module, loader, ctx, *, out_dir: Path | None = None) -> dict:
+        return evaluate(model, loader, self.spec, ctx, out_dir=out_dir)
+
+    def report(self, result: dict) -> list[str]:
+        return headline_lines(result, self.spec.model.detector)
+
+    @staticmethod
+    def log_line(result: dict) -> str:
+        line = f"box AP {100 * result['box_AP']:.1f} (AP50 {100 * result['box_AP50']:.1f})"
+        if "mask_AP" in result:
+            line += f", mask AP {100 * result['mask_AP']:.1f} (AP50 {100 * result['mask_AP50']:.1f})"
+        return line
+
+    # ---- pre-flight ----------------------------------------------------------------------------------------
+
+    def check(self, world_size: int) -> None:
+        """Before any rank starts: COCO JSON, images present, train and val categories equal,
+        model.num_classes equal to the category count, enough images for one step on every rank."""
+        from vilscale.data.coco import CocoData, check_coco_folder
+
+        data, spec = self.spec.data, self.spec
+        if not data.train_annotations or not data.train_images:
+            raise ValueError("task=detection needs data.train_annotations (a COCO instances JSON) and "
+                             "data.train_images (its image folder); write them with `vilscale prepare digits-coco OUT` "
+                             "or point them at COCO's instances_train2017.json and train2017/")
+        train = check_coco_folder(data.train_annotations, data.train_images, what="data.train_annotations")
+        if data.val_annotations:
+            if not data.val_images:
+                raise ValueError("data.val_annotations is set but data.val_images is empty; give the val image folder")
+            val = check_coco_folder(data.val_annotations, data.val_images, what="data.val_annotations")
+            if [c for c, _ in val] != [c for c, _ in train]:
+                only_val = sorted({c for c, _ in val} - {c for c, _ in train})[:5]
+                only_train = sorted({c for c, _ in train} - {c for c, _ in val})[:5]
+                raise ValueError(f"the category ids of {data.val_annotations} and {data.train_annotations} differ "
+                                 f"(only in val: {only_val}, only in train: {only_train}), so labels would not match "
+                                 "and AP would be wrong; use annotation files with the same categories")
+        if spec.model.num_classes != len(train):
+            raise ValueError(f"model.num_classes={spec.model.num_classes} but {data.train_annotations} has "
+                             f"{len(train)} categories; set model.num_classes={len(train)}")
+        usable = len(CocoData(data.train_images, data.train_annotations, train=True, masks=False, categories=train))
+        per_step = spec.train.micro_batch * spec.grad_accum(world_size) * world_size
+        if usable < per_step:
+            raise ValueError(f"{data.train_annotations} has {usable} usable training images, fewer than one step "
+                             f"of {per_step} (train.micro_batch x grad_accum x {world_size} rank(s)); lower "
+                             "train.micro_batch or use fewer ranks")
