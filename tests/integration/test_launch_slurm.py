@@ -109,3 +109,24 @@ def test_wait_exits_nonzero_with_the_reason_when_the_job_fails(slurm, digits, tm
                       *smoke_overrides(digits, tmp_path / "run", device="cuda"), env=slurm.env)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "no CUDA device is visible" in result.stderr
+
+
+def detection_overrides(digits_coco, run_dir) -> list[str]:
+    return ["--set", f"run_dir={run_dir}",
+            "--set", f"data.train_annotations={digits_coco / 'train' / 'annotations.json'}",
+            "--set", f"data.train_images={digits_coco / 'train' / 'images'}",
+            "--set", f"data.val_annotations={digits_coco / 'val' / 'annotations.json'}",
+            "--set", f"data.val_images={digits_coco / 'val' / 'images'}",
+            "--set", "train.max_steps=4", "--set", "train.ckpt_every=4"]
+
+
+@pytest.mark.slow
+def test_a_detection_job_trains_and_evaluates_through_slurm(slurm, digits_coco, tmp_path):
+    run_dir = tmp_path / "run"
+    result = vilscale("submit", str(services.REPO / "jobs" / "digits_retinanet.yaml"), "--backend", "slurm", "--wait",
+                      *detection_overrides(digits_coco, run_dir), env=slurm.env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 4 and "box_AP" in summary and summary["val_images"] == 120
+    predictions = json.loads((run_dir / "eval" / "bbox.json").read_text())
+    assert predictions and {"image_id", "category_id", "bbox", "score"} <= set(predictions[0])

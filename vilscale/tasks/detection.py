@@ -17,6 +17,7 @@ the backbone's total stride, so every stage map divides evenly (the ViL kernels 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 from collections import OrderedDict
@@ -88,6 +89,9 @@ class ViLDetector(nn.Module):
     def set_attn_backend(self, backend: str) -> None:
         self.body.set_attn_backend(backend)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> int:
+        return self.body.set_grad_checkpointing(enable)
+
     def no_weight_decay(self) -> set[str]:
         """The ViL body's exclusions (LayerNorms, position tables, global tokens); FPN and heads are decayed,
         as in the official detection recipe."""
@@ -109,6 +113,8 @@ def anchor_generator(kind: str, base_sizes: tuple[int, ...]):
 def build_detector(spec) -> ViLDetector:
     """The spec's detector (``model.detector``) with ``model.num_classes`` object classes (+ background)."""
     from torchvision.models.detection import MaskRCNN, RetinaNet
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.ops import MultiScaleRoIAlign
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
@@ -131,10 +137,18 @@ def build_detector(spec) -> ViLDetector:
         backbone = ViLFPN(body, list(range(stages)), cfg.fpn_channels, LastLevelMaxPool())
         proposals = cfg.proposals_per_image
         names = [str(index) for index in range(stages)]  # the RoI heads read the stage levels, not the pooled one
-        detector = MaskRCNN(backbone, num_classes=cfg.num_classes + 1,
+        # heads sized by the FPN width as torchvision's defaults are for 256 channels: a 4 x width box
+        # representation (1024) and a mask head of four width-wide convolutions (256)
+        width = cfg.fpn_channels
+        detector = MaskRCNN(backbone, num_classes=None,
                             rpn_anchor_generator=anchor_generator("mask_rcnn", cfg.anchor_sizes[:stages + 1]),
                             box_roi_pool=MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2),
+                            box_head=TwoMLPHead(width * 7 * 7, 4 * width),
+                            box_predictor=FastRCNNPredictor(4 * width, cfg.num_classes + 1),
                             mask_roi_pool=MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2),
+                            mask_head=MaskRCNNHeads(width, [width] * 4, 1),
+                            mask_predictor=MaskRCNNPredictor(width, width, cfg.num_classes + 1),
+                            box_batch_size_per_image=cfg.rois_per_image,
                             rpn_pre_nms_top_n_train=2 * proposals, rpn_pre_nms_top_n_test=proposals,
                             rpn_post_nms_top_n_train=proposals, rpn_post_nms_top_n_test=proposals,
                             box_detections_per_img=cfg.detections_per_image, **common)
@@ -171,7 +185,7 @@ def to_coco_results(outputs: list[dict], image_ids: list[int], category_of: dict
                 if label not in category_of:
                     continue
                 rle = mask_utils.encode(np.asfortranarray(mask))
-                rle["counts"] = rle["counts"].decode("ascii")
+                rle = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
                 segm_out.append({"image_id": int(image_id), "category_id": int(category_of[label]),
                                  "segmentation": rle, "score": round(float(score), 5)})
     return boxes_out, segm_out
@@ -187,7 +201,7 @@ def coco_ap(annotations: str | Path, results: list[dict], kind: str) -> dict[str
         return dict.fromkeys(AP_NAMES, 0.0)
     with contextlib.redirect_stdout(io.StringIO()):
         truth = COCO(str(annotations))
-        evaluation = COCOeval(truth, truth.loadRes(results), kind)
+        evaluation = COCOeval(truth, truth.loadRes(copy.deepcopy(results)), kind)  # loadRes adds keys in place
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
@@ -225,15 +239,15 @@ def evaluate(model: nn.Module, loader, spec, ctx, *, out_dir: Path | None = None
     boxes, segms = gather_lists(boxes), gather_lists(segms)
     result = {}
     if ctx.rank == 0:
-        annotations = loader.data.annotations_path
-        result.update({f"box_{name}": value for name, value in coco_ap(annotations, boxes, "bbox").items()})
-        if masks:
-            result.update({f"mask_{name}": value for name, value in coco_ap(annotations, segms, "segm").items()})
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "bbox.json").write_text(json.dumps(boxes))
             if masks:
                 (out_dir / "segm.json").write_text(json.dumps(segms))
+        annotations = loader.data.annotations_path
+        result.update({f"box_{name}": value for name, value in coco_ap(annotations, boxes, "bbox").items()})
+        if masks:
+            result.update({f"mask_{name}": value for name, value in coco_ap(annotations, segms, "segm").items()})
     if dist.is_initialized() and dist.get_world_size() > 1:
         shared = [result]
         dist.broadcast_object_list(shared, src=0)

@@ -65,6 +65,9 @@ class ModelConfig:
     training)."""
     detections_per_image: int = 100
     """task=detection: detections kept per image (COCO's AP counts up to 100)."""
+    rois_per_image: int = 512
+    """task=detection, mask_rcnn: proposals sampled per image to train the box and mask heads (a quarter positive
+    at most; detectron2's and torchvision's 512)."""
 
     def __post_init__(self):
         _one_of("model.pos_embed", self.pos_embed, POS_EMBEDS)
@@ -83,7 +86,7 @@ class ModelConfig:
         if len(self.anchor_sizes) != 5 or not all(isinstance(v, int) and v > 0 for v in self.anchor_sizes):
             raise SpecError(f"model.anchor_sizes={list(self.anchor_sizes)!r} must be five positive integers, one "
                             "per FPN level (e.g. [32, 64, 128, 256, 512])")
-        for name in ("fpn_channels", "proposals_per_image", "detections_per_image"):
+        for name in ("fpn_channels", "proposals_per_image", "detections_per_image", "rois_per_image"):
             _positive(f"model.{name}", getattr(self, name))
 
 

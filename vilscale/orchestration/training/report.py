@@ -1,4 +1,5 @@
-"""PNG plots of a run's metrics.jsonl (loss, learning rate, throughput, data wait, eval accuracy)."""
+"""PNG plots of a run's metrics.jsonl (loss, learning rate, throughput, data wait, the evaluations: top-1, or box
+and mask AP)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ PLOTS = (
     ("images_per_second", "images/s (all ranks)", "throughput.png"),
     ("data_wait_s", "data wait per step (s)", "data_wait.png"),
     ("val_top1", "val top-1", "eval_accuracy.png"),
+    ("box_AP", "val box AP", "eval_box_ap.png"),
+    ("mask_AP", "val mask AP", "eval_mask_ap.png"),
 )
 
 

@@ -1,0 +1,132 @@
+"""Detection through the real commands: `vilscale train` of the digits RetinaNet and Mask R-CNN jobs (DeepSpeed
+ZeRO-2 on 2 CPU ranks), `vilscale eval` whose printed AP equals what pycocotools computes from the predictions
+it saved, `vilscale export` of a detector, exact resume, and bad input refused before any rank starts."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+RETINANET = REPO / "jobs" / "digits_retinanet.yaml"
+MASK_RCNN = REPO / "jobs" / "digits_mask_rcnn.yaml"
+
+
+def vilscale(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "vilscale.cli", *args], capture_output=True, text=True,
+                            timeout=1200, cwd=REPO, env={**os.environ, **(env or {})})
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def data_sets(digits_coco: Path) -> list[str]:
+    return ["--set", f"data.train_annotations={digits_coco / 'train' / 'annotations.json'}",
+            "--set", f"data.train_images={digits_coco / 'train' / 'images'}",
+            "--set", f"data.val_annotations={digits_coco / 'val' / 'annotations.json'}",
+            "--set", f"data.val_images={digits_coco / 'val' / 'images'}"]
+
+
+def pycocotools_ap(annotations: Path, predictions: Path, kind: str) -> list[float]:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(annotations))
+        evaluation = COCOeval(truth, truth.loadRes(str(predictions)), kind)
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return [float(v) for v in evaluation.stats[:6]]
+
+
+def printed_ap(stdout: str, label: str) -> float:
+    line = next(line for line in stdout.splitlines() if line.startswith(f"{label} AP: "))
+    return float(line.split(": ")[1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# exact resume, ZeRO-2 on two ranks
+# ----------------------------------------------------------------------------------------------------
+
+def test_a_detection_run_stopped_and_resumed_equals_the_uninterrupted_run(digits_coco, tmp_path):
+    common = [*data_sets(digits_coco), "--set", "train.max_steps=6", "--set", "train.ckpt_every=3",
+              "--set", "train.record_samples=true", "--set", "augment.hflip=0.5", "--set", "eval.every_epochs=100"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    vilscale("train", str(RETINANET), "--nproc", "2", "--set", f"run_dir={whole}", *common)
+    first = vilscale("train", str(RETINANET), "--nproc", "2", "--set", f"run_dir={parts}", *common,
+                     "--set", "train.exit_after_steps=3")
+    assert "checkpoint at step 3" in first.stderr and not (parts / "summary.json").read_text().count('"box_AP"')
+    vilscale("train", str(RETINANET), "--nproc", "2", "--set", f"run_dir={parts}", *common)
+    exported = {}
+    for name, run_dir in (("whole", whole), ("parts", parts)):
+        vilscale("export", str(run_dir), str(tmp_path / f"{name}.safetensors"))
+        from safetensors.torch import load_file
+
+        exported[name] = load_file(str(tmp_path / f"{name}.safetensors"))
+    assert exported["whole"].keys() == exported["parts"].keys()
+    assert any(key.startswith("detector.head.classification_head") for key in exported["whole"])
+    for key, value in exported["whole"].items():
+        assert torch.equal(value, exported["parts"][key]), key
+    for rank in (0, 1):  # the same images in every step, after the resume too
+        lines = [json.loads(line) for line in (whole / "samples" / f"rank{rank}.jsonl").read_text().splitlines()]
+        resumed = [json.loads(line) for line in (parts / "samples" / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert [r["indices"] for r in lines] == [r["indices"] for r in resumed] and len(lines) == 6
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (whole, parts)]
+    assert summaries[0]["box_AP"] == summaries[1]["box_AP"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# bad input: one line, exit 2, before any rank
+# ----------------------------------------------------------------------------------------------------
+
+def test_bad_detection_input_is_refused_before_any_rank_starts(digits_coco, tmp_path):
+    not_json = tmp_path / "not_coco.json"
+    not_json.write_text("{this is not json")
+    content = json.loads((digits_coco / "val" / "annotations.json").read_text())
+    missing = tmp_path / "missing_images.json"
+    missing.write_text(json.dumps({**content, "images": content["images"] + [
+        {"id": 99999, "file_name": "nowhere.jpg", "height": 96, "width": 96}]}))
+    other_categories = tmp_path / "other_categories.json"
+    other_categories.write_text(json.dumps({**content, "categories": content["categories"][:9] + [
+        {"id": 42, "name": "forty-two"}]}))
+    cases = [
+        (["--set", f"data.train_annotations={not_json}"], "is not COCO JSON"),
+        (["--set", f"data.train_annotations={missing}", "--set", f"data.train_images={digits_coco / 'val' / 'images'}"],
+         "1 of 121 images named in"),
+        (["--set", f"data.val_annotations={other_categories}"], "category ids of"),
+        (["--set", "model.num_classes=12"], "set model.num_classes=10"),
+        (["--set", "model.detector=yolo"], "model.detector='yolo' is not valid"),
+        (["--set", "model.anchor_sizes=[8, 16]"], "must be five positive integers"),
+    ]
+    for overrides, message in cases:
+        run_dir = tmp_path / "run"
+        result = vilscale("train", str(RETINANET), "--nproc", "2", "--set", f"run_dir={run_dir}",
+                          *data_sets(digits_coco), *overrides, check=False)
+        assert result.returncode == 2, (overrides, result.stderr[-2000:])
+        assert message in result.stderr and "Traceback" not in result.stderr, (overrides, result.stderr[-2000:])
+        assert not run_dir.exists(), overrides  # nothing written
+
+
+def test_initial_weights_of_another_variant_are_refused(digits_coco, tmp_path):
+    from safetensors.torch import save_file
+
+    from vilscale.model import create_model
+
+    weights = tmp_path / "vil_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model("vil_tiny", num_classes=10).state_dict().items()},
+              str(weights))
+    result = vilscale("train", str(RETINANET), "--nproc", "2", "--set", f"run_dir={tmp_path / 'run'}",
+                      *data_sets(digits_coco), "--set", f"model.init_weights={weights}", check=False)
+    assert result.returncode == 2 and "model.init_weights=" in result.stderr and "does not fit" in result.stderr
+    assert "Traceback" not in result.stderr
