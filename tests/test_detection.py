@@ -59,11 +59,11 @@ def printed_ap(stdout: str, label: str) -> float:
 # learning, and `vilscale eval` against pycocotools on the predictions it saved
 # ----------------------------------------------------------------------------------------------------
 
-# Measured on the 2-core machine, 2 ranks, from random weights (see the README's detection section):
-# RetinaNet after 4 epochs box AP 5-7 (AP50 10-12); Mask R-CNN after 2 epochs box AP 35-42 (AP50 63-66), mask AP
-# 36-40 (AP50 62-66). Chance is 0.
+# Measured on the 2-core machine, 2 ranks, from random weights, with these schedules (see the README's detection
+# section): RetinaNet 4 epochs box AP 5.4 (AP50 11.3); Mask R-CNN 2 epochs box AP 23.0 (AP50 42.9), mask AP 24.2
+# (AP50 43.4). Chance is 0; the bars leave about half of the measured AP50.
 RETINANET_EPOCHS, RETINANET_AP50_BAR = 4, 0.05
-MASK_RCNN_EPOCHS, MASK_RCNN_AP50_BAR = 2, 0.40
+MASK_RCNN_EPOCHS, MASK_RCNN_AP50_BAR = 2, 0.20
 
 
 def test_retinanet_learns_the_digits_and_eval_reports_what_pycocotools_computes(digits_coco, tmp_path):
