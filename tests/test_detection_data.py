@@ -84,9 +84,11 @@ def test_ranks_read_disjoint_parts_in_a_seeded_order_per_epoch(digits_coco):
     again.set_epoch(1)
     assert torch.cat([b[2] for b in again]).tolist() != sorted(seen[0])  # another order next epoch
     val = CocoData(digits_coco / "val" / "images", digits_coco / "val" / "annotations.json", train=False, masks=False)
-    loaders = [_loader(val, rank, 3, train=False) for rank in range(3)]
+    loaders = [_loader(val, rank, 7, train=False) for rank in range(7)]  # 120 images: 18 on ranks 0, 17 on the rest
     parts = [torch.cat([b[2] for b in loader]).tolist() for loader in loaders]
-    assert sorted(sum(parts, [])) == list(range(len(val)))  # validation: every image exactly once
+    assert sorted(i for part in parts for i in part if i >= 0) == list(range(len(val)))  # every image exactly once
+    assert {len(part) for part in parts} == {18} and {len(loader) for loader in loaders} == {5}  # same batch counts
+    assert parts[0].count(-1) == 0 and all(part.count(-1) == 1 for part in parts[1:])  # fillers say so
     assert torch.cat([b[2] for b in loaders[1]]).tolist() == parts[1]  # and again at the next evaluation
 
 
@@ -223,3 +225,26 @@ def test_prepare_digits_coco_command(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "vilscale.cli", "prepare", "digits-coco", str(tmp_path / "x"),
                           "--canvas", "20"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "--canvas must be >= 48" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_multi_scale_training_and_activation_checkpointing_reach_the_detector(one_torch_thread):
+    from vilscale.orchestration.config import spec_from_dict
+    from vilscale.tasks.detection import build_detector
+
+    spec = spec_from_dict({"run_dir": "/tmp/unused", "task": "detection",
+                           "data": {"min_size": [64, 96], "max_size": 96},
+                           "model": {"name": "vil_nano", "img_size": 96, "window": 2, "num_classes": 10,
+                                     "anchor_sizes": [8, 16, 32, 64, 128], "fpn_channels": 32}})
+    model = build_detector(spec)
+    assert model.detector.transform.min_size == (64, 96)  # torchvision draws one per image in training
+    torch.manual_seed(0)
+    sizes = set()
+    for _ in range(8):
+        images, _ = model.detector.transform([torch.rand(3, 96, 96)])
+        sizes.add(images.image_sizes[0])
+    assert sizes == {(64, 64), (96, 96)}
+    assert model.set_grad_checkpointing(True) == 3  # vil_nano's blocks, one per stage
+    target = [{"boxes": torch.tensor([[10.0, 10.0, 40.0, 40.0]]), "labels": torch.tensor([2])}]
+    losses = model([torch.rand(3, 96, 96)], target)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for name, p in model.named_parameters() if ".body.stages." in name)

@@ -165,6 +165,9 @@ class CocoData:
         return image.as_subclass(torch.Tensor), out
 
 
+FILLER = -1  # a validation slot that only evens out the ranks; its predictions are dropped
+
+
 class _Positions(torch.utils.data.Dataset):
     """The positions a rank reads this epoch (``positions[start:]``), each loaded (and flipped) by
     ``CocoData.load``. An image that cannot be read is replaced by the next readable one of the rank's list (the
@@ -178,6 +181,8 @@ class _Positions(torch.utils.data.Dataset):
 
     def __getitem__(self, item: int):
         failures = []
+        if self.positions[self.start + item] == FILLER:  # evens out the ranks' evaluation batches
+            return FILLER, self.data.load(self.positions[0] if self.positions[0] != FILLER else 0, flip=False), []
         for offset in range(len(self.positions)):
             index = (self.start + item + offset) % len(self.positions)
             position = self.positions[index]
@@ -201,7 +206,8 @@ class CocoLoader:
     out, a different few each epoch); each image's flip is drawn from (seed, epoch, image), so a resumed
     epoch yields bit-identical batches whatever the worker scheduling. ``state_dict`` holds the epoch and
     the batches consumed. Validation: every image exactly once across ranks (rank r reads r, r + world, ...),
-    unflipped.
+    unflipped; ranks with one image fewer repeat their first one as filler, with index -1 (every rank runs the
+    same number of forward passes, which ZeRO-3's parameter gathering needs).
     """
 
     data: CocoData
@@ -221,8 +227,8 @@ class CocoLoader:
     def __len__(self) -> int:
         if self.train:
             return len(self.data) // (self.world_size * self.batch_size)
-        mine = len(range(self.rank, len(self.data), self.world_size))
-        return -(-mine // self.batch_size)
+        per_rank = -(-len(self.data) // self.world_size)  # the same on every rank (fillers make up the rest)
+        return -(-per_rank // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -238,7 +244,8 @@ class CocoLoader:
     def positions(self) -> list[int]:
         """This rank's positions of the current epoch, in reading order."""
         if not self.train:
-            return list(range(self.rank, len(self.data), self.world_size))
+            mine = list(range(self.rank, len(self.data), self.world_size))
+            return mine + [FILLER] * (-(-len(self.data) // self.world_size) - len(mine))
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.data))
         per_rank = len(self) * self.batch_size
         return order[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
@@ -264,7 +271,7 @@ class CocoLoader:
                     self._bad(failed, error)
                 images.append(image)
                 targets.append(target)
-                indices.append(self.data.usable[position])
+                indices.append(self.data.usable[position] if position != FILLER else -1)
             self.batches_done += 1
             yield images, targets, torch.as_tensor(indices, dtype=torch.int64)
 

@@ -227,10 +227,12 @@ def evaluate(model: nn.Module, loader, spec, ctx, *, out_dir: Path | None = None
     model.eval()
     boxes, segms = [], []
     try:
-        for images, targets, _ in loader:
+        for images, targets, indices in loader:
             inputs = [image.to(ctx.device, dtype) / 255 for image in images]
             outputs = model(inputs)
-            batch_boxes, batch_segms = to_coco_results(outputs, [t["image_id"] for t in targets],
+            real = [i for i, index in enumerate(indices.tolist()) if index >= 0]  # fillers evening out the ranks
+            batch_boxes, batch_segms = to_coco_results([outputs[i] for i in real],
+                                                       [targets[i]["image_id"] for i in real],
                                                        loader.data.category_of, masks=masks)
             boxes += batch_boxes
             segms += batch_segms
