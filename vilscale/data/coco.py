@@ -19,11 +19,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from pycocotools.coco import COCO
+from torchvision.datasets import CocoDetection, VisionDataset
 
 from vilscale.data.manifest import DataError
 
@@ -65,9 +68,10 @@ def categories_of(content: dict) -> list[tuple[int, str]]:
     return sorted((int(c["id"]), str(c.get("name", c["id"]))) for c in content["categories"])
 
 
-def check_coco_folder(annotations: str | Path, images: str | Path, *, what: str) -> list[tuple[int, str]]:
-    """Pre-flight: the JSON is COCO, every image it names exists; returns its categories."""
-    content = read_coco_json(annotations)
+def check_coco_folder(content: dict, annotations: str | Path, images: str | Path, *,
+                      what: str) -> list[tuple[int, str]]:
+    """Pre-flight on a parsed instances JSON (``read_coco_json``): every image it names exists in ``images``;
+    returns its categories."""
     folder = Path(images)
     if not folder.is_dir():
         raise DataError(f"{what}: image folder {folder} does not exist")
@@ -89,20 +93,21 @@ class CocoData:
         train: training filters (crowd, degenerate boxes, images without annotations).
         masks: decode instance masks (Mask R-CNN).
         categories: the (id, name) list labels are numbered by (the training split's, so val agrees).
+        content: ``annotations`` already parsed by ``read_coco_json`` (COCO's train JSON is about 450 MB: it is
+            parsed once and shared, pycocotools' index included).
     """
 
     def __init__(self, images: str | Path, annotations: str | Path, *, train: bool, masks: bool,
-                 categories: list[tuple[int, str]] | None = None):
-        from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
+                 categories: list[tuple[int, str]] | None = None, content: dict | None = None):
+        from torchvision.datasets import wrap_dataset_for_transforms_v2
 
-        content = read_coco_json(annotations)
+        content = read_coco_json(annotations) if content is None else content
         self.annotations_path = Path(annotations)
         self.categories = categories or categories_of(content)
         self.label_of = {cat_id: index + 1 for index, (cat_id, _) in enumerate(self.categories)}
         self.category_of = {label: cat_id for cat_id, label in self.label_of.items()}
         self.train, self.masks = train, masks
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its loading times
-            base = CocoDetection(str(images), str(annotations))
+        base = ParsedCocoDetection(images, content)
         keys = ("image_id", "boxes", "labels", "iscrowd") + (("masks",) if masks else ())
         self.dataset = wrap_dataset_for_transforms_v2(base, target_keys=keys)
         self.image_ids = list(base.ids)
@@ -163,6 +168,19 @@ class CocoData:
         if self.masks:
             out["masks"] = sample["masks"].as_subclass(torch.Tensor).to(torch.uint8)
         return image.as_subclass(torch.Tensor), out
+
+
+class ParsedCocoDetection(CocoDetection):
+    """torchvision's ``CocoDetection`` over an instances JSON that is already parsed (its own constructor would
+    read and parse the file again): the same ``root``, ``coco`` and ``ids`` its constructor sets."""
+
+    def __init__(self, images: str | Path, content: dict):
+        VisionDataset.__init__(self, str(images))
+        self.coco = COCO()
+        self.coco.dataset = content
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            self.coco.createIndex()
+        self.ids = list(sorted(self.coco.imgs.keys()))
 
 
 FILLER = -1  # a validation slot that only evens out the ranks; its predictions are dropped
@@ -280,8 +298,6 @@ class CocoLoader:
         image_id = self.data.image_ids[self.data.usable[position]]
         if image_id not in self._logged:
             self._logged.add(image_id)
-            import sys
-
             print(f"[vilscale] image {image_id} of {self.data.annotations_path} cannot be read ({error}); "
                   "the next readable image of this rank takes its place", file=sys.stderr, flush=True)
         if self.decode_errors > self.decode_error_limit:

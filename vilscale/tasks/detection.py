@@ -288,7 +288,7 @@ class DetectionTask:
         self.spec = spec
         self.headline = HEADLINES[spec.model.detector]
         self.device = torch.device("cpu")
-        self._categories = None
+        self._parsed: dict[str, dict] = {}
 
     @property
     def masks(self) -> bool:
@@ -313,13 +313,19 @@ class DetectionTask:
 
     # ---- data ------------------------------------------------------------------------------------------
 
+    def _content(self, annotations: str) -> dict:
+        """An instances JSON, parsed once per task (pre-flight, categories and loaders share it)."""
+        if annotations not in self._parsed:
+            from vilscale.data.coco import read_coco_json
+
+            self._parsed[annotations] = read_coco_json(annotations)
+        return self._parsed[annotations]
+
     def categories(self) -> list[tuple[int, str]]:
         """The training annotations' categories: labels 1..K in both splits follow them."""
-        if self._categories is None:
-            from vilscale.data.coco import categories_of, read_coco_json
+        from vilscale.data.coco import categories_of
 
-            self._categories = categories_of(read_coco_json(self.spec.data.train_annotations))
-        return self._categories
+        return categories_of(self._content(self.spec.data.train_annotations))
 
     def _loader(self, ctx, *, train: bool, batch_size: int):
         from vilscale.data.coco import CocoData, CocoLoader
@@ -327,7 +333,8 @@ class DetectionTask:
         data = self.spec.data
         images, annotations = ((data.train_images, data.train_annotations) if train
                                else (data.val_images, data.val_annotations))
-        split = CocoData(images, annotations, train=train, masks=self.masks, categories=self.categories())
+        split = CocoData(images, annotations, train=train, masks=self.masks, categories=self.categories(),
+                         content=self._content(annotations))
         if train and ctx.rank == 0:
             print(f"[vilscale] {annotations}: {split.stats.line()}", flush=True)
         return CocoLoader(split, rank=ctx.rank, world_size=ctx.world_size, batch_size=batch_size,
@@ -383,11 +390,13 @@ class DetectionTask:
             raise ValueError("task=detection needs data.train_annotations (a COCO instances JSON) and "
                              "data.train_images (its image folder); write them with `vilscale prepare digits-coco OUT` "
                              "or point them at COCO's instances_train2017.json and train2017/")
-        train = check_coco_folder(data.train_annotations, data.train_images, what="data.train_annotations")
+        train = check_coco_folder(self._content(data.train_annotations), data.train_annotations, data.train_images,
+                                  what="data.train_annotations")
         if data.val_annotations:
             if not data.val_images:
                 raise ValueError("data.val_annotations is set but data.val_images is empty; give the val image folder")
-            val = check_coco_folder(data.val_annotations, data.val_images, what="data.val_annotations")
+            val = check_coco_folder(self._content(data.val_annotations), data.val_annotations, data.val_images,
+                                    what="data.val_annotations")
             if [c for c, _ in val] != [c for c, _ in train]:
                 only_val = sorted({c for c, _ in val} - {c for c, _ in train})[:5]
                 only_train = sorted({c for c, _ in train} - {c for c, _ in val})[:5]
@@ -397,7 +406,8 @@ class DetectionTask:
         if spec.model.num_classes != len(train):
             raise ValueError(f"model.num_classes={spec.model.num_classes} but {data.train_annotations} has "
                              f"{len(train)} categories; set model.num_classes={len(train)}")
-        usable = len(CocoData(data.train_images, data.train_annotations, train=True, masks=False, categories=train))
+        usable = len(CocoData(data.train_images, data.train_annotations, train=True, masks=False, categories=train,
+                              content=self._content(data.train_annotations)))
         per_step = spec.train.micro_batch * spec.grad_accum(world_size) * world_size
         if usable < per_step:
             raise ValueError(f"{data.train_annotations} has {usable} usable training images, fewer than one step "
