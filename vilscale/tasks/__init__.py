@@ -4,8 +4,9 @@ The training loop, the DeepSpeed engine, ZeRO, precision, checkpoints and exact 
 run-dir rules, restart policy, Prometheus metrics and the launchers are shared and know nothing about
 images, labels or boxes. A task supplies, for a job spec:
 
-- ``create_model()``: the bare ``nn.Module`` (its training forward, through ``losses``, gives named losses)
-  and ``init_target(model)``: the ViL module that ``model.init_weights`` loads into;
+- ``create_model()``: the bare ``nn.Module`` (its training forward, through ``losses``, gives named losses),
+  ``init_target(model)``: the ViL module that ``model.init_weights`` loads into, and ``init_note``: what the
+  initial weights' report says of the head ("" to keep the adapter's own words);
 - ``train_loader(ctx)`` / ``val_loader(ctx)``: iterables with ``set_epoch``, ``state_dict`` and
   ``load_state_dict`` (exact resume), disjoint across ranks, and a ``decode_errors`` count;
 - ``setup(ctx)``, then ``losses(engine, batch, micro_step=..., dtype=...)``: ``({name: loss}, indices)``

@@ -14,6 +14,7 @@ class ClassificationTask:
 
     name = "classification"
     headline = "val_top1"
+    init_note = ""  # the initial weights' report says what happened to the head itself
 
     def __init__(self, spec):
         self.spec = spec
@@ -31,11 +32,6 @@ class ClassificationTask:
 
     @staticmethod
     def init_target(model: nn.Module) -> nn.Module:
-        return model
-
-    @staticmethod
-    def vil(model: nn.Module) -> nn.Module:
-        """The ViL network inside ``model`` (shift mode, FLOPs)."""
         return model
 
     def flops_per_image(self, model: nn.Module) -> dict[str, float]:

@@ -304,10 +304,6 @@ class DetectionTask:
         return model.body
 
     @staticmethod
-    def vil(model: nn.Module) -> nn.Module:
-        return model.body
-
-    @staticmethod
     def flops_per_image(model: nn.Module) -> dict[str, float]:
         return {}  # images differ in size: MFU is not reported for detection
 

@@ -70,7 +70,7 @@ def build_model(spec: JobSpec, *, log=None) -> torch.nn.Module:
         from vilscale.orchestration.training.init_weights import load_initial_weights
 
         report = load_initial_weights(task.init_target(model), cfg.init_weights)
-        if getattr(task, "init_note", ""):
+        if task.init_note:
             report.head = task.init_note
         if log is not None:
             log(f"initial weights {report.summary()}")
