@@ -9,6 +9,7 @@ the command prefix that runs a program on that node.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -73,9 +74,18 @@ def metric_steps(run_dir: Path) -> list[int]:
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports. Every probe stays bound until all are chosen: ports asked for one at a
+    time can repeat (the kernel may hand a just-closed port out again), and a Ray head given the same port for
+    two components refuses to start."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
 
 
 def find_binary(name: str) -> str | None:
@@ -228,11 +238,10 @@ def start_ray_head(num_cpus: int = 2, env: dict | None = None, node_ip_address: 
     # Short path: Ray's unix sockets live under it (108-character limit).
     temp_dir = Path(tempfile.mkdtemp(prefix="vsray-", dir="/tmp"))
     log = temp_dir / "ray-start.log"
-    dashboard_port, gcs_port = free_port(), free_port()
-    ports = {name: free_port() for name in ("--ray-client-server-port", "--dashboard-agent-listen-port",
-                                            "--dashboard-agent-grpc-port", "--metrics-export-port",
-                                            "--runtime-env-agent-port", "--node-manager-port",
-                                            "--object-manager-port")}
+    flags = ("--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+             "--metrics-export-port", "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port")
+    dashboard_port, gcs_port, *component_ports = free_ports(2 + len(flags))
+    ports = dict(zip(flags, component_ports))
     command = [str(ray), "start", "--head", "--block", f"--node-ip-address={node_ip_address}", f"--port={gcs_port}",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
                f"--num-cpus={num_cpus}", "--num-gpus=0", f"--object-store-memory={100 * 2**20}",
@@ -480,11 +489,12 @@ def start_slurm(nodes: tuple[SlurmNode, ...] = (LOCALHOST_NODE,), controller_add
             task_prolog = f"TaskProlog={prolog}"
         node_lines = "\n".join(f"NodeName={n.name} NodeHostname={n.name} NodeAddr={n.address} {hardware} "
                                "State=UNKNOWN" for n in nodes)
+        slurmctld_port, slurmd_port = free_ports(2)
         cluster.conf.write_text(f"""\
 ClusterName=vilscale-test
 SlurmctldHost={controller}({controller_address})
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
+SlurmctldPort={slurmctld_port}
+SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
