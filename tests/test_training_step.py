@@ -121,3 +121,41 @@ def test_a_nonfinite_micro_batch_skips_the_whole_step_on_every_rank(smoke, tmp_p
                for step in (1, 2, 3)}
     assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[1]), "the skipped step changed weights"
     assert any(not torch.equal(weights[2][k], weights[3][k]) for k in weights[2]), "step 3 did not train"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_nonfinite_gradients_with_a_finite_loss_skip_the_step_on_every_rank(smoke, tmp_path, zero_stage):
+    """Fault: the loss of step 2 on rank 1 is finite but its gradients are NaN. Outcome: step 2 is skipped on both
+    ranks (weights equal step 1's, every value finite), and the run goes on to its end."""
+    from vilscale.orchestration.checkpoint.consolidate import consolidated_state_dict
+
+    run_dir = tmp_path / "run"
+    result = _train(smoke, run_dir, "--set", f"train.zero_stage={zero_stage}", "--set", "train.max_steps=3",
+                    "--set", "train.ckpt_every=1", "--set", "train.keep_checkpoints=3",
+                    "--set", "launcher.max_restarts=0", env={"VILSCALE_INJECT_NONFINITE": "2:0:1:grad"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "step 1: non-finite gradients (the loss was finite), step skipped on every rank" in result.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["nonfinite_steps"] == 1
+    weights = {step: consolidated_state_dict(run_dir, zero_stage=zero_stage, tag=f"step_{step:08d}")[0]
+               for step in (1, 2, 3)}
+    assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[1]), "the skipped step changed weights"
+    assert all(bool(torch.isfinite(w).all()) for w in weights[3].values())
+    assert any(not torch.equal(weights[2][k], weights[3][k]) for k in weights[2]), "step 3 did not train"
+
+
+def test_qhm_takes_the_official_first_and_second_steps():
+    """QHM (nu = 1) as the official optimizer: g = grad + wd * w; h = m * h + (1 - m) * g from h = 0;
+    w -= lr * h. Computed by hand for two steps of one weight."""
+    from vilscale.orchestration.training.optim import QHM
+
+    weight = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    optimizer = QHM([{"params": [weight], "weight_decay": 0.1}], lr=0.5, momentum=0.9)
+    weight.grad = torch.tensor([0.2, 0.4], dtype=torch.float64)
+    optimizer.step()
+    # g1 = [0.2 + 0.1, 0.4 - 0.2] = [0.3, 0.2]; h1 = 0.1 * g1 = [0.03, 0.02]; w1 = w0 - 0.5 * h1
+    assert weight.detach().tolist() == pytest.approx([1.0 - 0.015, -2.0 - 0.01], abs=1e-15)
+    weight.grad = torch.tensor([-0.1, 0.0], dtype=torch.float64)
+    optimizer.step()
+    # g2 = [-0.1 + 0.0985, 0 - 0.201] = [-0.0015, -0.201]; h2 = 0.9 * h1 + 0.1 * g2 = [0.02685, -0.0021]
+    assert weight.detach().tolist() == pytest.approx([0.985 - 0.5 * 0.02685, -2.01 + 0.5 * 0.0021], abs=1e-15)

@@ -156,28 +156,34 @@ class ShardedLoader:
             self._epoch, self._batches_done = int(epoch), 0
 
     def state_dict(self) -> dict:
-        """Where the loader stands: the next batch is batch ``batches_done`` of ``epoch``. The same on every
-        rank, so rank 0's copy can be saved and loaded everywhere."""
+        """Where the loader stands: the next batch is batch ``batches_done`` of ``epoch`` (the same on every rank),
+        and the samples this rank found not to decode (``bad_samples``: so that a resumed run replaces them as
+        the uninterrupted one did)."""
         epoch, done = self._epoch, self._batches_done
         if done >= self._steps:
             epoch, done = epoch + 1, 0
         return {"epoch": epoch, "batches_done": done, "seed": self.seed, "world_size": self.world_size,
-                "batch_size": self.batch_size, "num_samples": self.num_samples, "train": self.train}
+                "batch_size": self.batch_size, "num_samples": self.num_samples, "train": self.train,
+                "bad_samples": {shard: dict(bad) for shard, bad in self._bad_samples.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         missing = [k for k in _STATE_KEYS if k not in state]
         if missing:
             raise ValueError(f"loader state lacks {missing}; pass what ShardedLoader.state_dict() returned")
         mine = self.state_dict()
-        for key in ("seed", "world_size", "batch_size", "num_samples", "train"):
-            if state[key] != mine[key] and not (key == "world_size" and state["batches_done"] == 0):
-                raise ValueError(
-                    f"loader state has {key}={state[key]!r} but this loader has {key}={mine[key]!r}; a mid-epoch "
-                    f"resume needs the same seed, world size, per-rank batch size and dataset (a different world "
-                    f"size can resume only at an epoch boundary)")
+        if state["batches_done"]:  # at an epoch boundary any layout and dataset may follow
+            for key in ("seed", "world_size", "batch_size", "num_samples", "train"):
+                if state[key] != mine[key]:
+                    raise ValueError(
+                        f"loader state has {key}={state[key]!r} but this loader has {key}={mine[key]!r}; a mid-epoch "
+                        f"resume needs the same seed, world size, per-rank batch size and dataset (these can change "
+                        f"only at an epoch boundary)")
         if not 0 <= state["batches_done"] <= self._steps:
             raise ValueError(f"loader state batches_done={state['batches_done']} is outside [0, {self._steps}]")
         self._epoch, self._batches_done = int(state["epoch"]), int(state["batches_done"])
+        if state["num_samples"] == mine["num_samples"] and state["world_size"] == mine["world_size"]:
+            self._bad_samples = {int(shard): {int(local): str(reason) for local, reason in bad.items()}
+                                 for shard, bad in state.get("bad_samples", {}).items()}
 
     # ----------------------------------------------------------------------------------------- reading
 

@@ -6,8 +6,8 @@ from dying again). Points: ``mid-step`` (after the forward of a step, before its
 ``checkpoint-files-written`` (every rank has written its checkpoint files, the manifest and
 ``latest`` are not yet written).
 
-``VILSCALE_INJECT_NONFINITE=STEP:MICRO:RANK[,STEP:MICRO:RANK...]`` makes the loss of micro-batch MICRO
-(0-based) of step STEP (1-based) on rank RANK NaN.
+``VILSCALE_INJECT_NONFINITE=STEP:MICRO:RANK[:grad][,...]`` makes the loss of micro-batch MICRO (0-based)
+of step STEP (1-based) on rank RANK NaN; with ``:grad`` the loss stays finite and its gradients are NaN.
 
 ``VILSCALE_INJECT_HOLD=STEP:PATH`` makes every rank wait before step STEP (1-based) until the file PATH
 exists (at most ten minutes), so that a test can lose a node while the run is surely mid-way, however
@@ -51,11 +51,27 @@ def maybe_poison_loss(loss: torch.Tensor, *, step: int, micro: int, rank: int) -
     setting = os.environ.get(NONFINITE_ENV)
     if not setting:
         return loss
-    try:
-        targets = {tuple(int(x) for x in item.split(":")) for item in setting.split(",")}
-    except ValueError:
-        raise ValueError(f"{NONFINITE_ENV}={setting!r} is not valid; use STEP:MICRO:RANK[,...]") from None
-    return loss * float("nan") if (step, micro, rank) in targets else loss
+    targets = {}
+    for item in setting.split(","):
+        fields = item.split(":")
+        if len(fields) not in (3, 4) or not all(f.isdigit() for f in fields[:3]) or fields[3:] not in ([], ["grad"]):
+            raise ValueError(f"{NONFINITE_ENV}={setting!r} is not valid; use STEP:MICRO:RANK[:grad][,...]")
+        targets[tuple(int(f) for f in fields[:3])] = fields[3:] == ["grad"]
+    if (step, micro, rank) not in targets:
+        return loss
+    return _NanGradient.apply(loss) if targets[(step, micro, rank)] else loss * float("nan")
+
+
+class _NanGradient(torch.autograd.Function):
+    """The identity forward; NaN gradients backward."""
+
+    @staticmethod
+    def forward(ctx, value):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
 
 
 def maybe_hold(*, step: int) -> None:

@@ -45,3 +45,9 @@ def consolidated_state_dict(run_dir: Path, *, zero_stage: int, tag: str | None =
     state = {key.removeprefix("_orig_mod."): value.float().contiguous() for key, value in state.items()}
     return state, manifest
 
+
+
+def saved_train_state(run_dir: Path, tag: str) -> dict:
+    """The training counters checkpoint ``tag`` was saved with (step, epoch, the attention mode in effect...)."""
+    client = Path(run_dir) / "checkpoints" / tag / "client_rank0.pt"
+    return torch.load(client, map_location="cpu", weights_only=True)["train_state"]

@@ -3,8 +3,9 @@ the task's evaluation on the run's validation split, every sample once: top-1/to
 box AP (and mask AP for Mask R-CNN) with the predictions written to RUN_DIR/eval/bbox.json (segm.json).
 
 By default it evaluates what the trainer's own evaluation did: the EMA weights when the run keeps an
-EMA and ``eval.use_ema``, in the run's training precision (a bf16 run is evaluated in bf16), so the
-two report the same accuracy for the same checkpoint.
+EMA and ``eval.use_ema``, in the run's training precision (a bf16 run is evaluated in bf16) and in the
+ViL attention mode the run had reached at that checkpoint (full attention once the schedule switched
+from random shifts), so the two report the same accuracy for the same checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +26,22 @@ def add_parser(parser) -> None:
                         help="compute precision (default: the run's train.precision, as the trainer evaluates)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the run's spec, e.g. --set data.val_manifest=other.json")
+
+
+def _attention_mode_of_the_run(model, run_dir: Path, tag: str | None) -> None:
+    """Put ``model`` in the attention mode the run had at ``tag`` (an export: at the newest checkpoint)."""
+    from vilscale.orchestration.checkpoint import Checkpointer
+    from vilscale.orchestration.checkpoint.consolidate import saved_train_state
+
+    if tag is None:
+        tags = Checkpointer(run_dir, keep=1 << 30, spec_digest="").complete_tags()
+        if not tags:
+            return
+        tag = tags[-1]
+    mode = saved_train_state(run_dir, tag).get("shift_mode")
+    if mode and model.shift_mode != mode:
+        model.set_shift_mode(mode)
+        print(f"ViL attention: {mode!r}, as the run's training had switched to by {tag}", file=sys.stderr)
 
 
 def run(args) -> int:
@@ -57,14 +74,15 @@ def run(args) -> int:
         if args.weights:
             from safetensors.torch import load_file
 
-            state, source = load_file(args.weights), args.weights
+            state, source, tag = load_file(args.weights), args.weights, args.tag
         else:
             state, manifest = consolidated_state_dict(run_dir, zero_stage=spec.train.zero_stage, tag=args.tag,
                                                       ema=use_ema)
-            source = f"{manifest['tag']} ({'EMA' if use_ema else 'live'} weights)"
+            source, tag = f"{manifest['tag']} ({'EMA' if use_ema else 'live'} weights)", manifest["tag"]
         device = resolve_device(spec.train.device)
         model = build_model(spec)
         model.load_state_dict(state)
+        _attention_mode_of_the_run(model, run_dir, tag)
         precision = args.precision or spec.train.precision
         settle_attention_backend(model, spec, device, precision=precision,
                                  log=lambda line: print(line, file=sys.stderr))
@@ -74,7 +92,7 @@ def run(args) -> int:
     model.to(device=device, dtype=COMPUTE_DTYPES[precision])
     ctx = RankContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=device)
     result = task.evaluate(model, task.val_loader(ctx), ctx, out_dir=run_dir / "eval")
-    result.update(weights=source, precision=precision)
+    result.update(weights=source, precision=precision, shift_mode=model.shift_mode)
     print(json.dumps(result))
     for line in task.report(result):
         print(line)

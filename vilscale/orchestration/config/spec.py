@@ -210,6 +210,10 @@ class TrainConfig:
     """Non-finite losses in a row before the run restores its last good checkpoint and stops."""
     record_samples: bool = False
     """Append the dataset indices of every step to RUN_DIR/samples/rank{r}.jsonl (audits exactly-once reading)."""
+    collective_timeout_s: int = 900
+    """Seconds a rank waits in a collective (all-reduce, barrier) for its peers before it gives up with a
+    restartable error: a host lost mid-step would otherwise hold the survivors forever. Longer than any step,
+    checkpoint save or evaluation of the run."""
 
     def __post_init__(self):
         _positive("train.epochs", self.epochs)
@@ -217,7 +221,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise SpecError(f"train.{name}={getattr(self, name)!r} must be >= 0 (0 disables it)")
         for name in ("ckpt_every", "keep_checkpoints", "micro_batch", "grad_accum", "log_every",
-                     "max_bad_steps"):
+                     "max_bad_steps", "collective_timeout_s"):
             _positive(f"train.{name}", getattr(self, name))
         if self.zero_stage not in (0, 1, 2, 3):
             raise SpecError(f"train.zero_stage={self.zero_stage!r} is not valid; use 0, 1, 2 or 3")
@@ -401,7 +405,8 @@ def _to_plain(value):
 EXECUTION_KEYS = (
     "run_dir", "launcher", "metrics", "eval.batch_size", "eval.every_epochs",
     "train.ckpt_every", "train.keep_checkpoints", "train.exit_after_steps", "train.log_every",
-    "train.record_samples", "train.max_bad_steps", "train.device", "train.activation_checkpointing",
+    "train.record_samples", "train.max_bad_steps", "train.collective_timeout_s", "train.device",
+    "train.activation_checkpointing",
     "train.compile", "model.attn_backend",
     "data.num_workers", "data.batches_ahead", "data.os_cache", "data.verify_checksums", "data.decode_error_limit",
     "data.loader_workers",

@@ -30,8 +30,8 @@ def preflight(spec: JobSpec, *, world_size: int, local: bool, allow_spec_change:
         _check_data(spec, world_size)
     else:
         _check_task(spec, world_size)
-    if spec.model.init_weights:
-        _check_initial_weights(spec, log=log)
+    if spec.model.init_weights and not (Path(spec.run_dir) / "checkpoints" / "latest").is_file():
+        _check_initial_weights(spec, log=log)  # a resumed run starts from its checkpoint, never from these
     if spec.optim.ema_decay and spec.train.zero_stage == 3:
         raise SpecError("optim.ema_decay needs full parameters on every rank; use train.zero_stage <= 2 with EMA")
     if local:

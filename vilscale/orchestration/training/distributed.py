@@ -10,8 +10,10 @@ runs. What a launcher leaves out is an error here, never a silent default: a ran
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -50,30 +52,33 @@ def _env_int(name: str) -> int | None:
         raise RendezvousError(f"{name}={value!r} is not an integer") from None
 
 
-def init_distributed(requested_device: str) -> RankContext:
+def init_distributed(requested_device: str, *, collective_timeout_s: float = 900) -> RankContext:
     """Join the process group (Ray Train's if it exists, else the one the environment describes; a
-    one-rank group when the environment describes none) and pick this rank's device."""
+    one-rank group when the environment describes none) and pick this rank's device. A collective that
+    waits longer than ``collective_timeout_s`` for a peer raises on the survivors (a restartable error)."""
     try:
         device_type = resolve_device(requested_device).type
     except ValueError as error:
         raise SpecError(f"train.device={requested_device!r}: {error}") from None
     if not dist.is_initialized():
-        _init_from_environment(device_type)
+        _init_from_environment(device_type, timedelta(seconds=collective_timeout_s))
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    local_rank, local_world_size, one_gpu_each = _local_layout(rank, world_size)
-    device = _device_for(device_type, local_rank, local_world_size, one_gpu_each=one_gpu_each)
+    local_rank, local_world_size = _local_layout(rank, world_size)
+    device = _device_for(device_type, local_rank, local_world_size)
+    if device.type == "cuda" and world_size > 1:
+        _check_gpus_not_shared(device, rank)
     return RankContext(rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_world_size,
                        device=device)
 
 
-def _init_from_environment(device_type: str) -> None:
+def _init_from_environment(device_type: str, timeout: timedelta) -> None:
     rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
     backend = "nccl" if device_type == "cuda" else "gloo"
     if rank is None and world_size is None:
         # Nobody launched a group: one rank on this machine, with an in-memory store (no port to race for, and
         # no RANK/MASTER_* left in the environment for child processes to mistake for a group of their own).
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         return
     missing = [name for name in ("RANK", "WORLD_SIZE", *RENDEZVOUS_VARS) if not os.environ.get(name)]
     if missing:
@@ -86,18 +91,17 @@ def _init_from_environment(device_type: str) -> None:
     if world_size > 1 and _env_int("LOCAL_RANK") is None:
         raise RendezvousError("LOCAL_RANK is not set in a multi-rank run; it chooses this rank's device on its "
                               "node. Set it (torchrun and submitit do), or launch through vilscale")
-    dist.init_process_group(backend=backend, init_method="env://")
+    dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
 
 
-def _local_layout(rank: int, world_size: int) -> tuple[int, int, bool]:
-    """(local rank, ranks on this node, whether the launcher gave each rank its own GPU): from Ray Train's
-    context under Ray (which makes one GPU visible to each worker), else the environment."""
+def _local_layout(rank: int, world_size: int) -> tuple[int, int]:
+    """(local rank, ranks on this node): from Ray Train's context under Ray, else the environment."""
     if "ray.train" in sys.modules:  # a Ray Train worker has imported it; importing it here would cost seconds
         try:
             import ray.train
 
             context = ray.train.get_context()
-            return context.get_local_rank(), context.get_local_world_size(), True
+            return context.get_local_rank(), context.get_local_world_size()
         except Exception:  # not inside a Ray Train worker after all
             pass
     local_rank = _env_int("LOCAL_RANK")
@@ -105,21 +109,48 @@ def _local_layout(rank: int, world_size: int) -> tuple[int, int, bool]:
     if local_rank is None:
         local_rank = 0 if world_size == 1 else rank
     local_world = local_world if local_world is not None else (1 if world_size == 1 else world_size)
-    return local_rank, local_world, False
+    return local_rank, local_world
 
 
-def _device_for(device_type: str, local_rank: int, local_world_size: int, *, one_gpu_each: bool) -> torch.device:
+def _device_for(device_type: str, local_rank: int, local_world_size: int) -> torch.device:
     if device_type != "cuda":
         return torch.device("cpu")
-    visible = torch.cuda.device_count()
-    if one_gpu_each and visible == 1:
-        index = 0
-    elif local_rank < visible and local_world_size <= visible:
-        index = local_rank
-    else:
-        raise RendezvousError(
-            f"local rank {local_rank} of {local_world_size} ranks on this node, but {visible} GPU(s) are visible: "
-            "two ranks would share a GPU or a rank would have none. Start one rank per GPU (launcher.gpus_per_node "
-            "= the node's GPUs), or make CUDA_VISIBLE_DEVICES show one GPU per rank")
+    index = device_index(torch.cuda.device_count(), local_rank, local_world_size)
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
+
+
+def device_index(visible: int, local_rank: int, local_world_size: int) -> int:
+    """The GPU index of this rank among the ``visible`` ones: its own when the launcher bound one GPU to each
+    task (Ray, or SLURM's ``--gpus-per-task=1``/``--gpu-bind``: one visible device whatever the local rank),
+    else its local rank among the node's GPUs."""
+    if visible == 1:
+        return 0  # whether the tasks of a node really see different GPUs is checked once the group exists
+    if visible >= 1 and local_rank < visible and local_world_size <= visible:
+        return local_rank
+    raise RendezvousError(
+        f"local rank {local_rank} of {local_world_size} ranks on this node, but {visible} GPU(s) are visible: "
+        "two ranks would share a GPU or a rank would have none. Start one rank per GPU (launcher.gpus_per_node "
+        "= the node's GPUs), or make CUDA_VISIBLE_DEVICES show one GPU per rank")
+
+
+def _check_gpus_not_shared(device: torch.device, rank: int) -> None:
+    """RendezvousError on every rank when two ranks of one host drive the same physical GPU."""
+    from vilscale.orchestration.ranks import gather_objects
+
+    uuid = str(torch.cuda.get_device_properties(device).uuid)
+    shared = shared_gpus(gather_objects((socket.gethostname(), uuid)))
+    if shared:
+        host, ranks = shared[0]
+        raise RendezvousError(
+            f"ranks {ranks} on {host} drive the same GPU: the tasks of a node see one GPU each, but the same one. "
+            "Give every task its own GPU (SLURM: --gpus-per-task=1 with --gpu-bind=single:1, or one task per GPU "
+            "with all GPUs visible; CUDA_VISIBLE_DEVICES different per task)")
+
+
+def shared_gpus(records: list[tuple[str, str]]) -> list[tuple[str, list[int]]]:
+    """[(host, ranks)] for every GPU that several ranks use, from each rank's (host, GPU UUID)."""
+    users: dict[tuple[str, str], list[int]] = {}
+    for rank, record in enumerate(records):
+        users.setdefault(tuple(record), []).append(rank)
+    return [(host, ranks) for (host, _), ranks in users.items() if len(ranks) > 1]

@@ -26,6 +26,13 @@ class ExponentialMovingAverage:
         self.shadow = {name: p.detach().to(torch.float32, copy=True) for name, p in module.named_parameters()}
 
     @torch.no_grad()
+    def restart_from(self, module: torch.nn.Module) -> None:
+        """Start the average again from ``module``'s weights (e.g. the resumed ones, when EMA is switched on
+        at a resume)."""
+        for name, parameter in module.named_parameters():
+            self.shadow[name].copy_(parameter.detach())
+
+    @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
         for name, parameter in module.named_parameters():
             self.shadow[name].mul_(self.decay).add_(parameter.detach().float(), alpha=1 - self.decay)

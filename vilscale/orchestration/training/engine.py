@@ -44,8 +44,8 @@ def deepspeed_config(spec: JobSpec, world_size: int, device: torch.device) -> di
     if spec.train.zero_stage in (1, 2):
         # Overlapping communication needs CUDA streams; on CPU it only costs memory.
         config["zero_optimization"].update(overlap_comm=device.type == "cuda", contiguous_gradients=True)
-    if spec.optim.clip_grad:
-        config["gradient_clipping"] = spec.optim.clip_grad
+    # Always written: DeepSpeed's default when the key is absent is 1.0, not "no clipping".
+    config["gradient_clipping"] = spec.optim.clip_grad
     if spec.train.precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif spec.train.precision == "fp16":
@@ -55,9 +55,10 @@ def deepspeed_config(spec: JobSpec, world_size: int, device: torch.device) -> di
     return config
 
 
-def build_model(spec: JobSpec, *, log=None) -> torch.nn.Module:
+def build_model(spec: JobSpec, *, log=None, initial_weights: bool = True) -> torch.nn.Module:
     """The spec's task model (a ViL classifier, or a detector on the ViL backbone), with `model.init_weights`
-    loaded into its ViL network (position tables fitted; a classifier's head fitted, a detector's dropped)."""
+    loaded into its ViL network (position tables fitted; a classifier's head fitted, a detector's dropped)
+    unless ``initial_weights`` is False (a resumed run: its checkpoint holds the weights)."""
     from vilscale.tasks import make_task
 
     cfg = spec.model
@@ -66,7 +67,7 @@ def build_model(spec: JobSpec, *, log=None) -> torch.nn.Module:
         model = task.create_model()
     except ValueError as error:
         raise SpecError(f"model: {error}") from None
-    if cfg.init_weights:
+    if cfg.init_weights and initial_weights:
         from vilscale.orchestration.training.init_weights import load_initial_weights
 
         report = load_initial_weights(task.init_target(model), cfg.init_weights)

@@ -58,6 +58,8 @@ class TrainState:
     """Steps skipped for a non-finite loss over the whole run."""
     last_eval: dict = field(default_factory=dict)
     """Latest evaluation result."""
+    shift_mode: str = ""
+    """The ViL attention mode in effect ("" until the schedule switches it: the spec's ``model.shift_mode``)."""
 
 
 def run_worker(spec: JobSpec, *, run_id: str | None = None, fault_hook=None, stop_requested=None) -> dict:
@@ -70,7 +72,7 @@ def run_worker(spec: JobSpec, *, run_id: str | None = None, fault_hook=None, sto
     """
     use_environment_ninja()
     owns_group = not dist.is_initialized()
-    ctx = init_distributed(spec.train.device)
+    ctx = init_distributed(spec.train.device, collective_timeout_s=spec.train.collective_timeout_s)
     lock = None
     try:
         lock = _take_run_lock(spec, ctx)
@@ -98,21 +100,21 @@ class TrainingRun:
             raise SpecError("optim.ema_decay needs full parameters on every rank; use train.zero_stage <= 2 with EMA")
         self.spec, self.ctx, self.run_dir = spec, ctx, Path(spec.run_dir)
         self.stop_requested, self.preempted = stop_requested, False
-        if ctx.rank == 0:
-            write_spec(spec)
+        _settle_spec(spec, ctx)
         self.run_id = run_id or _broadcast(read_or_create_run_id(self.run_dir) if ctx.rank == 0 else None)
         self.task = make_task(spec)
         # The data first: a missing or corrupt shard is found before the engine's start-up, not after.
         self.train_loader = self.task.train_loader(ctx)
 
+        self.checkpointer = Checkpointer(self.run_dir, keep=spec.train.keep_checkpoints, spec_digest=spec.digest())
+        self.resume_from = self.checkpointer.find_resumable(log=self.log)
         torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
-        model = build_model(spec, log=self.log)
+        # A resumed run's weights are its checkpoint's: `model.init_weights` is read only for a run's first start.
+        model = build_model(spec, log=self.log, initial_weights=self.resume_from is None)
         self.attention_backend = settle_attention_backend(model, spec, ctx.device, log=self.log)
         peak_flops = device_peak_flops(ctx.device, spec.train.precision, spec.metrics.peak_flops)
         # FLOPs matter for MFU only, which needs the device's peak (known GPUs, or metrics.peak_flops).
         self.flops_per_image = self.task.flops_per_image(model) if peak_flops else {}
-        self.checkpointer = Checkpointer(self.run_dir, keep=spec.train.keep_checkpoints, spec_digest=spec.digest())
-        self.resume_from = self.checkpointer.find_resumable(log=self.log)
         rescaled = self.resume_from is not None and self.resume_from["world_size"] != ctx.world_size
         self.engine, self.optimizer = build_engine(spec, model, world_size=ctx.world_size, device=ctx.device,
                                                    load_universal=rescaled)
@@ -124,7 +126,8 @@ class TrainingRun:
             raise SpecError(f"an epoch has {len(self.train_loader)} micro-batches per rank, fewer than grad_accum="
                             f"{self.accum}; lower train.micro_batch or train.grad_accum")
         self.total_steps = spec.train.max_steps or spec.train.epochs * self.steps_per_epoch
-        switches = spec.model.shift_mode != "full" and spec.schedule.full_attention_from < 1
+        # Only random shifts switch to full attention (the official schedule switches modes > 0 only).
+        switches = spec.model.shift_mode == "random" and spec.schedule.full_attention_from < 1
         self.full_attention_step = round(spec.schedule.full_attention_from * self.total_steps) if switches else None
         self.schedule = LrSchedule.for_run(spec, world_size=ctx.world_size, steps_per_epoch=self.steps_per_epoch,
                                            total_steps=self.total_steps)
@@ -153,7 +156,10 @@ class TrainingRun:
     def train(self) -> dict:
         """The loop: steps until the run's last step (or ``train.exit_after_steps`` of this launch)."""
         spec, state = self.spec, self.state
-        first_step, saved_step, stop_early = state.step, state.step if self.resume_from else -1, False
+        first_step, self.saved_step, stop_early = state.step, state.step if self.resume_from else -1, False
+        self._attention_schedule()
+        # A notice during start-up or resume: nothing new to save when the run resumed from a checkpoint.
+        stop_early = self._stop_if_noticed("during start-up")
         while state.step < self.total_steps and not stop_early:
             batches = self._epoch_batches()
             while state.micro_in_epoch < self.steps_per_epoch * self.accum and state.step < self.total_steps:
@@ -161,7 +167,7 @@ class TrainingRun:
                 self._attention_schedule()
                 lr = self.schedule.apply(self.optimizer, state.step)
                 result = self.stepper.run(batches, state.step)
-                self.nonfinite.observe(state, result.skipped, self.metrics)  # raises after too many in a row
+                self.nonfinite.observe(state, result, self.metrics)  # raises after too many in a row
                 state.step += 1
                 state.micro_in_epoch += self.accum
                 if self.ema is not None and not result.skipped:
@@ -172,11 +178,9 @@ class TrainingRun:
                                     seconds=time.perf_counter() - started, engine=self.engine,
                                     decode_errors=self._decode_errors())
                 if state.step % spec.train.ckpt_every == 0:
-                    saved_step = self.save("every ckpt_every steps")
-                if self._preemption_notice():
-                    saved_step = self.save("preemption notice") if saved_step != state.step else saved_step
-                    self.log(f"preemption notice: stopped after step {state.step}, which is saved")
-                    self.preempted = stop_early = True
+                    self.save("every ckpt_every steps")
+                if self._stop_if_noticed(f"after step {state.step}"):
+                    stop_early = True
                     break
                 if spec.train.exit_after_steps and state.step - first_step >= spec.train.exit_after_steps:
                     stop_early = True
@@ -184,13 +188,24 @@ class TrainingRun:
             if state.micro_in_epoch >= self.steps_per_epoch * self.accum:
                 state.epoch, state.micro_in_epoch = state.epoch + 1, 0
                 self.evaluator.at_epoch_end(state, last_step=self.total_steps)
-        if saved_step != state.step:
+                stop_early = stop_early or self._stop_if_noticed(f"after the evaluation of epoch {state.epoch}")
+        if self.saved_step != state.step:
             self.save("end of this launch" if stop_early else "end of training")
-        if not stop_early:
+        if not stop_early and not self._stop_if_noticed("before the final evaluation"):
             self.evaluator.at_run_end(state)
-        return self._summary(stop_early)
+        return self._summary(stop_early or self.preempted)
 
-    # ---- pieces of the loop ------------------------------------------------------------------------
+    def _stop_if_noticed(self, where: str) -> bool:
+        """A launcher's preemption notice (SLURM's USR2 before the time limit) on any rank, whenever it came
+        (in a step, a save, an evaluation, start-up): every rank saves the current step unless it is saved
+        already, and the run stops for its launcher to requeue it. Called at the same points on every rank."""
+        if self.preempted or not self._preemption_notice():
+            return self.preempted
+        if self.saved_step != self.state.step:
+            self.save("preemption notice")
+        self.log(f"preemption notice ({where}): stopped at step {self.state.step}, which is saved")
+        self.preempted = True
+        return True
 
     def _epoch_batches(self):
         """Batches of the current epoch from where it stands (a fresh epoch, or mid-epoch after a resume)."""
@@ -199,17 +214,21 @@ class TrainingRun:
         return iter(self.train_loader)
 
     def _attention_schedule(self) -> None:
-        """From `schedule.full_attention_from` of the run on, ViL attention sees all neighbouring chunks (also
-        right after a resume past that point: the mode is not part of the weights)."""
-        module = self.engine.module
-        if self.full_attention_step is None or self.state.step < self.full_attention_step:
+        """From `schedule.full_attention_from` of the run on, random-shift ViL attention sees all neighbouring
+        chunks. Once switched, the run stays switched (``TrainState.shift_mode`` travels in its checkpoints):
+        a run extended after its switch step does not go back to random shifts."""
+        module, state = self.engine.module, self.state
+        due = self.full_attention_step is not None and state.step >= self.full_attention_step
+        if state.shift_mode != "full" and not due:
             return
-        if module.shift_mode == "full":
-            return
-        module.set_shift_mode("full")
-        self.window.flops_per_image = self.flops_per_image.get("full", 0.0)
-        self.log(f"step {self.state.step}: ViL attention switches from shift_mode={self.spec.model.shift_mode!r} to "
-                 f"'full' (schedule.full_attention_from={self.spec.schedule.full_attention_from})")
+        if not state.shift_mode:
+            self.log(f"step {state.step}: ViL attention switches from shift_mode={self.spec.model.shift_mode!r} to "
+                     f"'full' (schedule.full_attention_from={self.spec.schedule.full_attention_from})")
+        state.shift_mode = "full"
+        if module.shift_mode != "full":
+            module.set_shift_mode("full")
+        if getattr(self, "window", None) is not None:
+            self.window.flops_per_image = self.flops_per_image.get("full", 0.0)
 
     def _decode_errors(self) -> int:
         """Samples this rank's loaders failed to decode so far (training and validation)."""
@@ -226,15 +245,17 @@ class TrainingRun:
         return bool(flag.item())
 
     def save(self, reason: str) -> int:
+        """A checkpoint of the current step on every rank; returns the step (also kept as ``saved_step``)."""
         _check_ranks_agree(self.engine, self.spec, self.state.step)
         started = time.perf_counter()
-        client = {"train_state": vars(self.state).copy(), "rng": rng_state(),
+        client = {"train_state": vars(self.state).copy(), "rng": rng_state(), "rank": self.ctx.rank,
                   "loader": self.train_loader.state_dict()}
         self.checkpointer.save(self.engine, step=self.state.step, client_state=client,
                                ema=self.ema.state_dict() if self.ema is not None else None)
         self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
         self.metrics.last_checkpoint.set(time.time())
         self.log(f"checkpoint at step {self.state.step} ({reason})")
+        self.saved_step = self.state.step
         return self.state.step
 
     def _resume(self) -> None:
@@ -246,24 +267,53 @@ class TrainingRun:
             self.log(f"checkpoint {manifest['tag']} was written by {manifest['world_size']} ranks, this run has "
                      f"{self.ctx.world_size}: converting it to a universal checkpoint")
             universal = self.checkpointer.convert_to_universal(manifest)
+        chosen = _group_settings(self.optimizer)
         client = self.checkpointer.load(self.engine, manifest, tag=universal)
+        self._keep_group_settings(chosen)
         self.state = TrainState(**client["train_state"])
-        set_rng_state(client["rng"])
+        if client.get("rank", self.ctx.rank) == self.ctx.rank:
+            set_rng_state(client["rng"])
+        else:
+            # A rank the saved run did not have: its own stream (rank 0's would repeat its drop-path and shift draws).
+            torch.manual_seed(self.spec.train.seed * 1000 + self.ctx.rank + 1 + 7919 * self.state.step)
         if self.ema is not None:
             saved = self.checkpointer.load_ema(manifest, self.ctx.device)
             if saved is not None:
                 self.ema.load_state_dict(saved)
             else:
+                self.ema.restart_from(self.engine.module)
                 self.log("the checkpoint has no EMA (optim.ema_decay was 0 when it was written): the EMA starts "
                          "from the resumed weights")
-        if self.state.micro_in_epoch and manifest["world_size"] == self.ctx.world_size:
-            self.train_loader.load_state_dict(client["loader"])
+        if manifest["world_size"] == self.ctx.world_size:
+            try:
+                self.train_loader.load_state_dict(client["loader"])
+            except ValueError as error:  # e.g. a dataset of another size mid-epoch: no restart can fix it
+                raise SpecError(f"cannot resume {manifest['tag']} (step {self.state.step}, mid-epoch "
+                                f"{self.state.epoch}): {error}. Resume with the data the run was trained on, or "
+                                "start a new run_dir from its weights (model.init_weights)") from None
         elif self.state.micro_in_epoch:
             self.log(f"world size changed ({manifest['world_size']} -> {self.ctx.world_size}): epoch "
                      f"{self.state.epoch} restarts its data order from the beginning")
             self.state.micro_in_epoch = 0
         self.metrics.last_checkpoint.set(manifest["created"])
         self.log(f"resumed from {manifest['tag']} (step {self.state.step}, epoch {self.state.epoch})")
+
+    def _keep_group_settings(self, chosen: list[dict]) -> None:
+        """Loading optimizer states copies the saved run's settings over this launch's: the group settings
+        (weight decay, betas, ...) and, in DeepSpeed's ZeRO 1/2 and bf16 optimizers, the gradient clipping. Put
+        the spec's back, so that an adjusted ``optim.weight_decay`` or ``optim.clip_grad`` applies from here on."""
+        for group, settings in zip(self.optimizer.param_groups, chosen, strict=True):
+            for key, value in settings.items():
+                if group.get(key) != value:
+                    self.log(f"optimizer setting {key}: {group.get(key)!r} in the checkpoint, {value!r} from this "
+                             "launch's spec on")
+                    group[key] = value
+        wrapper = self.engine.optimizer
+        if wrapper is not self.optimizer and hasattr(wrapper, "clip_grad"):
+            if wrapper.clip_grad != self.spec.optim.clip_grad:
+                self.log(f"optimizer setting clip_grad: {wrapper.clip_grad!r} in the checkpoint, "
+                         f"{self.spec.optim.clip_grad!r} from this launch's spec on")
+            wrapper.clip_grad = self.spec.optim.clip_grad
 
     def _summary(self, exited_early: bool) -> dict:
         evaluation = {f"eval_{k}" if k == "step" else k: v for k, v in self.state.last_eval.items()}
@@ -284,6 +334,43 @@ class TrainingRun:
             self.progress.close()
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
+
+
+# Optimizer group settings the spec decides (the learning rate is the schedule's, set every step).
+GROUP_SETTINGS = ("weight_decay", "betas", "eps", "momentum")
+
+
+def _group_settings(optimizer) -> list[dict]:
+    return [{key: group[key] for key in GROUP_SETTINGS if key in group} for group in optimizer.param_groups]
+
+
+def _settle_spec(spec: JobSpec, ctx: RankContext) -> None:
+    """Rank 0 writes the spec into the run dir, unless the run dir's spec.yaml says something else is trained
+    there: the launch that wrote it (and checked its changes) came after this job was submitted, e.g. a SLURM
+    job queued or requeued under an older spec. Every rank learns the outcome."""
+    refusal = None
+    if ctx.rank == 0:
+        from vilscale.orchestration.checkpoint.rundir import stored_spec
+        from vilscale.orchestration.config.spec import spec_changes
+
+        stored = stored_spec(Path(spec.run_dir))
+        changes = spec_changes(stored, spec.to_dict()) if stored is not None and _has_checkpoint(spec) else []
+        if changes:
+            described = "; ".join(f"{key}: {after!r} here, {before!r} in spec.yaml"
+                                  for key, before, after in changes[:8])
+            refusal = (f"this job's spec differs from {Path(spec.run_dir) / 'spec.yaml'} in what it trains "
+                       f"({described}): "
+                       "the run dir was relaunched with another spec after this job was submitted. Cancel this job, "
+                       "or submit it again (with --allow-spec-change if the change is meant)")
+        else:
+            write_spec(spec)
+    refusal = _broadcast(refusal)
+    if refusal:
+        raise RunDirError(refusal)
+
+
+def _has_checkpoint(spec: JobSpec) -> bool:
+    return (Path(spec.run_dir) / "checkpoints" / "latest").is_file()
 
 
 def _take_run_lock(spec: JobSpec, ctx: RankContext) -> RunLock | None:

@@ -39,10 +39,40 @@ def build_optimizer(model: torch.nn.Module, spec: JobSpec) -> torch.optim.Optimi
     """torch's optimizers: DeepSpeed would otherwise JIT-build its fused Adam, which CPUs cannot use."""
     groups = param_groups(model, spec.optim.weight_decay, rule=spec.optim.weight_decay_rule)
     if spec.optim.name == "qhm":
-        # QHM with nu = 1: buffer = m * buffer + (1 - m) * grad; step = lr * buffer.
-        return torch.optim.SGD(groups, lr=spec.optim.lr, momentum=spec.optim.momentum,
-                               dampening=spec.optim.momentum)
+        return QHM(groups, lr=spec.optim.lr, momentum=spec.optim.momentum)
     return torch.optim.AdamW(groups, lr=spec.optim.lr, betas=spec.optim.betas, eps=spec.optim.eps)
+
+
+class QHM(torch.optim.Optimizer):
+    """Quasi-hyperbolic momentum with nu = 1, as the official fine-tuning recipe uses it: per step
+    ``g = grad + weight_decay * w``, ``buffer = momentum * buffer + (1 - momentum) * g`` with the buffer starting
+    at zero, ``w -= lr * buffer``. (torch's SGD with ``dampening=momentum`` seeds its buffer with the raw
+    gradient instead, which makes the first update 1 / (1 - momentum) times the official one.)"""
+
+    def __init__(self, params, *, lr: float, momentum: float, weight_decay: float = 0.0):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"QHM momentum={momentum!r} must be in [0, 1)")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            momentum, decay, lr = group["momentum"], group["weight_decay"], group["lr"]
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    continue
+                gradient = parameter.grad.add(parameter, alpha=decay) if decay else parameter.grad
+                state = self.state[parameter]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(parameter)
+                buffer = state["momentum_buffer"]
+                buffer.mul_(momentum).add_(gradient, alpha=1.0 - momentum)
+                parameter.add_(buffer, alpha=-lr)
+        return loss
 
 
 def peak_lr(spec: JobSpec, world_size: int) -> float:

@@ -1,16 +1,16 @@
-"""One optimizer step of one rank: its micro-batches, forward and backward, and the non-finite-loss policy.
+"""One optimizer step of one rank: its micro-batches, forward and backward, and the non-finite policy.
 
-A step whose loss is not finite on some rank (in any of its micro-batches) is skipped as a whole, on
-every rank: every micro-batch still runs its backward, so every rank takes part in exactly the
-collectives DeepSpeed expects (ZeRO 0/1 reduce gradients in the boundary micro-batch's backward,
-ZeRO 2/3 in every backward), but the optimizer's update is suppressed at the boundary. Weights and
-optimizer state stay those of the previous step, the gradients are dropped, and the ranks stay
-identical. `NonFinitePolicy` stops the run after ``train.max_bad_steps`` skipped steps in a row.
+A step whose loss is not finite on some rank (in any of its micro-batches), or whose gradients are not
+(a finite loss can still give NaN or infinite gradients), is skipped as a whole, on every rank: every
+micro-batch still runs its backward, so every rank takes part in exactly the collectives DeepSpeed
+expects (ZeRO 0/1 reduce gradients in the boundary micro-batch's backward, ZeRO 2/3 in every backward),
+but the optimizer's update is suppressed at the boundary. Weights and optimizer state stay those of the
+previous step, the gradients are dropped, and the ranks stay identical. `NonFinitePolicy` stops the run
+after ``train.max_bad_steps`` skipped steps in a row.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,10 @@ class StepResult:
     components: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     """Each named loss of the task (e.g. RetinaNet's classification and bbox_regression), per finite micro-batch."""
     skipped: bool = False
-    """A micro-batch had a non-finite loss on some rank: the update was suppressed on every rank."""
+    """A micro-batch had a non-finite loss, or the gradients were not finite, on some rank: the update was
+    suppressed on every rank."""
+    nonfinite_gradients: bool = False
+    """The losses were finite but the gradients were not."""
     data_wait: float = 0.0
     """Seconds spent waiting for batches."""
     indices: list[torch.Tensor] = field(default_factory=list)
@@ -47,16 +50,30 @@ def finite_everywhere(loss: torch.Tensor, device: torch.device) -> bool:
     return flag.item() == 0.0
 
 
-@contextlib.contextmanager
-def updates_suppressed(optimizer: torch.optim.Optimizer):
-    """Inside the block the torch optimizer's ``step()`` does nothing. DeepSpeed still finishes the step
-    around it (reduces, clips and zeroes the gradients, copies the unchanged fp32 master weights back), so
-    every rank runs the same collectives and nothing changes."""
-    optimizer.step = lambda *args, **kwargs: None  # shadows the class's step on this instance only
-    try:
-        yield
-    finally:
-        del optimizer.step
+class UpdateGuard:
+    """Wraps the torch optimizer's ``step()`` (once, on this instance): it does nothing while ``suppress`` is
+    set (a non-finite loss somewhere), and nothing when the gradients it is about to apply are not finite on
+    some rank (``nonfinite_gradients`` says so afterwards). DeepSpeed still finishes the step around it
+    (reduces, clips and zeroes the gradients, copies the unchanged fp32 master weights back), so every rank
+    runs the same collectives and nothing changes. Every rank calls the optimizer's step at the same point
+    (each on its own ZeRO partition), so the finiteness flag is agreed with one all-reduce."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device):
+        self.suppress = False
+        self.nonfinite_gradients = False
+        apply = optimizer.step
+
+        def guarded_step(*args, **kwargs):
+            if self.suppress:
+                return None
+            local = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            finite = all(bool(torch.isfinite(g).all()) for g in local)
+            if not finite_everywhere(torch.tensor(0.0 if finite else float("nan")), device):
+                self.nonfinite_gradients = True
+                return None
+            return apply(*args, **kwargs)
+
+        optimizer.step = guarded_step  # shadows the class's step on this instance only
 
 
 class StepRunner:
@@ -79,6 +96,7 @@ class StepRunner:
         self.engine, self.optimizer, self.task = engine, optimizer, task
         self.accum, self.dtype, self.rank, self.device = accum, dtype, rank, device
         self.run_dir, self.fault_hook = run_dir, fault_hook
+        self.guard = UpdateGuard(optimizer, device)
 
     def run(self, batches, step: int) -> StepResult:
         """Step ``step`` (0-based: the number of steps completed before it)."""
@@ -103,8 +121,14 @@ class StepRunner:
             else:
                 result.skipped = True
             self.engine.backward(loss)
-            with updates_suppressed(self.optimizer) if result.skipped else contextlib.nullcontext():
-                self.engine.step()
+            self.guard.suppress, self.guard.nonfinite_gradients = result.skipped, False
+            skipped_before = self.engine.skipped_steps
+            self.engine.step()
+            # ZeRO 1-3 find non-finite gradients themselves (and skip the update, agreed across ranks); with
+            # ZeRO 0 the guard finds them.
+            deepspeed_skipped = self.engine.skipped_steps > skipped_before
+            if not result.skipped and (self.guard.nonfinite_gradients or deepspeed_skipped):
+                result.skipped = result.nonfinite_gradients = True
         return result
 
 
@@ -115,14 +139,15 @@ class NonFinitePolicy:
         self.max_in_row = max_in_row
         self.log = log
 
-    def observe(self, state, skipped: bool, metrics) -> None:
-        if not skipped:
+    def observe(self, state, result: StepResult, metrics) -> None:
+        if not result.skipped:
             state.bad_in_row = 0
             return
         state.bad_in_row += 1
         state.nonfinite_total += 1
         metrics.nonfinite.inc()
-        self.log(f"step {state.step}: non-finite loss, step skipped on every rank "
+        what = "non-finite gradients (the loss was finite)" if result.nonfinite_gradients else "non-finite loss"
+        self.log(f"step {state.step}: {what}, step skipped on every rank "
                  f"({state.bad_in_row} in a row, {state.nonfinite_total} in total)")
         if state.bad_in_row >= self.max_in_row:
             raise NonFiniteLossError(
