@@ -4,10 +4,32 @@ A run dir holds one run for its whole life: ``spec.yaml`` (the resolved spec it 
 ``checkpoints/``, ``metrics.jsonl``, ``prometheus_targets.json``, ``run_id`` and logs. Two rules keep it
 trustworthy:
 
-- **One owner at a time.** A live run holds an exclusive POSIX record lock (``fcntl.lockf``) on
-  ``RUN_DIR/.lock``. The kernel (or, on NFS, the lock manager) drops it when the holder dies, so a
-  crashed run never leaves a stale lock; a second launch into the same run dir is refused with the
-  owner's host, pid and start time, which the holder writes into the lock file.
+- **One owner at a time.** A live run owns ``RUN_DIR/.lock.lease``, a file it creates exclusively
+  (written under a private name, then hard-linked into place) holding its host, pid, scheduler job,
+  start time and a heartbeat that a daemon thread rewrites (and fsyncs) every ``lease / 6`` s. A second
+  launch is refused naming that owner, unless the owner is gone, which it tells by one of:
+
+  - the heartbeat is older than the owner's lease (``LEASE_S``, or ``VILSCALE_LOCK_LEASE_S``): it died,
+    or its node was lost;
+  - the owner is the same scheduler job (a requeued SLURM job keeps its ``SLURM_JOB_ID``; a Ray job its
+    submission id): it is the job's previous incarnation, gone or on its way out;
+  - the owner ran on this host and held the POSIX record lock (``fcntl.lockf``) on ``RUN_DIR/.lock``,
+    which every owner also takes where the filesystem has record locks, and that lock is now free: the
+    kernel dropped it, so the owner died. A crash on one machine is taken over at once.
+
+  The new owner removes the old lease, creates its own and prints one line naming the previous owner.
+  Removal is a compare-and-delete: a process removes a lease only while it holds the exclusively created
+  marker ``.lock.lease.break-<its token>.<n>`` and has checked that the lease is still the one it judged,
+  so two launchers never both take over one stale lease, and an owner that releases late never removes
+  its successor's lease (its heartbeat sees the change and says so, once).
+
+  Why the lease decides and the record lock only helps: record locks are missing where clusters keep
+  run dirs (Lustre without ``flock`` fails with ENOSYS or ENOLCK), and on NFSv3 a lost node's lock
+  outlives the node until it reboots. A kernel or NFS lock cannot be broken, so a requeued job that
+  waited for one would never run; the lease works wherever hard links do, and is broken as above
+  (the lost node's record lock stays behind, ignored). Assumptions: the nodes' clocks agree to well
+  under the lease; an owner frozen longer than its lease loses the run dir; two launches of one scheduler
+  job into one run dir are not told apart (the later one takes over).
 - **One spec.** Relaunching into a run dir resumes it, so the new spec may differ from ``spec.yaml``
   only in execution keys (where and how it runs); keys that change what is trained are refused, unless
   they are adjustable and the user passes ``--allow-spec-change`` (see ``config.spec.key_kind``).
@@ -19,9 +41,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import json
+import math
 import os
 import socket
+import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -34,6 +60,14 @@ from vilscale.orchestration.config.spec import spec_changes
 
 SPEC_FILE = "spec.yaml"
 LOCK_FILE = ".lock"
+LEASE_FILE = LOCK_FILE + ".lease"
+LEASE_S = 30.0
+"""How long an owner's heartbeat stays valid: a launch waiting on a lost owner waits this long at most."""
+LEASE_ENV = "VILSCALE_LOCK_LEASE_S"
+HEARTBEATS_PER_LEASE = 6
+_NO_RECORD_LOCKS = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL})
+_LEASE_BYTES = 1024
+_HELD_HERE: dict[str, int] = {}  # run dir -> pid of the process holding its lock here (a forked child holds none)
 RUN_ID_FILE = "run_id"
 # Set by a launcher that holds the lock for its ranks (local processes, a Ray driver): rank 0 then does
 # not try to take it again.
@@ -50,7 +84,8 @@ def check_usable(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"run_dir={str(run_dir)!r} is a file, not a directory; give a directory for the run "
                           "(it is created if missing)")
-    entries = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE) if run_dir.is_dir() else []
+    # the lock's files (.lock, .lock.lease, removal markers) may outlive a launch that wrote nothing else
+    entries = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(LOCK_FILE)) if run_dir.is_dir() else []
     if entries and SPEC_FILE not in entries:
         raise RunDirError(f"run_dir={str(run_dir)!r} is not empty and holds no vilscale run (no {SPEC_FILE}; it has "
                           f"{entries[:5]}); give an empty or new directory")
@@ -126,49 +161,69 @@ def read_or_create_run_id(run_dir: Path) -> str:
 
 
 class RunLock:
-    """The exclusive lock of a run dir, held for a run's life (see the module docstring).
+    """The exclusive ownership of a run dir, held for a run's life (see the module docstring).
 
     POSIX record locks belong to the process and are dropped when the process closes ANY descriptor of
-    the file, so the holder keeps its one descriptor open and never opens the lock file again.
+    ``.lock``, so the holder keeps its one descriptor open and never opens that file again: a process takes
+    a run dir's lock once (a second ``acquire`` is a RuntimeError) and ``lock_holder`` does not probe there.
+
+    Args:
+        run_dir: the run directory (created by ``acquire``).
+        lease_s: how long a heartbeat stays valid; default ``VILSCALE_LOCK_LEASE_S``, else ``LEASE_S``.
     """
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, *, lease_s: float | None = None):
         self.path = Path(run_dir) / LOCK_FILE
-        self._fd: int | None = None
+        self.lease_path = Path(run_dir) / LEASE_FILE
+        self.lease_s = _lease_seconds(lease_s)
+        self._record_fd: int | None = None
+        self._lease_fd: int | None = None
+        self._lease: dict = {}
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._lost_said = False
+        self._held_key: str | None = None
 
     def acquire(self, *, wait_s: float = 0.0, what: str = "") -> RunLock:
-        """Take the lock (creating the run dir), waiting up to ``wait_s`` for a previous holder to end.
+        """Take the run dir (creating it), waiting up to ``wait_s`` for a previous owner to end.
 
-        Raises RunDirError naming the holder when another live process keeps it.
+        Raises RunDirError naming the owner while it is alive and not this scheduler job.
         """
+        if _held_here(self.path.parent):
+            raise RuntimeError(f"this process already holds the lock of run dir {self.path.parent}; take it once "
+                               "and keep that RunLock (a second one would drop the first's record lock)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as error:
-                if error.errno not in (errno.EACCES, errno.EAGAIN):
-                    os.close(fd)
-                    raise
-                if time.monotonic() >= deadline:
-                    holder = _read_holder(fd)
-                    os.close(fd)
-                    raise RunDirError(f"run dir {self.path.parent} is in use by another run ({holder}); wait for it to "
-                                      "end (or stop it), or give this launch another run_dir") from None
-                time.sleep(0.5)
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "what": what or "vilscale"}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
-        self._fd = fd
+        while (owner := self._try_acquire(what)) is not None:
+            if time.monotonic() >= deadline:
+                raise RunDirError(f"run dir {self.path.parent} is in use by another run ({owner}); wait for it to end "
+                                  f"(or stop it; a run that died is taken over {self.lease_s:g} s after its last "
+                                  "heartbeat), or give this launch another run_dir")
+            time.sleep(0.5)
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the lock
-            self._fd = None
+        """Stop the heartbeat, remove the lease if it is still ours, drop the record lock."""
+        if self._heartbeat is not None:
+            self._stop.set()
+            self._heartbeat.join()
+            self._heartbeat = None
+        if self._lease_fd is not None:
+            try:
+                if not _remove_lease(self.lease_path, self._lease):
+                    self._say_lost(_read_lease(self.lease_path))
+            except OSError as error:
+                _log(f"run dir {self.path.parent}: could not remove its lease ({error}); the next launch takes it "
+                     f"over when its heartbeat is {self.lease_s:g} s old")
+            finally:
+                os.close(self._lease_fd)
+                self._lease_fd = None
+        if self._record_fd is not None:
+            os.close(self._record_fd)  # closing drops the record lock
+            self._record_fd = None
+        if self._held_key is not None:
+            _HELD_HERE.pop(self._held_key, None)
+            self._held_key = None
 
     def __enter__(self) -> RunLock:
         return self
@@ -176,34 +231,265 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
+    def _try_acquire(self, what: str) -> str | None:
+        """One attempt: None when the run dir is now ours, else its owner's description."""
+        record_fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        record_lock = _try_record_lock(record_fd)
+        if not record_lock:
+            os.close(record_fd)
+            record_fd = None
+        mine = _new_lease(what, self.lease_s, record_lock=record_lock)
+        owner, taken_over = "owner unknown", ""
+        for _ in range(10):  # the lease may change while we look (a launcher racing us): look again
+            lease_fd = _create_lease(self.lease_path, mine)
+            if lease_fd is not None:
+                self._hold(record_fd, lease_fd, mine)
+                if taken_over:
+                    _log(f"run dir {self.path.parent}: took over its lock from {taken_over}")
+                return None
+            current = _read_lease(self.lease_path)
+            if current is None:
+                continue  # released meanwhile
+            owner = _describe(current)
+            reason = _takeover_reason(current, mine, record_lock_free=record_lock)
+            if reason is None:
+                break
+            if _remove_lease(self.lease_path, current):
+                taken_over = f"{owner}: {reason}"
+            else:
+                time.sleep(0.05)  # another launcher is judging or replacing this lease
+        if record_fd is not None:
+            os.close(record_fd)
+        return owner
 
-def _read_holder(fd: int) -> str:
-    try:
-        holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-    except ValueError:
-        holder = {}
-    if not holder:
-        return "owner unknown"
-    what = holder.get("what", "vilscale")
-    return f"{what}, pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
+    def _hold(self, record_fd: int | None, lease_fd: int, lease: dict) -> None:
+        self._record_fd, self._lease_fd, self._lease = record_fd, lease_fd, lease
+        self._stop, self._lost_said = threading.Event(), False
+        self._held_key = str(self.path.parent.resolve())
+        _HELD_HERE[self._held_key] = os.getpid()
+        self._heartbeat = threading.Thread(target=self._beat, name="vilscale-run-dir-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def _say_lost(self, current: dict | None) -> bool:
+        """Whether ``current`` (the lease now) is no longer ours; the first time, say so in one line."""
+        if current is not None and current.get("token") == self._lease["token"]:
+            return False
+        if not self._lost_said:
+            now = f" (now {_describe(current)})" if current else ""
+            _log(f"run dir {self.path.parent}: this process no longer holds its lock{now}")
+            self._lost_said = True
+        return True
+
+    def _beat(self) -> None:
+        """Renew the heartbeat until released; stop (saying so once) when the lease is no longer ours."""
+        lease, failing = self._lease, False
+        while not self._stop.wait(self.lease_s / HEARTBEATS_PER_LEASE):
+            try:
+                current = _read_lease(self.lease_path)
+                if self._say_lost(current):
+                    return
+                lease["heartbeat"] = time.time()
+                _write_lease(self._lease_fd, lease)
+                failing = False
+            except OSError as error:
+                if not failing:
+                    _log(f"run dir {self.path.parent}: cannot renew its lock's heartbeat ({error}); another launch "
+                         f"may take the run dir over if this lasts {self.lease_s:g} s")
+                failing = True
 
 
 def lock_holder(run_dir: Path) -> str | None:
-    """Who holds ``run_dir``'s lock right now (None if nobody), without taking it for long.
-
-    Never call this in a process that holds the lock itself: closing the probe's descriptor would drop it.
-    """
-    path = Path(run_dir) / LOCK_FILE
-    if not path.is_file():
+    """Who owns ``run_dir``, as a launch now would be refused naming it; None when a launch would get it."""
+    run_dir = Path(run_dir)
+    current = _read_lease(run_dir / LEASE_FILE)
+    if current is None:
         return None
-    fd = os.open(path, os.O_RDWR)
-    try:
+    if _held_here(run_dir):
+        return _describe(current)  # probing would drop this process's own record lock
+    record_lock_free = False
+    if current.get("record_lock") and (run_dir / LOCK_FILE).is_file():
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            record_lock_free = _try_record_lock(fd)
+        finally:
+            os.close(fd)  # drops the probe's record lock at once
+    mine = {"job": _scheduler_job(), "host": socket.gethostname(), "lease_s": _lease_seconds(None)}
+    return None if _takeover_reason(current, mine, record_lock_free=record_lock_free) else _describe(current)
+
+
+def _held_here(run_dir: Path) -> bool:
+    return _HELD_HERE.get(str(Path(run_dir).resolve())) == os.getpid()
+
+
+def _lease_seconds(lease_s: float | None) -> float:
+    """``lease_s`` if given, else ``VILSCALE_LOCK_LEASE_S``, else ``LEASE_S``."""
+    if lease_s is not None:
+        if not (lease_s > 0 and math.isfinite(lease_s)):
+            raise ValueError(f"lease_s={lease_s!r} must be a positive number of seconds")
+        return float(lease_s)
+    raw = os.environ.get(LEASE_ENV, "").strip()
+    if not raw:
+        return LEASE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise RunDirError(f"{LEASE_ENV}={raw!r} is not a positive number of seconds; unset it (the default is "
+                          f"{LEASE_S:g}) or give one, e.g. {LEASE_ENV}=60")
+    return value
+
+
+def _scheduler_job() -> str | None:
+    """The scheduler job this process runs in ("SLURM job 12", "Ray job raysubmit_ab"), None outside one.
+
+    A requeued SLURM job keeps its SLURM_JOB_ID; a Ray job's driver gets its submission id from the Ray job
+    supervisor (in RAY_JOB_CONFIG_JSON_ENV_VAR), Ray's workers get RAY_JOB_ID.
+    """
+    env = os.environ
+    if env.get("SLURM_JOB_ID"):
+        return f"SLURM job {env['SLURM_JOB_ID']}"
+    try:
+        submission = json.loads(env.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")["metadata"]["job_submission_id"]
+    except (ValueError, KeyError, TypeError):
+        submission = None
+    ray_job = submission or env.get("RAY_JOB_ID")
+    return f"Ray job {ray_job}" if ray_job else None
+
+
+def _try_record_lock(fd: int) -> bool:
+    """Take the record lock on ``fd`` without waiting; False when another process (or a lost NFS node) keeps it,
+    or when the filesystem has no record locks."""
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as error:
+        if error.errno in (errno.EACCES, errno.EAGAIN) or error.errno in _NO_RECORD_LOCKS:
+            return False
+        raise
+
+
+def _new_lease(what: str, lease_s: float, *, record_lock: bool) -> dict:
+    now = time.time()
+    return {"what": (what or "vilscale")[:200], "host": socket.gethostname(), "pid": os.getpid(),
+            "job": _scheduler_job(), "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
+            "heartbeat": now, "lease_s": lease_s, "record_lock": record_lock, "token": uuid.uuid4().hex}
+
+
+def _write_lease(fd: int, lease: dict) -> None:
+    """Rewrite the lease in place, at a fixed size (a reader never sees a shorter file with a stale tail), and
+    fsync it, so that other NFS clients see the heartbeat."""
+    text = json.dumps({key: value for key, value in lease.items() if key != "inode"})
+    os.pwrite(fd, text.ljust(_LEASE_BYTES).encode(), 0)
+    os.fsync(fd)
+
+
+def _create_lease(path: Path, lease: dict) -> int | None:
+    """Create the lease file holding ``lease``; its descriptor, or None when a lease exists.
+
+    It is written under a private name and linked into place, so it appears whole, and only once: like an
+    exclusive create, a link fails when the name exists.
+    """
+    private = path.with_name(f"{path.name}.new-{lease['token']}")
+    fd = os.open(private, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    linked = False
+    try:
+        _write_lease(fd, lease)
+        try:
+            os.link(private, path)
+        except FileExistsError:
+            pass
         except OSError as error:
-            if error.errno in (errno.EACCES, errno.EAGAIN):
-                return _read_holder(fd)
-            raise
-        return None  # free; closing below drops the probe's lock at once
+            raise RunDirError(f"run dir {path.parent} is on a filesystem without hard links ({error}), which its "
+                              "lock needs; give a run_dir on a POSIX filesystem (NFS, Lustre, GPFS, local)") from None
+        # the link count says whether it is ours, not the error: NFS may retry a LINK and report EEXIST for it
+        linked = os.fstat(fd).st_nlink == 2
+    finally:
+        private.unlink(missing_ok=True)
+        if not linked:
+            os.close(fd)
+    if not linked:
+        return None
+    lease["inode"] = os.fstat(fd).st_ino
+    return fd
+
+
+def _read_lease(path: Path) -> dict | None:
+    """The lease in ``path`` with its file's inode, None when there is none. An unreadable one (a torn write, or
+    the empty file a crashed machine leaves) has no owner and its file's mtime as heartbeat."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        status, raw = os.fstat(fd), os.pread(fd, 4 * _LEASE_BYTES, 0)
     finally:
         os.close(fd)
+    try:
+        lease = json.loads(raw.decode())
+        if not (isinstance(lease, dict) and isinstance(lease.get("heartbeat"), (int, float)) and lease.get("token")):
+            raise ValueError("not a lease")
+    except (ValueError, UnicodeDecodeError):
+        lease = {"heartbeat": status.st_mtime}
+    lease["inode"] = status.st_ino
+    return lease
+
+
+def _takeover_reason(lease: dict, mine: dict, *, record_lock_free: bool) -> str | None:
+    """Why the owner of ``lease`` is gone (so that ``mine`` may replace it), None while it may be alive."""
+    if mine["job"] and lease.get("job") == mine["job"]:
+        return f"the same {mine['job']} (a requeued job keeps its id)"
+    if record_lock_free and lease.get("record_lock") and lease.get("host") == mine["host"]:
+        return "it ended without releasing (its record lock is free)"
+    lease_s = lease.get("lease_s") or mine["lease_s"]
+    if time.time() - lease["heartbeat"] > lease_s:
+        return f"its heartbeat stopped (lease {lease_s:g} s)"
+    return None
+
+
+def _remove_lease(path: Path, judged: dict) -> bool:
+    """Remove the lease in ``path`` if it still is the one ``judged`` was read from; False when it is not, or when
+    another process is removing it now (a compare-and-delete, see the module docstring)."""
+    marker = _claim_removal(path, judged)
+    if marker is None:
+        return False
+    try:
+        current = _read_lease(path)
+        if current is None or current["inode"] != judged["inode"] or current.get("token") != judged.get("token"):
+            return False
+        path.unlink(missing_ok=True)
+        return True
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _claim_removal(path: Path, judged: dict) -> Path | None:
+    """Create the marker that entitles one process to remove the lease ``judged`` (exclusive create); None while
+    another process holds it. A marker older than the lease belongs to a process that died holding it: the next
+    generation is claimed instead."""
+    name = judged.get("token") or f"inode{judged['inode']}"
+    for generation in itertools.count():
+        marker = path.with_name(f"{path.name}.break-{name}.{generation}")
+        try:
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return marker
+        except FileExistsError:
+            try:
+                age = time.time() - marker.stat().st_mtime
+            except FileNotFoundError:
+                return None  # its holder just finished: the lease has changed
+            if age <= judged.get("lease_s", LEASE_S):
+                return None
+
+
+def _describe(lease: dict) -> str:
+    if not lease.get("token"):
+        return "owner unknown: its lease file is unreadable"
+    job = f" ({lease['job']})" if lease.get("job") else ""
+    age = max(0.0, time.time() - lease["heartbeat"])
+    return (f"{lease.get('what')}, pid {lease.get('pid')} on {lease.get('host')}{job} since {lease.get('since')}, "
+            f"heartbeat {age:.0f} s ago")
+
+
+def _log(message: str) -> None:
+    print(f"[vilscale] {message}", file=sys.stderr, flush=True)
