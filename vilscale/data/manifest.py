@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from vilscale.files import sha256_of
+from vilscale.files import retry_transient, sha256_of
 
 FORMAT = "vilscale-shards/1"
 
@@ -122,7 +122,7 @@ def verify_shard(shard: ShardInfo, *, use_cache: bool = True) -> None:
     not hashed again. The cache is per user (``$VILSCALE_CACHE_DIR``) and never trusted for another file.
     """
     try:
-        stat = shard.path.stat()
+        stat = retry_transient(shard.path.stat, what=f"reading shard {shard.path}")
     except FileNotFoundError:
         raise DataError(f"shard {shard.path} listed in the manifest does not exist; run `vilscale prepare` "
                         f"again to rewrite it") from None
@@ -134,7 +134,7 @@ def verify_shard(shard: ShardInfo, *, use_cache: bool = True) -> None:
                 return
         except (OSError, ValueError):
             pass
-    actual = sha256_of(shard.path)
+    actual = retry_transient(lambda: sha256_of(shard.path), what=f"reading shard {shard.path}")
     if actual != shard.sha256:
         raise DataError(f"shard {shard.path} is corrupt or was changed: its sha256 is {actual}, the manifest says "
                         f"{shard.sha256}; run `vilscale prepare` again (it rewrites shards whose checksum fails)")

@@ -36,6 +36,7 @@ import torch
 
 from vilscale.data.ffcv_import import import_ffcv
 from vilscale.data.manifest import DataError
+from vilscale.files import TransientIOError, retry_transient
 
 _COMPILE_LOCK = threading.Lock()
 
@@ -157,7 +158,9 @@ class ShardHandle:
 
         self.path = path
         try:
-            self.reader = Reader(str(path))
+            self.reader = retry_transient(lambda: Reader(str(path)), what=f"opening shard {path}")
+        except TransientIOError:
+            raise
         except Exception as error:  # noqa: BLE001 - FFCV raises AssertionError/ValueError/OSError on bad headers
             raise DataError(f"shard {path} cannot be opened ({type(error).__name__}: {error}); run `vilscale "
                             f"prepare` again to rewrite it") from error

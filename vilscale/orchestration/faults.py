@@ -9,6 +9,10 @@ from dying again). Points: ``mid-step`` (after the forward of a step, before its
 ``VILSCALE_INJECT_NONFINITE=STEP:MICRO:RANK[:grad][,...]`` makes the loss of micro-batch MICRO (0-based)
 of step STEP (1-based) on rank RANK NaN; with ``:grad`` the loss stays finite and its gradients are NaN.
 
+``VILSCALE_INJECT_OOM=STEP:RANK:device|host`` makes rank RANK run out of memory at step STEP: ``device``
+raises torch's OutOfMemoryError, ``host`` allocates (and touches) memory until the kernel's OOM killer
+ends the process (run it in a memory-limited cgroup).
+
 ``VILSCALE_INJECT_HOLD=STEP:PATH`` makes every rank wait before step STEP (1-based) until the file PATH
 exists (at most ten minutes), so that a test can lose a node while the run is surely mid-way, however
 fast the machine steps.
@@ -26,6 +30,7 @@ import torch
 ENV = "VILSCALE_INJECT_FAULT"
 NONFINITE_ENV = "VILSCALE_INJECT_NONFINITE"
 HOLD_ENV = "VILSCALE_INJECT_HOLD"
+OOM_ENV = "VILSCALE_INJECT_OOM"
 POINTS = ("mid-step", "checkpoint-files-written")
 HOLD_LIMIT_S = 600.0
 
@@ -72,6 +77,22 @@ class _NanGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad * float("nan")
+
+
+def maybe_run_out_of_memory(*, step: int, rank: int) -> None:
+    setting = os.environ.get(OOM_ENV)
+    if not setting:
+        return
+    fields = setting.split(":")
+    if len(fields) != 3 or not fields[0].isdigit() or not fields[1].isdigit() or fields[2] not in ("device", "host"):
+        raise ValueError(f"{OOM_ENV}={setting!r} is not valid; use STEP:RANK:device|host")
+    if (int(fields[0]), int(fields[1])) != (step, rank):
+        return
+    if fields[2] == "device":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the fault tests)")
+    hoard = []
+    while True:  # until the OOM killer ends this process
+        hoard.append(torch.ones(64 * 2**20 // 4))
 
 
 def maybe_hold(*, step: int) -> None:

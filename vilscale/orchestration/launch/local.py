@@ -25,7 +25,7 @@ from pathlib import Path
 
 from vilscale.orchestration.checkpoint.rundir import LOCK_HELD_ENV
 from vilscale.orchestration.config import JobSpec
-from vilscale.orchestration.launch.exit_codes import EXIT_FAILED, NOT_RESTARTABLE
+from vilscale.orchestration.launch.exit_codes import EXIT_FAILED, EXIT_OUT_OF_MEMORY, NOT_RESTARTABLE
 
 RANK_MODULE = "vilscale.orchestration.launch.rank"
 
@@ -45,7 +45,14 @@ def train_local(spec: JobSpec, spec_path: Path, nproc: int, *, max_restarts: int
     if nproc > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     for attempt in range(restarts + 1):
+        oom_kills = kernel_oom_kills()
         code = _run_group(spec_path, nproc, env)
+        if code == -9 and oom_kills is not None and (kernel_oom_kills() or 0) > oom_kills:
+            _say("a rank was killed by the kernel's out-of-memory killer (host memory ran out); not restarting: "
+                 f"the same run would again. Lower train.micro_batch (now {spec.train.micro_batch}), "
+                 f"data.num_workers (now {spec.data.num_workers}) or data.batches_ahead (now "
+                 f"{spec.data.batches_ahead}), run fewer ranks per machine, or stop what else uses its memory")
+            return LocalResult(None, EXIT_OUT_OF_MEMORY)
         if code == 0:
             summary_path = Path(spec.run_dir) / "summary.json"
             return LocalResult(json.loads(summary_path.read_text()) if summary_path.is_file() else {}, 0)
@@ -56,6 +63,17 @@ def train_local(spec: JobSpec, spec_path: Path, nproc: int, *, max_restarts: int
             _say(f"a rank failed (exit code {code}); restarting from the latest checkpoint ({attempt + 1}/{restarts})")
     _say(f"giving up after {restarts} restarts")
     return LocalResult(None, EXIT_FAILED)
+
+
+def kernel_oom_kills() -> int | None:
+    """Processes the kernel's out-of-memory killer has ended since boot (any cgroup), None where unknown."""
+    try:
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def _run_group(spec_path: Path, nproc: int, env: dict[str, str]) -> int:

@@ -41,7 +41,7 @@ from vilscale.orchestration.training.engine import (
 from vilscale.orchestration.training.evaluation import Evaluator
 from vilscale.orchestration.training.metrics import MetricsWindow, TrainingMetrics, device_peak_flops
 from vilscale.orchestration.training.optim import LrSchedule
-from vilscale.orchestration.training.step import NonFiniteLossError, NonFinitePolicy, StepRunner
+from vilscale.orchestration.training.step import NonFiniteLossError, NonFinitePolicy, OutOfMemory, StepRunner
 
 
 @dataclass
@@ -76,11 +76,18 @@ def run_worker(spec: JobSpec, *, run_id: str | None = None, fault_hook=None, sto
     lock = None
     try:
         lock = _take_run_lock(spec, ctx)
-        run = TrainingRun(spec, ctx, run_id=run_id, fault_hook=fault_hook, stop_requested=stop_requested)
         try:
-            return run.train()
-        finally:
-            run.close()
+            run = TrainingRun(spec, ctx, run_id=run_id, fault_hook=fault_hook, stop_requested=stop_requested)
+            try:
+                return run.train()
+            finally:
+                run.close()
+        except torch.OutOfMemoryError as error:
+            raise OutOfMemory(_out_of_memory_message(spec, ctx, error)) from None
+        except RuntimeError as error:
+            if "can't allocate memory" not in str(error) and "not enough memory" not in str(error):
+                raise
+            raise OutOfMemory(_out_of_memory_message(spec, ctx, error)) from None
     finally:
         if lock is not None:
             lock.release()
@@ -371,6 +378,37 @@ def _settle_spec(spec: JobSpec, ctx: RankContext) -> None:
 
 def _has_checkpoint(spec: JobSpec) -> bool:
     return (Path(spec.run_dir) / "checkpoints" / "latest").is_file()
+
+
+def _out_of_memory_message(spec: JobSpec, ctx: RankContext, error: BaseException) -> str:
+    """What ran out, by how much, and what to change."""
+    train = spec.train
+    if ctx.device.type == "cuda":
+        total = torch.cuda.get_device_properties(ctx.device).total_memory
+        peak = torch.cuda.max_memory_allocated(ctx.device)
+        where = (f"GPU {ctx.device} of rank {ctx.rank} ({total / 2**30:.1f} GiB; this rank's peak allocation "
+                 f"{peak / 2**30:.1f} GiB)")
+    else:
+        where = f"host memory of rank {ctx.rank} ({_meminfo_gib('MemTotal')} GiB total, " \
+                f"{_meminfo_gib('MemAvailable')} GiB available now)"
+    fixes = [f"lower train.micro_batch (now {train.micro_batch}; raise train.grad_accum or keep train.global_batch "
+             "to keep the global batch)"]
+    if not train.activation_checkpointing:
+        fixes.append("set train.activation_checkpointing=true")
+    if train.zero_stage < 3:
+        fixes.append(f"raise train.zero_stage (now {train.zero_stage})")
+    return (f"{where} ran out at micro_batch={train.micro_batch}, {spec.model.name} at {spec.model.img_size} px, "
+            f"{train.precision}: {' or '.join(fixes)}. ({str(error).splitlines()[0][:300]})")
+
+
+def _meminfo_gib(field: str) -> str:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return f"{int(line.split()[1]) / 2**20:.1f}"
+    except OSError:
+        pass
+    return "?"
 
 
 def _take_run_lock(spec: JobSpec, ctx: RankContext) -> RunLock | None:

@@ -18,11 +18,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from vilscale.orchestration.faults import maybe_die, maybe_hold, maybe_poison_loss
+from vilscale.orchestration.faults import maybe_die, maybe_hold, maybe_poison_loss, maybe_run_out_of_memory
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row: the run stopped (a restart would meet them again)."""
+
+
+class OutOfMemory(RuntimeError):
+    """A rank ran out of memory; the message gives the batch, the memory figures and the fix."""
 
 
 @dataclass
@@ -110,6 +114,7 @@ class StepRunner:
                                               dtype=self.dtype)
             result.indices.append(indices)
             maybe_die("mid-step", step=step + 1, rank=self.rank, run_dir=self.run_dir)
+            maybe_run_out_of_memory(step=step + 1, rank=self.rank)
             loss = sum(named.values())
             loss = maybe_poison_loss(loss, step=step + 1, micro=micro, rank=self.rank)
             if self.fault_hook is not None:
