@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
+import threading
+import time
+from datetime import datetime
 
 import pytest
 import real_services as services
@@ -71,7 +77,7 @@ def test_preempted_then_requeued_job_resumes_from_its_latest_checkpoint_each_tim
                             timeout_s=60, what="job requeued by rank 0", logs=logs)
         rank0_err = run_dir / "submitit" / f"{job_id}_0_log.err"
         step_at_requeue = _latest_step(run_dir)  # the checkpoint the ranks saved on the notice
-        services.wait_until(lambda: "restart 1" in rank0_err.read_text() and _latest_step(run_dir) > step_at_requeue,
+        services.wait_until(lambda: "requeue 1" in rank0_err.read_text() and _latest_step(run_dir) > step_at_requeue,
                             timeout_s=300, what="a new checkpoint in the second allocation", poll_s=0.1, logs=logs)
         step_at_requeue = _latest_step(run_dir)
         slurm.command("scontrol", "requeue", job_id)
@@ -88,8 +94,8 @@ def test_preempted_then_requeued_job_resumes_from_its_latest_checkpoint_each_tim
     assert "Restarts=2" in slurm.command("scontrol", "show", "job", job_id)
     log = rank0_err.read_text()
     assert "Caught signal SIGUSR2" in log and "this job is preempted" in log, log
-    saved_on_notice = [int(step) for step in re.findall(r"preemption notice: stopped after step (\d+), which is saved",
-                                                         log)]
+    saved_on_notice = [int(step) for step in
+                       re.findall(r"preemption notice \([^)]*\): stopped at step (\d+), which is saved", log)]
     assert len(saved_on_notice) == 1 and saved_on_notice[0] >= step_at_signal, log
     resumed = [int(step) for step in re.findall(r"resumed from step_\d+ \(step (\d+)", log)]
     assert len(resumed) == 2, log
@@ -103,12 +109,107 @@ def test_preempted_then_requeued_job_resumes_from_its_latest_checkpoint_each_tim
     assert _latest_step(run_dir) == max_steps
 
 
+def _job_id(submit_output: str) -> str:
+    return re.search(r"submitted slurm job (\d+)", submit_output).group(1)
+
+
+def _killed_at(step: int, rank: int) -> dict[str, str]:
+    """`smoke_overrides` extras that make ``rank`` SIGKILL itself in the middle of ``step`` (what the OOM
+    killer does to a rank), once per run dir (VILSCALE_INJECT_FAULT, vilscale/orchestration/faults.py)."""
+    return {"launcher.env.VILSCALE_INJECT_FAULT": f"mid-step:{step}:{rank}"}
+
+
+@contextlib.contextmanager
+def _fault_rearmed(run_dir):
+    """Delete VILSCALE_INJECT_FAULT's once-per-run-dir marker as soon as it appears, so that the rank dies
+    again in every attempt (a rank that runs out of memory at the same step each time)."""
+    stop = threading.Event()
+
+    def rearm():
+        while not stop.wait(0.1):
+            for marker in run_dir.glob(".fault-*"):
+                marker.unlink(missing_ok=True)
+
+    thread = threading.Thread(target=rearm, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 @pytest.mark.slow
-def test_wait_exits_nonzero_with_the_reason_when_the_job_fails(slurm, digits, tmp_path):
+def test_a_rank_killed_by_sigkill_is_relaunched_and_the_run_finishes_from_its_latest_checkpoint(slurm, digits,
+                                                                                                 tmp_path):
+    """A rank SIGKILLed on its own (the kernel's OOM killer, a driver crash) mid-step: the ranks are launched
+    again within the allocation, resume from the latest checkpoint and finish; `--wait` returns 0, and the
+    job's log names the restart and its cause."""
+    run_dir = tmp_path / "run"
     result = vilscale("submit", str(SMOKE), "--backend", "slurm", "--wait",
-                      *smoke_overrides(digits, tmp_path / "run", device="cuda"), env=slurm.env)
-    assert result.returncode == 1, result.stdout + result.stderr
+                      *smoke_overrides(digits, run_dir, _killed_at(6, rank=1), max_steps=10, ckpt_every=4, log_every=1),
+                      env=slurm.env, timeout_s=240)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "restart 1/2 after rank 1 was killed by SIGKILL" in result.stdout, output[-4000:]
+    job_id = _job_id(result.stdout)
+    log = (run_dir / "submitit" / f"{job_id}_0_log.err").read_text()
+    assert "restart 1/2 after rank 1 was killed by SIGKILL" in log
+    resumed = [int(step) for step in re.findall(r"resumed from step_\d+ \(step (\d+)", log)]
+    assert resumed == [4], log[-3000:]
+    steps = metric_steps(run_dir)
+    assert sorted(set(steps)) == list(range(1, 11)), steps
+    assert steps.count(5) == 2 and steps.count(7) == 1, f"only step 5 (after the checkpoint at 4) is redone: {steps}"
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 10
+    assert f"job {job_id} ended COMPLETED" in result.stdout, output[-2000:]
+    record = slurm.command("scontrol", "show", "job", job_id)
+    assert "JobState=COMPLETED" in record and "Restarts=0" in record, record
+
+
+@pytest.mark.slow
+def test_a_rank_that_keeps_dying_uses_up_max_restarts_and_wait_returns_the_final_state(slurm, digits, tmp_path):
+    """Rank 0 is SIGKILLed at step 2 in every attempt: after launcher.max_restarts=1 relaunch the job fails, and
+    `--wait` (which cannot use sacct on this cluster, and finds no result from the killed rank) returns 1 as
+    soon as the job has ended, printing its final state."""
+    run_dir = tmp_path / "run"
+    with _fault_rearmed(run_dir):
+        result = vilscale("submit", str(SMOKE), "--backend", "slurm", "--wait",
+                          *smoke_overrides(digits, run_dir, {**_killed_at(2, rank=0), "launcher.max_restarts": 1}),
+                          env=slurm.env, timeout_s=180)
+    returned_at = time.time()
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-4000:]
+    job_id = _job_id(result.stdout)
+    log = (run_dir / "submitit" / f"{job_id}_0_log.err").read_text()
+    assert log.count("was killed by SIGKILL") == 2, log[-3000:]
+    assert "restart 1/1 after rank 0 was killed by SIGKILL" in log, log[-3000:]
+    assert "giving up after 1 restart" in log, log[-3000:]
+    record = slurm.command("scontrol", "show", "job", job_id)
+    assert "JobState=FAILED" in record, record
+    ended_at = datetime.fromisoformat(re.search(r"EndTime=(\S+)", record).group(1)).timestamp()
+    assert returned_at - ended_at < 15, f"--wait returned {returned_at - ended_at:.0f} s after the job ended"
+    assert f"job {job_id} ended FAILED" in result.stderr, output[-2000:]
+    assert not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_a_users_mistake_met_by_a_rank_is_not_restarted_and_wait_exits_nonzero_with_the_reason(slurm, digits,
+                                                                                                 tmp_path):
+    """`train.device=cuda` on a CPU-only node: every rank stops at start with exit code 2 (invalid job spec);
+    with restarts allowed (max_restarts=2), the job still ends at once, with that code and the rank's line."""
+    run_dir = tmp_path / "run"
+    result = vilscale("submit", str(SMOKE), "--backend", "slurm", "--wait",
+                      *smoke_overrides(digits, run_dir, device="cuda"), env=slurm.env, timeout_s=180)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-4000:]
     assert "no CUDA device is visible" in result.stderr
+    job_id = _job_id(result.stdout)
+    log = (run_dir / "submitit" / f"{job_id}_0_log.err").read_text()
+    assert "not restarting" in log and "restart 1/" not in log, log[-3000:]
+    assert log.count("no CUDA device is visible") >= 1
+    record = slurm.command("scontrol", "show", "job", job_id)
+    assert "JobState=FAILED" in record and "ExitCode=2:0" in record, record
+    assert f"job {job_id} ended FAILED (exit code 2)" in result.stderr, output[-2000:]
 
 
 def detection_overrides(digits_coco, run_dir) -> list[str]:
@@ -132,3 +233,60 @@ def test_a_detection_job_trains_and_evaluates_through_slurm(slurm, digits_coco, 
     predictions = json.loads((run_dir / "eval" / "bbox.json").read_text())
     assert isinstance(predictions, list)
     assert all({"image_id", "category_id", "bbox", "score"} <= set(p) for p in predictions)
+
+
+@pytest.mark.skipif(shutil.which("srun") is None, reason="submitit's SLURM executor needs srun on PATH")
+def test_time_limit_requeues_do_not_use_up_the_failure_restarts(tmp_path):
+    """submitit stops requeueing a timed-out job after `max_num_timeout` requeues, and a long run needs one
+    allocation per `launcher.time_min`: that bound must not be `launcher.max_restarts`, which counts failures
+    (with it, a 1440-minute job stopped for good after its fourth allocation)."""
+    from vilscale.orchestration.config import load_spec
+    from vilscale.orchestration.launch.slurm import make_executor
+
+    spec = load_spec(SMOKE, [f"run_dir={tmp_path / 'run'}", "launcher.max_restarts=3", "launcher.time_min=1440"])
+    assert make_executor(spec, "slurm")._executor.max_num_timeout >= 1000
+
+
+def _fake_slurm_commands(bin_dir, srun_stderr: str, srun_code: int) -> None:
+    """An `srun` that prints ``srun_stderr`` and exits with ``srun_code``, and an `scontrol` that no longer knows
+    the job: what the supervisor sees of a failed step, without a cluster."""
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/sh\nprintf '%s' {shlex.quote(srun_stderr)} >&2\nexit {srun_code}\n")
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'slurm_load_jobs error: Invalid job id specified' >&2\n"
+                                      "exit 1\n")
+    for command in ("srun", "scontrol"):
+        (bin_dir / command).chmod(0o755)
+
+
+@pytest.mark.parametrize(("srun_stderr", "used_before", "code", "restarts_after", "line"), [
+    ("srun: error: n2: task 3: Killed\nsrun: error: n1: task 0: Killed\n", 0, 1, 2,
+     "restart 1/2 after rank 3 was killed by SIGKILL"),
+    # the count is the job's, kept in the submitit folder: an allocation after a requeue goes on from it
+    ("srun: error: n2: task 3: Killed\n", 2, 1, 2, "rank 3 was killed by SIGKILL; giving up after 2 restart(s)"),
+    ("srun: error: n1: tasks 0-1: Exited with exit code 1\n", 1, 1, 2,
+     "restart 2/2 after ranks 0-1 exited with code 1"),
+    ("slurmstepd: error: Detected 1 oom-kill event(s) in StepId=7.0. Some of the step tasks have been OOM Killed.\n"
+     "srun: error: n1: task 1: Out Of Memory\n", 0, 5, 0, "SLURM reports the kernel's out-of-memory killer"),
+], ids=["killed", "budget-carried-over-a-requeue", "exited-1", "oom-killer"])
+def test_the_supervisor_relaunches_restartable_failures_within_the_job_budget(tmp_path, monkeypatch, capsys,
+                                                                               srun_stderr, used_before, code,
+                                                                               restarts_after, line):
+    """The batch step's supervisor with a step that always fails as ``srun_stderr`` says: it relaunches until
+    launcher.max_restarts (2) relaunches of the job are used, counting in the submitit folder, and stops at
+    once when SLURM reports the OOM killer (exit 5, as the local launcher)."""
+    from vilscale.orchestration.launch.slurm import supervise
+
+    _fake_slurm_commands(tmp_path / "bin", srun_stderr, 137)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    folder = tmp_path / "submitit"
+    folder.mkdir()
+    if used_before:
+        (folder / "7_failure_restarts").write_text(f"{used_before}\n")
+    assert supervise(["true"], folder=folder, max_restarts=2) == code
+    log = capsys.readouterr().err
+    assert line in log, log
+    assert log.count("[vilscale] restart ") == max(0, restarts_after - used_before), log
+    counter = folder / "7_failure_restarts"
+    assert (int(counter.read_text()) if counter.exists() else 0) == restarts_after

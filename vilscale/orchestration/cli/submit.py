@@ -1,7 +1,8 @@
 """`vilscale submit JOB.yaml [--backend local|ray|slurm] [--address URL] [--wait] [--set key=value ...]`.
 
 - ray: a Ray job (Job Submission API) that runs `vilscale train JOB --launcher ray` on the cluster.
-- slurm: a submitit job, one task per GPU (or per CPU worker), requeued on timeout or preemption.
+- slurm: a submitit job, one task per GPU (or per CPU worker), requeued on timeout or preemption; its
+  ranks are launched again within the allocation after a restartable failure (launcher.max_restarts).
 - local: the SLURM path on this machine, through submitit's local executor.
 
 Everything that can be checked before submitting is: the spec, that the cluster answers, that it has

@@ -7,12 +7,24 @@ USR2 (`--signal=USR2@signal_delay_s`) to every task: the ranks finish the step t
 checkpoint at it together, and stop; then rank 0 hands over to submitit, which pickles the task again
 and runs `scontrol requeue`, and the new allocation resumes from that checkpoint (at most the step in
 flight is lost). An administrator's `scontrol requeue`, or a node lost with the job (requeued by SLURM
-under ``--requeue``), restarts the job from the latest checkpoint the same way.
+under ``--requeue``), restarts the job from the latest checkpoint the same way. None of these count
+against `launcher.max_restarts`.
+
+A rank that fails on its own (SIGKILLed, a driver crash, exit code 1) is restarted within the
+allocation: the batch script runs `supervise` (this module as a program) instead of submitit's single
+`srun`. It runs the tasks with `srun --kill-on-bad-exit` and, after a restartable failure
+(`exit_codes`), runs them again, up to `launcher.max_restarts` times per job; the count lives in the
+submitit folder, so requeues neither reset it nor use it up. An error no restart can fix (a code of
+`NOT_RESTARTABLE` in a rank's result), or a kill that SLURM reports as the kernel's OOM killer, ends
+the job with that code (exit 5 for the OOM killer).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -23,20 +35,41 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import submitit
+from submitit.core.utils import JobPaths, pickle_load
 
 from vilscale.orchestration.config import JobSpec, spec_from_dict
 from vilscale.orchestration.launch.common import LaunchError, LogFollower, with_absolute_paths
-from vilscale.orchestration.launch.exit_codes import classify
+from vilscale.orchestration.launch.exit_codes import EXIT_FAILED, EXIT_OUT_OF_MEMORY, NOT_RESTARTABLE, classify
 
+SUPERVISOR_MODULE = "vilscale.orchestration.launch.slurm"
 # Seconds between SLURM's USR2 and the kill at the time limit: enough for rank 0 to requeue.
 SIGNAL_DELAY_S = 120
-# squeue states of a job that is running or will run (again) without anyone's help.
+# Requeues at the time limit (submitit's max_num_timeout). A long run needs one allocation per launcher.time_min,
+# so this is no budget: it only keeps a job that never gets past its start-up within an allocation from
+# requeueing forever. Failures have their own budget, launcher.max_restarts.
+MAX_TIME_LIMIT_REQUEUES = 1000
+# Job states (`scontrol show job`) of a job that has not ended: it runs, or will run (again) without anyone's
+# help. COMPLETING comes before a requeue as well as before the end: the state after it decides.
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
-                 "RESIZING", "SIGNALING", "STAGE_OUT"}
+                 "RESIZING", "SIGNALING", "STAGE_OUT", "COMPLETING"}
+# How srun reports a task that ended badly: "srun: error: NODE: task 3: Killed", "...: tasks 0-1: Exited with
+# exit code 1" (the signal's strsignal text, or the exit code).
+SRUN_TASK_END = re.compile(r"^srun: error: \S+: tasks? ([\d,-]+): (.+)$")
+SIGNAL_NAMES = {signal.strsignal(number): number.name for number in signal.Signals if signal.strsignal(number)}
+# How SLURM says the kernel's OOM killer ended a task of the step (where it enforces memory with cgroups):
+# srun's "task 1: Out Of Memory", slurmstepd's "Detected 1 oom-kill event(s) in StepId=...".
+SRUN_OOM = re.compile(r"oom[-_]kill event|: Out Of Memory$")
 
 
 class TaskFailed(RuntimeError):
-    """A task ended with an error (the one line the rank printed; the job fails, SLURM does not requeue it)."""
+    """A task ended with an error; the message is "[exit code N] LINE": its code (`exit_codes`) and the line the
+    rank printed. submitit keeps only the traceback in the task's result; `_task_failure` reads both back."""
+
+
+def _task_failure(traceback_text: str) -> tuple[int, str] | None:
+    """(exit code, line) of the `TaskFailed` in a task's error result (submitit keeps only the traceback)."""
+    match = re.search(r"TaskFailed: \[exit code (\d+)\] ([^\n]*)", traceback_text)
+    return (int(match.group(1)), match.group(2)) if match else None
 
 
 class TrainTask(submitit.helpers.Checkpointable):
@@ -73,7 +106,7 @@ class TrainTask(submitit.helpers.Checkpointable):
                                                                              overwrite=True)
         if environment.rank == 0:
             print(f"[vilscale] task {environment.rank}/{environment.world_size} on {environment.master_addr}:"
-                  f"{environment.master_port}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')}",
+                  f"{environment.master_port}, requeue {os.environ.get('SLURM_RESTART_COUNT', '0')}",
                   file=sys.stderr, flush=True)
         try:
             summary = run_worker(spec, stop_requested=notice.is_set)
@@ -175,12 +208,18 @@ def make_executor(spec: JobSpec, backend: str):
     """A submitit executor configured from the spec's launcher section (``backend``: "slurm" or "local")."""
     launcher = spec.launcher
     folder = Path(spec.run_dir) / "submitit"
-    executor = submitit.AutoExecutor(folder=folder, cluster=backend, slurm_max_num_timeout=launcher.max_restarts)
+    # submitit's batch script runs `PYTHON -u -m submitit.core._submit FOLDER`, by default under one `srun`;
+    # without that srun (use_srun=False), and with the supervisor before the interpreter, it runs
+    # `supervise`, which runs the tasks under srun itself and again after a failure.
+    supervisor = (f"{shlex.quote(sys.executable)} -u -m {SUPERVISOR_MODULE} --folder {shlex.quote(str(folder))} "
+                  f"--max-restarts {launcher.max_restarts} -- {shlex.quote(sys.executable)}")
+    executor = submitit.AutoExecutor(folder=folder, cluster=backend, slurm_max_num_timeout=MAX_TIME_LIMIT_REQUEUES,
+                                     slurm_python=supervisor)
     parameters = dict(name=f"vilscale-{Path(spec.run_dir).name}", nodes=launcher.nodes,
                       tasks_per_node=launcher.ranks_per_node, gpus_per_node=launcher.gpus_per_node,
                       cpus_per_task=launcher.cpus_per_task, timeout_min=launcher.time_min)
     if backend == "slurm":
-        parameters.update(slurm_signal_delay_s=SIGNAL_DELAY_S,
+        parameters.update(slurm_signal_delay_s=SIGNAL_DELAY_S, slurm_use_srun=False,
                           # --requeue: clusters with JobRequeue=0 would otherwise refuse rank 0's requeue.
                           slurm_additional_parameters={"requeue": True})
         if launcher.mem_gb:
@@ -222,55 +261,222 @@ def submit_submitit(spec: JobSpec, *, backend: str = "slurm", wait: bool = False
     return wait_for_submitit(job, backend=backend, out=out)
 
 
-def _squeue_state(job_id: str) -> str | None:
-    """The job's state per squeue ("RUNNING", "PENDING", "COMPLETED", ...), None once SLURM forgot it."""
-    result = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--states=all", "--format=%T"],
-                            capture_output=True, text=True, timeout=60)
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """What slurmctld says of a job (`scontrol show job`; no accounting needed)."""
+
+    state: str
+    """RUNNING, PENDING, COMPLETING, COMPLETED, FAILED, CANCELLED, TIMEOUT, ..."""
+    exit_code: str
+    """The batch script's "CODE:SIGNAL", e.g. "2:0", or "0:9" for a batch script killed by SIGKILL."""
+    restarts: int
+    """Times the job was requeued (SLURM_RESTART_COUNT in its next allocation)."""
+
+    def ending(self) -> str:
+        """"FAILED (exit code 2)", "COMPLETED", "CANCELLED (killed by SIGTERM)", ..."""
+        code, _, number = self.exit_code.partition(":")
+        if number not in ("", "0"):
+            name = next((s.name for s in signal.Signals if str(s.value) == number), f"signal {number}")
+            return f"{self.state} (killed by {name})"
+        return f"{self.state} (exit code {code})" if code not in ("", "0") else self.state
+
+
+class ControllerUnreachable(RuntimeError):
+    """`scontrol` got no answer from slurmctld (it may be restarting): ask again later."""
+
+
+def _job_record(job_id: str) -> JobRecord | None:
+    """The job as slurmctld knows it, None once it has forgotten the job (MinJobAge after its end)."""
+    try:
+        result = subprocess.run(["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True,
+                                timeout=60)
+    except subprocess.TimeoutExpired:
+        raise ControllerUnreachable(f"scontrol show job {job_id} timed out") from None
     if result.returncode != 0:
-        return None  # "Invalid job id specified" once the job left the controller's memory (MinJobAge)
-    states = result.stdout.split()
-    return states[0] if states else None
+        if "Invalid job id" in result.stderr:
+            return None
+        raise ControllerUnreachable(result.stderr.strip())
+    fields = dict(re.findall(r"(?:^|\s)(JobState|ExitCode|Restarts)=(\S+)", result.stdout))
+    return JobRecord(state=fields.get("JobState", "UNKNOWN"), exit_code=fields.get("ExitCode", ""),
+                     restarts=int(fields.get("Restarts", 0)))
+
+
+# ------------------------------------------------------------------------------------- the batch step
+
+
+@dataclass(frozen=True, slots=True)
+class StepEnd:
+    """How one `srun` of the tasks ended, as srun told it."""
+
+    code: int
+    """srun's exit code."""
+    ended: list[tuple[str, str]]
+    """The task ends srun reported, in order: [("1", "Killed"), ("0-1", "Exited with exit code 1"), ...]."""
+    out_of_memory: bool
+    """SLURM reported a task ended by the kernel's OOM killer."""
+
+
+def _srun(command: list[str]) -> StepEnd:
+    """Run ``command`` (srun), copying its stderr to ours (the job's log)."""
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace")
+    ended, out_of_memory = [], False
+    for line in process.stderr:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        if match := SRUN_TASK_END.match(line.rstrip()):
+            ended.append((match.group(1), match.group(2)))
+        out_of_memory = out_of_memory or bool(SRUN_OOM.search(line.rstrip()))
+    return StepEnd(code=process.wait(), ended=ended, out_of_memory=out_of_memory)
+
+
+def _cause(step: StepEnd) -> str:
+    """The first task end srun reported, in words ("rank 3 was killed by SIGKILL"): srun reports them in the
+    order they happen, and after the first, the other ranks only lost their peer or were stopped by srun."""
+    if not step.ended:
+        return f"srun failed with exit code {step.code}"
+    ranks, how = step.ended[0]
+    who = f"rank {ranks}" if ranks.isdigit() else f"ranks {ranks}"
+    if exited := re.fullmatch(r"Exited with exit code (\d+)", how):
+        return f"{who} exited with code {exited.group(1)}"
+    name = SIGNAL_NAMES.get(how.removesuffix(" (core dumped)"))
+    return f"{who} was killed by {name}" if name else f"{who}: {how}"
+
+
+def _task_results(folder: Path, job_id: str) -> dict[int, tuple[str, object]]:
+    """{task: (outcome, value)} of the tasks of ``job_id`` that wrote a result ("success" or "error"; submitit
+    writes each under a temporary name and renames it, so a task killed while writing leaves none)."""
+    results = {}
+    for path in folder.glob(f"{job_id}_*_result.pkl"):
+        task = path.name.removeprefix(f"{job_id}_").removesuffix("_result.pkl")
+        if task.isdigit():
+            results[int(task)] = pickle_load(path)
+    return results
+
+
+def supervise(task_command: list[str], *, folder: Path, max_restarts: int) -> int:
+    """The batch step of a job: run the tasks (``task_command`` under srun, one per rank) until they succeed, an
+    error no restart can fix stops them, or ``max_restarts`` relaunches after a failure are used up. Returns the
+    batch script's exit code: 0, the rank's code for an error no restart fixes, else 1."""
+    job_id = os.environ["SLURM_JOB_ID"]
+    requeues = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    counter = folder / f"{job_id}_failure_restarts"
+    # The same files submitit's own srun line writes: FOLDER/JOBID_TASK_log.{out,err}, appended to.
+    paths = JobPaths(folder)
+    srun = ["srun", "--unbuffered", "--output", str(paths.stdout), "--error", str(paths.stderr),
+            # One rank failing stops the others at once (they would wait in a collective for the dead one).
+            "--kill-on-bad-exit=1", *task_command]
+    while True:
+        for stale in folder.glob(f"{job_id}_*_result.pkl"):  # the results of an earlier attempt
+            stale.unlink(missing_ok=True)
+        step = _srun(srun)
+        if step.code == 0:
+            return 0
+        try:
+            record = _job_record(job_id)
+        except ControllerUnreachable:
+            record = None
+        if record and (record.state != "RUNNING" or record.restarts != requeues):
+            # Requeued (rank 0 on a preemption notice, an administrator, a lost node) or cancelled: this
+            # allocation ends here, and the next one, if any, resumes without using a restart.
+            _say(f"the job was {'requeued' if record.restarts != requeues else record.state.lower()}: this "
+                 "allocation stops here")
+            return step.code
+        failures = {task: _task_failure(value) for task, (outcome, value) in _task_results(folder, job_id).items()
+                    if outcome == "error"}
+        final = {task: failure for task, failure in failures.items() if failure and failure[0] in NOT_RESTARTABLE}
+        if final:
+            task, (rank_code, line) = min(final.items())
+            _say(f"rank {task} stopped with exit code {rank_code} ({line}); not restarting")
+            return rank_code
+        if step.out_of_memory:  # as the local launcher: the same run would run out again
+            _say(f"{_cause(step)}: SLURM reports the kernel's out-of-memory killer; not restarting. Lower "
+                 "train.micro_batch, data.num_workers or data.batches_ahead, run fewer ranks per node, or ask for "
+                 "more memory (launcher.mem_gb)")
+            return EXIT_OUT_OF_MEMORY
+        used = int(counter.read_text()) if counter.exists() else 0
+        if used >= max_restarts:
+            _say(f"{_cause(step)}; giving up after {max_restarts} restart(s) (launcher.max_restarts)")
+            return EXIT_FAILED
+        counter.write_text(f"{used + 1}\n")
+        _say(f"restart {used + 1}/{max_restarts} after {_cause(step)}: launching the ranks again, "
+             "from the latest checkpoint")
+
+
+def _say(message: str) -> None:
+    print(f"[vilscale] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------- the submitter
 
 
 def wait_for_submitit(job, *, backend: str, out=None, poll_s: float = 2.0) -> int:
-    """Follow rank 0's log until the job has ended with every task's result (or without them)."""
+    """Follow rank 0's log until the job has ended; print how it ended and return 0 only if it succeeded.
+
+    On SLURM the job's end is slurmctld's word (`scontrol show job`), not the tasks' result files: a task
+    that was killed writes none, and `sacct` (which submitit asks) needs accounting, which many clusters lack.
+    """
     out = out or sys.stdout
     tasks = [job.task(i) for i in range(len(job._tasks))] if len(job._tasks) > 1 else [job]
     rank0 = tasks[0]
     follower = LogFollower([rank0.paths.stdout, rank0.paths.stderr], out=out)
-    ended_since = None
+    record = None
     while True:
         follower.poll()
-        results = all(task.paths.result_pickle.exists() for task in tasks)
         if backend == "local":
-            if results or job.done():
+            if all(task.paths.result_pickle.exists() for task in tasks) or job.done():
                 break
-        elif _squeue_state(job.job_id) in ACTIVE_STATES:
-            # Running, or requeued and waiting to run again: result files of an earlier attempt may exist,
-            # but the allocation now running will write the final ones.
-            ended_since = None
-        elif results:
-            break
         else:
-            # Result files can trail the job's end on a shared file system: give them a moment.
-            ended_since = ended_since or time.monotonic()
-            if time.monotonic() - ended_since > 30:
-                break
+            try:
+                latest = _job_record(job.job_id)
+            except ControllerUnreachable:  # slurmctld busy or restarting: ask again
+                time.sleep(poll_s)
+                continue
+            record = latest or record
+            if latest is None or latest.state not in ACTIVE_STATES:
+                break  # ended (None: forgotten since the last look, which saw how it ended)
         time.sleep(poll_s)
+    if record is not None and record.state == "COMPLETED":
+        # Result files can trail the job's end on a shared file system: give them a moment.
+        deadline = time.monotonic() + 30
+        while not all(task.paths.result_pickle.exists() for task in tasks) and time.monotonic() < deadline:
+            time.sleep(0.5)
     follower.poll()
-    try:
-        summary = rank0.result()
-    except Exception as error:
-        print(f"job {job.job_id} failed: {str(error).strip()[-4000:]}", file=sys.stderr, flush=True)
-        return 1
-    for task in tasks[1:]:
-        try:
-            task.result()
-        except Exception as error:
-            print(f"job {job.job_id} task {task.task_id} failed: {str(error).strip()[-2000:]}", file=sys.stderr)
-            return 1
-    print(f"job {job.job_id} finished: {summary}", file=out, flush=True)
-    return 0
+    results = {i: pickle_load(task.paths.result_pickle) for i, task in enumerate(tasks)
+               if task.paths.result_pickle.exists()}
+    succeeded = len(results) == len(tasks) and all(outcome == "success" for outcome, _ in results.values())
+    if backend == "local":
+        ending = "COMPLETED" if succeeded else "FAILED"
+    else:
+        ending = record.ending() if record else "(SLURM no longer knows the job; its tasks' results say how)"
+    if succeeded and (record is None or record.state == "COMPLETED"):
+        print(f"job {job.job_id} ended {ending}: {results[0][1]}", file=out, flush=True)
+        return 0
+    print(f"job {job.job_id} ended {ending}", file=sys.stderr, flush=True)
+    for i in range(len(tasks)):
+        outcome, value = results.get(i, (None, None))
+        if outcome is None:
+            print(f"  task {i} left no result (killed, or stopped with the others)", file=sys.stderr, flush=True)
+        elif outcome == "error":
+            failure = _task_failure(str(value))
+            reason = f"exit code {failure[0]}: {failure[1]}" if failure else str(value).strip()[-2000:]
+            print(f"  task {i} failed: {reason}", file=sys.stderr, flush=True)
+    return 1
 
 
-__all__ = ["TrainTask", "check_slurm_fits", "make_executor", "slurm_nodes", "submit_submitit", "wait_for_submitit"]
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m {SUPERVISOR_MODULE}",
+                                     description="The batch step of a vilscale SLURM job (see `supervise`).")
+    parser.add_argument("--folder", type=Path, required=True, help="the job's submitit folder")
+    parser.add_argument("--max-restarts", type=int, required=True, help="relaunches after a failure, per job")
+    parser.add_argument("task_command", nargs=argparse.REMAINDER, help="-- the command srun runs in every task")
+    args = parser.parse_args(argv)
+    command = args.task_command[1:] if args.task_command[:1] == ["--"] else args.task_command
+    return supervise(command, folder=args.folder, max_restarts=args.max_restarts)
+
+
+__all__ = ["TrainTask", "check_slurm_fits", "make_executor", "slurm_nodes", "submit_submitit", "supervise",
+           "wait_for_submitit"]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
