@@ -36,6 +36,25 @@ def test_rank_sigkilled_mid_step_restarts_from_latest_and_sees_every_sample_once
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_rank_that_falls_silent_mid_collective_times_out_its_peer_and_the_run_resumes_exactly(
+        smoke, baseline_run, tmp_path):
+    """Fault: rank 1 stops (SIGSTOP) in the middle of step 6, alive but silent like a rank on a host whose
+    network is gone, while rank 0 goes on into the step's all-reduce. Outcome: rank 0 gives up after
+    train.collective_timeout_s with a restartable exit, the group is restarted from step 4 and the run ends
+    with the samples and the weights of the uninterrupted run, bit for bit."""
+    run_dir = tmp_path / "run"
+    result = smoke.train(run_dir, *smoke.BASELINE, "--set", "train.collective_timeout_s=6",
+                         env={"VILSCALE_INJECT_FAULT": "freeze:6:1"})
+    assert "vilscale: rank 0: stopped because another rank failed" in result.stderr
+    assert "restarting from the latest checkpoint (1/2)" in result.stderr
+    assert "resumed from step_00000004" in result.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 8
+    assert smoke.samples(run_dir) == smoke.samples(baseline_run)
+    a = smoke.export(baseline_run, tmp_path / "a.safetensors")
+    b = smoke.export(run_dir, tmp_path / "b.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_killed_while_writing_a_checkpoint_keeps_latest_on_the_previous_one(smoke, tmp_path):
     """Fault: rank 0 is SIGKILLed after every rank wrote the step-8 checkpoint files but before the
     manifest and `latest` were written. Outcome: `latest` still names step 4, the restart resumes from

@@ -4,7 +4,9 @@
 reaches POINT at optimizer step STEP, once per run directory (a marker file keeps a restarted run
 from dying again). Points: ``mid-step`` (after the forward of a step, before its backward) and
 ``checkpoint-files-written`` (every rank has written its checkpoint files, the manifest and
-``latest`` are not yet written).
+``latest`` are not yet written); ``freeze`` stops the rank with SIGSTOP instead (after its forward, as
+``mid-step``): alive but silent, as a rank on a host whose network is gone, so its peers wait in their
+next collective until ``train.collective_timeout_s``.
 
 ``VILSCALE_INJECT_NONFINITE=STEP:MICRO:RANK[:grad][,...]`` makes the loss of micro-batch MICRO (0-based)
 of step STEP (1-based) on rank RANK NaN; with ``:grad`` the loss stays finite and its gradients are NaN.
@@ -31,7 +33,7 @@ ENV = "VILSCALE_INJECT_FAULT"
 NONFINITE_ENV = "VILSCALE_INJECT_NONFINITE"
 HOLD_ENV = "VILSCALE_INJECT_HOLD"
 OOM_ENV = "VILSCALE_INJECT_OOM"
-POINTS = ("mid-step", "checkpoint-files-written")
+POINTS = ("mid-step", "checkpoint-files-written", "freeze")
 HOLD_LIMIT_S = 600.0
 
 
@@ -49,7 +51,7 @@ def maybe_die(point: str, *, step: int, rank: int, run_dir: Path) -> None:
     if marker.exists():
         return
     marker.touch()
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGSTOP if point == "freeze" else signal.SIGKILL)
 
 
 def maybe_poison_loss(loss: torch.Tensor, *, step: int, micro: int, rank: int) -> torch.Tensor:

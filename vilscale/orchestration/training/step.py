@@ -114,6 +114,7 @@ class StepRunner:
                                               dtype=self.dtype)
             result.indices.append(indices)
             maybe_die("mid-step", step=step + 1, rank=self.rank, run_dir=self.run_dir)
+            maybe_die("freeze", step=step + 1, rank=self.rank, run_dir=self.run_dir)
             maybe_run_out_of_memory(step=step + 1, rank=self.rank)
             loss = sum(named.values())
             loss = maybe_poison_loss(loss, step=step + 1, micro=micro, rank=self.rank)
