@@ -212,6 +212,36 @@ def test_a_users_mistake_met_by_a_rank_is_not_restarted_and_wait_exits_nonzero_w
     assert f"job {job_id} ended FAILED (exit code 2)" in result.stderr, output[-2000:]
 
 
+@pytest.mark.slow
+def test_a_run_resumed_with_an_accepted_change_trains_it_and_a_job_queued_before_is_refused(slurm, digits, tmp_path):
+    """Job A (4 steps) is submitted while the cluster is held, then the run dir is relaunched as job B with
+    --allow-spec-change (6 steps): B's spec is the run dir's from then on. When A reaches its ranks, they refuse
+    its older spec (exit 2, not restarted) instead of training it and rewriting spec.yaml; B trains to 6."""
+    run_dir = tmp_path / "run"
+    first = vilscale("submit", str(SMOKE), "--backend", "slurm", "--wait", *smoke_overrides(digits, run_dir,
+                     max_steps=2, ckpt_every=2), env=slurm.env, timeout_s=240)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    slurm.command("scontrol", "update", "PartitionName=debug", "State=DOWN")  # queue A without running it
+    try:
+        queued = vilscale("submit", str(SMOKE), "--backend", "slurm", "--allow-spec-change",
+                          *smoke_overrides(digits, run_dir, max_steps=4, ckpt_every=2), env=slurm.env)
+        assert queued.returncode == 0, queued.stderr[-3000:]
+        changed = vilscale("submit", str(SMOKE), "--backend", "slurm", "--allow-spec-change",
+                           *smoke_overrides(digits, run_dir, max_steps=6, ckpt_every=2), env=slurm.env)
+        assert changed.returncode == 0, changed.stderr[-3000:]
+    finally:
+        slurm.command("scontrol", "update", "PartitionName=debug", "State=UP")
+    job_a, job_b = _job_id(queued.stdout), _job_id(changed.stdout)
+    services.wait_until(lambda: all("JobState=COMPLETED" in r or "JobState=FAILED" in r
+                                    for r in (slurm.command("scontrol", "show", "job", j) for j in (job_a, job_b))),
+                        timeout_s=240, what="both jobs ended")
+    assert "ExitCode=2:0" in slurm.command("scontrol", "show", "job", job_a)
+    log_a = (run_dir / "submitit" / f"{job_a}_0_log.err").read_text()
+    assert "differs from" in log_a and "train.max_steps: 4 here, 6 in spec.yaml" in log_a, log_a[-3000:]
+    assert "JobState=COMPLETED" in slurm.command("scontrol", "show", "job", job_b)
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 6
+
+
 def detection_overrides(digits_coco, run_dir) -> list[str]:
     return ["--set", f"run_dir={run_dir}",
             "--set", f"data.train_annotations={digits_coco / 'train' / 'annotations.json'}",

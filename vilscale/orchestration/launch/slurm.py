@@ -37,6 +37,7 @@ from pathlib import Path
 import submitit
 from submitit.core.utils import JobPaths, pickle_load
 
+from vilscale.orchestration.checkpoint.rundir import write_spec
 from vilscale.orchestration.config import JobSpec, spec_from_dict
 from vilscale.orchestration.launch.common import LaunchError, LogFollower, with_absolute_paths
 from vilscale.orchestration.launch.exit_codes import EXIT_FAILED, EXIT_OUT_OF_MEMORY, NOT_RESTARTABLE, classify
@@ -251,6 +252,9 @@ def submit_submitit(spec: JobSpec, *, backend: str = "slurm", wait: bool = False
         raise LaunchError(f"--backend local runs on this machine only, but launcher.nodes={spec.launcher.nodes}; "
                           "use --set launcher.nodes=1 or --backend slurm")
     spec = with_absolute_paths(spec, Path.cwd())
+    # The run dir's spec.yaml says what it trains from now on (the launch's pre-flight accepted any change):
+    # a job still queued under an older spec is refused by its ranks when it starts.
+    write_spec(spec)
     executor = make_executor(spec, backend)
     job = executor.submit(TrainTask(spec.to_dict()))
     folder = Path(spec.run_dir) / "submitit"
