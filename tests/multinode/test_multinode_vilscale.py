@@ -1,8 +1,9 @@
 """vilscale on two hosts: `vilscale submit` to a two-node SLURM cluster and to a two-node Ray cluster whose
 nodes are network-namespace hosts, one rank per host, rendezvous and gloo over the test network, the
 run dir and shards on the shared filesystem. Each run loses a node mid-run and must finish from its
-latest checkpoint; every step's samples are checked against the loader's deterministic order (what an
-uninterrupted run reads), and Prometheus must scrape the ranks on both hosts."""
+latest checkpoint with what an uninterrupted run ends with: every step's samples (the loader's
+deterministic order) and the final weights, bit for bit (fp32, one thread per rank). Prometheus must
+scrape the ranks on both hosts."""
 
 from __future__ import annotations
 
@@ -25,6 +26,36 @@ CKPT_EVERY = 4
 HOLD_AT = CKPT_EVERY + 2  # every rank waits before this step until the test has lost a node
 TWO_HOSTS = {"launcher.nodes": 2, "launcher.cpu_workers_per_node": 1, "launcher.cpus_per_task": 1,
              "metrics.host": "0.0.0.0", "launcher.max_restarts": 3}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_weights(digits, tmp_path_factory) -> dict:
+    """The final weights of the same job run without interruption: two local ranks of one thread each (what a
+    rank of each host runs), the reference every node-loss run must end with."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "vilscale.cli", "train", str(SMOKE), "--nproc", "2",
+         *smoke_overrides(digits, run_dir, max_steps=MAX_STEPS, ckpt_every=CKPT_EVERY, keep_checkpoints=20)],
+        capture_output=True, text=True, cwd=services.REPO, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return exported(run_dir)
+
+
+def exported(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = run_dir.parent / f"{run_dir.name}-final.safetensors"
+    result = subprocess.run([sys.executable, "-m", "vilscale.cli", "export", str(run_dir), str(out)],
+                            capture_output=True, text=True, cwd=services.REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return load_file(str(out))
+
+
+def submitted_job(run_dir: Path) -> str:
+    """The SLURM job id of the run in ``run_dir`` (squeue also lists the jobs of earlier tests)."""
+    submitted = sorted((run_dir / "submitit").glob("*_submitted.pkl"))
+    assert len(submitted) == 1, submitted
+    return submitted[0].name.split("_")[0]
 
 
 def latest_step(run_dir: Path) -> int:
@@ -74,18 +105,28 @@ def check_samples(run_dir: Path, digits: Path) -> None:
     assert len(seen) == len(set(seen)), "the two hosts read overlapping samples"
 
 
-def check_finished_after_the_loss(run_dir: Path, digits: Path) -> int:
-    """The run reached its last step, redid at most the steps since its last checkpoint, and read exactly the
-    samples of an uninterrupted run; returns how many steps were trained twice."""
+def check_finished_after_the_loss(run_dir: Path, digits: Path, reference: dict, *, redone: int | None) -> int:
+    """The run reached its last step, redid exactly ``redone`` steps (None: at most the steps since a
+    checkpoint), read exactly the samples of an uninterrupted run and ended with its weights, bit for bit;
+    returns how many steps were trained twice."""
+    import torch
+
     assert json.loads((run_dir / "summary.json").read_text())["step"] == MAX_STEPS
-    redone = sum(len(attempts) > 1 for attempts in every_record(run_dir)[0].values())
-    assert 0 <= redone <= CKPT_EVERY
+    twice = sorted(step for step, attempts in every_record(run_dir)[0].items() if len(attempts) > 1)
+    if redone is None:
+        assert len(twice) < CKPT_EVERY, twice
+    else:
+        assert len(twice) == redone, f"steps trained twice: {twice}, expected {redone}"
     check_samples(run_dir, digits)
-    return redone
+    final = exported(run_dir)
+    assert final.keys() == reference.keys()
+    differing = [key for key in reference if not torch.equal(final[key], reference[key])]
+    assert not differing, f"the final weights differ from the uninterrupted run's in {differing[:5]}"
+    return len(twice)
 
 
 def test_two_host_slurm_run_survives_a_node_loss_and_is_scraped_on_both_hosts(slurm_two_nodes, prometheus, digits,
-                                                                                tmp_path):
+                                                                                uninterrupted_weights, tmp_path):
     """`vilscale submit --backend slurm` with launcher.nodes=2: one rank on h1, one on h2. After the first
     checkpoint h2 dies with its slurmd and task (node loss): SLURM marks it DOWN and requeues the job
     (--requeue), which waits for two nodes; h2 comes back, the job runs again and resumes from the latest
@@ -110,7 +151,7 @@ def test_two_host_slurm_run_survives_a_node_loss_and_is_scraped_on_both_hosts(sl
         services.wait_until(lambda: latest_step(run_dir) >= CKPT_EVERY, timeout_s=240, what="first checkpoint",
                             poll_s=0.1, logs=logs[:-1])
         slurm_two_nodes.lose_node("h2")
-        job_id = slurm_two_nodes.command("squeue", "--noheader", "--states=all", "--format=%i").split()[0]
+        job_id = submitted_job(run_dir)
         services.wait_until(lambda: "Restarts=1" in slurm_two_nodes.command("scontrol", "show", "job", job_id),
                             timeout_s=120, what="job requeued after the node loss", logs=logs[:-1])
         at_loss = latest_step(run_dir)
@@ -126,12 +167,14 @@ def test_two_host_slurm_run_survives_a_node_loss_and_is_scraped_on_both_hosts(sl
     rank0 = "".join(p.read_text() for p in sorted((run_dir / "submitit").glob(f"{job_id}_0_log.err")))
     resumed = [int(step) for step in re.findall(r"resumed from step_\d+ \(step (\d+)", rank0)]
     assert resumed == [at_loss], rank0[-3000:]
-    redone = check_finished_after_the_loss(run_dir, digits)
+    # step 5 was trained before the hold at step 6 and lost with the node: trained once more, nothing else
+    redone = check_finished_after_the_loss(run_dir, digits, uninterrupted_weights, redone=HOLD_AT - 1 - CKPT_EVERY)
     print(f"SLURM: 2 hosts x 1 rank, {MAX_STEPS} steps, h2 lost after step {at_loss} was saved, resumed from "
           f"step {at_loss}, {redone} step(s) redone")
 
 
 def test_two_node_ray_run_places_a_rank_per_node_and_resumes_after_the_worker_node_is_lost(ray_two_nodes, digits,
+                                                                                          uninterrupted_weights,
                                                                                           tmp_path):
     """`vilscale submit --backend ray` with launcher.nodes=2 on a head and a worker node of one CPU each: one
     rank per node. After the first checkpoint the worker node's raylet is killed: the worker group fails,
@@ -170,7 +213,8 @@ def test_two_node_ray_run_places_a_rank_per_node_and_resumes_after_the_worker_no
     assert submit.returncode == 0, output[-4000:]
     assert "restarting from the latest checkpoint (1/3)" in output, output[-3000:]
     resumed = [int(step) for step in re.findall(r"resumed from step_\d+ \(step (\d+)", output)]
-    assert resumed and resumed[-1] >= at_loss, output[-3000:]
-    redone = check_finished_after_the_loss(run_dir, digits)
+    assert resumed == [at_loss], output[-3000:]
+    redone = check_finished_after_the_loss(run_dir, digits, uninterrupted_weights, redone=HOLD_AT - 1 - CKPT_EVERY)
     print(f"Ray: 2 nodes x 1 rank, {MAX_STEPS} steps, r1's raylet killed after step {at_loss} was saved, resumed "
           f"from step {resumed[-1]}, {redone} step(s) redone")
+

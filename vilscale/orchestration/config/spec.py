@@ -286,7 +286,10 @@ class LauncherConfig:
     time_min: int = 60
     """SLURM wall-clock limit per allocation, minutes (the job requeues itself at the limit)."""
     max_restarts: int = 3
-    """Restarts after a failure (local: process group; Ray: FailureConfig.max_failures; SLURM: requeues)."""
+    """Restarts after a restartable failure (exit 1: a crashed or silent rank, a lost node), from the latest
+    checkpoint: the local launcher relaunches the process group, Ray's driver fits again, SLURM's batch step
+    relaunches the tasks within the allocation (counted per job across requeues; SLURM's own requeues at
+    the time limit, on preemption or after a node failure do not count)."""
     ray_address: str = "auto"
     """Ray cluster address for `--backend ray` ("auto", "ray://host:10001" or the dashboard URL)."""
     working_dir: str = "."
