@@ -129,3 +129,15 @@ def test_a_job_whose_spec_differs_from_the_run_dirs_is_refused_by_its_ranks(smok
     assert "differs from" in result.stderr and "optim.lr: 0.5 here, 0.002 in spec.yaml" in result.stderr
     assert (run_dir / "spec.yaml").read_text() == stored
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 2
+
+
+def test_a_rank_added_at_resume_draws_its_own_random_stream(smoke, tmp_path):
+    """Stopped at step 4 on one rank and resumed on two: rank 1 did not exist in the saved run and must not take
+    rank 0's torch generator (its drop-path and shift draws would repeat rank 0's)."""
+    run_dir = tmp_path / "run"
+    smoke.train(run_dir, "--set", "train.exit_after_steps=4", nproc=1)
+    result = smoke.train(run_dir, nproc=2)
+    assert "converting it to a universal checkpoint" in result.stderr
+    states = [torch.load(run_dir / "checkpoints" / "step_00000008" / f"client_rank{r}.pt", weights_only=True)
+              for r in (0, 1)]
+    assert not torch.equal(states[0]["rng"]["torch"], states[1]["rng"]["torch"])
