@@ -5,6 +5,7 @@ spec other than the run dir's is refused. Real one-rank DeepSpeed runs of the sm
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,9 @@ def test_own_shifts_never_switch(smoke, tmp_path):
                          "--set", "train.max_steps=2", nproc=1)
     assert "switches" not in result.stderr
     assert json.loads((run_dir / "summary.json").read_text())["shift_mode"] == "own"
+    # no terminal: rank 0 writes a plain progress line every train.log_every (2) steps, for schedulers' logs
+    assert re.search(r"\[vilscale\] step 2/2 \(100%\): loss \d+\.\d{4}, lr \d\.\d\de-\d\d, \d+ img/s, data wait \d+%, "
+                     r"ETA 0m00s", result.stderr), result.stderr[-2000:]
 
 
 def test_a_job_whose_spec_differs_from_the_run_dirs_is_refused_by_its_ranks(smoke, tmp_path):

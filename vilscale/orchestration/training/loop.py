@@ -158,7 +158,8 @@ class TrainingRun:
                                     total_steps=self.total_steps,
                                     flops_per_image=self.flops_per_image.get(spec.model.shift_mode, 0.0),
                                     peak_flops=peak_flops,
-                                    device=ctx.device, progress=self.progress)
+                                    device=ctx.device, progress=self.progress,
+                                    log=self.log if self.progress is None else None)
 
     def train(self) -> dict:
         """The loop: steps until the run's last step (or ``train.exit_after_steps`` of this launch)."""

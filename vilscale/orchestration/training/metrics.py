@@ -165,14 +165,17 @@ class MetricsWindow:
         peak_flops: the device's peak FLOP/s (0: MFU not reported).
         device: the training device (CUDA memory is reported).
         progress: rank 0's progress bar or None.
+        log: where rank 0 writes one plain line per record when it has no progress bar (a scheduler's log file,
+            what `vilscale submit --wait` streams), else None.
     """
 
     def __init__(self, metrics: TrainingMetrics, *, world_size: int, log_every: int, total_steps: int,
-                 flops_per_image: float, peak_flops: float, device: torch.device, progress=None):
+                 flops_per_image: float, peak_flops: float, device: torch.device, progress=None, log=None):
         self.metrics, self.world_size, self.log_every, self.total_steps = metrics, world_size, log_every, total_steps
         self.flops_per_image, self.peak_flops = flops_per_image, peak_flops
-        self.device, self.progress = device, progress
+        self.device, self.progress, self.log = device, progress, log
         self.start, self.images, self.loss, self.lr, self.data_wait = time.perf_counter(), 0, float("nan"), 0.0, 0.0
+        self.steps, self.waited = 0, 0.0
         self.decode_errors = 0
         self.components: dict[str, float] = {}
 
@@ -183,6 +186,8 @@ class MetricsWindow:
             m.decode_errors.inc(decode_errors - self.decode_errors)
             self.decode_errors = decode_errors
         self.images += images
+        self.steps += 1
+        self.waited += result.data_wait
         self.lr, self.data_wait = lr, result.data_wait
         m.samples.inc(images)
         m.steps.inc()
@@ -224,5 +229,17 @@ class MetricsWindow:
         m.log(record)
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{self.loss:.3f}", img_s=f"{record['images_per_second']:.0f}")
-        self.start, self.images = time.perf_counter(), 0
+        elif self.log is not None:
+            self.log(self._line(state, record, elapsed))
+        self.start, self.images, self.steps, self.waited = time.perf_counter(), 0, 0, 0.0
         return record
+
+    def _line(self, state, record: dict, elapsed: float) -> str:
+        """``step 40/1000 (4%): loss 2.3026, lr 1.2e-03, 512 img/s, data wait 3%, ETA 1h05m``."""
+        left = self.total_steps - state.step
+        eta = left * elapsed / self.steps if self.steps and elapsed > 0 else float("nan")
+        eta_text = "-" if eta != eta else f"{int(eta // 3600)}h{int(eta % 3600 // 60):02d}m" if eta >= 3600 \
+            else f"{int(eta // 60)}m{int(eta % 60):02d}s"
+        wait = self.waited / elapsed if elapsed > 0 else 0.0
+        return (f"step {state.step}/{self.total_steps} ({state.step / self.total_steps:.0%}): loss {self.loss:.4f}, "
+                f"lr {self.lr:.2e}, {record['images_per_second']:.0f} img/s, data wait {wait:.0%}, ETA {eta_text}")
