@@ -102,31 +102,38 @@ def big_photo(photo):
 @pytest.mark.parametrize("box", [(0, 0, 427, 640), (100, 37, 300, 301), (13, 250, 90, 70), (426, 639, 1, 1),
                                  (5, 3, 223, 224), (211, 402, 216, 238)])
 def test_crop_decode_equals_the_same_resampling_of_the_whole_image(photo, box):
-    """At scale 1 the only difference from decoding everything is libjpeg's upsampling at the cropped left edge."""
+    """At scale 1 the only difference from decoding everything is libjpeg's chroma upsampling at the crop's left
+    and right edges (it has no neighbour column there): every output pixel that reads neither the box's first nor
+    its last source column is identical (so were those of 400 random boxes, when this was written)."""
     jpeg = _jpeg(photo)
-    assert cropdecode.crop_scale(box[2], box[3], 224, 224) == 1
+    top, left, height, width = box
+    assert cropdecode.crop_scale(height, width, 224, 224) == 1
     cropped = cropdecode.decode_box(jpeg, 427, 640, box, 224)
     whole = _full_decode(jpeg, 427, 640)
     out = np.empty((3, 224, 224), dtype=np.uint8)
     assert cropdecode.resize_box(whole, *box, out, 0) == cropdecode.OK
     difference = np.abs(cropped.astype(int) - out.transpose(1, 2, 0))
+    reads_an_edge = _axis_matrix(left, left + width, 640, 224)[:, [left, left + width - 1]].sum(axis=1) > 0
+    assert not difference[:, ~reads_an_edge].any(), "pixels away from the crop's edge columns differ"
     assert difference.mean() < 0.05 and np.percentile(difference, 99.9) <= 2, (difference.mean(), difference.max())
     exact = _reference(whole, box, 224)
     assert np.abs(out.transpose(1, 2, 0) - exact).max() <= 0.51, "the resampler must round the exact box resampling"
 
 
-@pytest.mark.parametrize("box, scale", [((300, 500, 500, 460), 2), ((100, 200, 1000, 1200), 4),
-                                        ((0, 0, 1708, 2560), 4), ((2, 1, 1706, 1800), 4)])
-def test_dct_scaled_decode_stays_close_to_the_exact_box(big_photo, box, scale):
+# libjpeg's reduced-size inverse DCTs are not an area average: the README promises "about 1-2 grey levels" on
+# average. Measured on this (smooth, enlarged) photograph: 1.34 at 1/2; 1.28, 1.60 and 2.19 at 1/4, mostly a bias
+# of about +1 in R and B. The 1000 x 1200 crop is the one case above 2 (issue #22); detailed photographs at their
+# own size measure 1.8-5.2 at 1/2 (not tested here).
+@pytest.mark.parametrize("box, scale, limit", [((300, 500, 500, 460), 2, 1.5), ((100, 200, 1000, 1200), 4, 2.25),
+                                               ((0, 0, 1708, 2560), 4, 2.0), ((2, 1, 1706, 1800), 4, 2.0)])
+def test_dct_scaled_decode_stays_close_to_the_exact_box(big_photo, box, scale, limit):
     jpeg = _jpeg(big_photo)
     assert cropdecode.crop_scale(box[2], box[3], 224, 224) == scale
     got = cropdecode.decode_box(jpeg, 1708, 2560, box, 224).astype(np.float64)
     whole = _full_decode(jpeg, 1708, 2560)
     exact = _reference(whole, box, 224)
     error = np.abs(got - exact).mean()
-    # libjpeg's reduced-size inverse DCTs are not an area average (measured: 1.3 grey levels at 1/2, 2.2 at
-    # 1/4 on this photograph, mostly a bias of about +1 in R and B), which the bound allows.
-    assert error < 3.0, f"decoding at 1/{scale} moved the pixels by {error:.2f} grey levels on average"
+    assert error < limit, f"decoding at 1/{scale} moved the pixels by {error:.2f} grey levels on average"
     # A box shifted by half an output pixel's footprint is further away: the geometry is exact.
     top, left, height, width = box
     shift = max(1, width // 224 // 2)

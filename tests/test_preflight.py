@@ -125,25 +125,35 @@ def test_a_refused_relaunch_leaves_a_finished_run_untouched(smoke, baseline_run,
     result = vilscale("eval", str(run_dir))
     assert result.returncode == 0, result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
+    evaluated = json.loads(result.stdout.splitlines()[0])
+    assert (evaluated["val_top1"], evaluated["val_top5"]) == (summary["val_top1"], summary["val_top5"]), evaluated
     assert result.stdout.strip().splitlines()[-1] == f"val top-1: {100 * summary['val_top1']:.1f}%"
 
 
 def test_a_second_launch_into_a_live_run_is_refused_naming_the_owner(smoke, tmp_path):
-    run_dir = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "vilscale.cli", "train", str(SMOKE), "--nproc", "1",
-                              *smoke.args(run_dir, "--set", "train.max_steps=400")],
+    """The first run's rank waits before step 1 until the test releases it (VILSCALE_INJECT_HOLD), so the second
+    launch surely meets a live run, however fast or slow the machine; once released, the first run finishes."""
+    run_dir, gate = tmp_path / "run", tmp_path / "release"
+    args = smoke.args(run_dir, "--set", "train.max_steps=1")
+    first = subprocess.Popen([sys.executable, "-m", "vilscale.cli", "train", str(SMOKE), "--nproc", "1", *args],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                             start_new_session=True)
+                             start_new_session=True, env={**os.environ, "VILSCALE_INJECT_HOLD": f"1:{gate}"})
     try:
         deadline = time.monotonic() + 120  # until the first run's rank 0 is up (it writes the run's id)
         while not (run_dir / "run_id").exists() and time.monotonic() < deadline and first.poll() is None:
             time.sleep(0.2)
-        assert first.poll() is None, first.stderr.read()
+        assert first.poll() is None and (run_dir / "run_id").exists(), first.stderr.read() if first.poll() else ""
         before = snapshot(run_dir)
-        line = refused_in_one_line(vilscale("train", str(SMOKE), *smoke.args(run_dir, "--set", "train.max_steps=400")))
+        line = refused_in_one_line(vilscale("train", str(SMOKE), *args))
         assert "is in use by another run" in line and f"pid {first.pid}" in line, line
         after = snapshot(run_dir)
         assert after.get("spec.yaml") == before.get("spec.yaml") and after.get("run_id") == before.get("run_id")
+        assert first.poll() is None, "the first run did not wait at its gate"
+        gate.touch()
+        _, stderr = first.communicate(timeout=120)
+        assert first.returncode == 0, stderr[-3000:]
     finally:
-        os.killpg(first.pid, signal.SIGTERM)
-        first.wait(timeout=60)
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGTERM)
+            first.wait(timeout=60)
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 1

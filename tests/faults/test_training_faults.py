@@ -57,12 +57,13 @@ def test_a_rank_that_falls_silent_mid_collective_times_out_its_peer_and_the_run_
 
 def test_killed_while_writing_a_checkpoint_keeps_latest_on_the_previous_one(smoke, tmp_path):
     """Fault: rank 0 is SIGKILLed after every rank wrote the step-8 checkpoint files but before the
-    manifest and `latest` were written. Outcome: `latest` still names step 4, the restart resumes from
-    step 4 (the incomplete step-8 directory is never loaded) and the run finishes with a complete step 8."""
+    manifest and `latest` were written. Outcome: the launch, allowed no restart, ends with exit code 1 (a
+    restartable failure); `latest` still names step 4, the next launch resumes from step 4 (the incomplete step-8
+    directory is never loaded) and the run finishes with a complete step 8."""
     run_dir = tmp_path / "run"
     result = smoke.train(run_dir, "--set", "launcher.max_restarts=0", check=False,
                          env={"VILSCALE_INJECT_FAULT": "checkpoint-files-written:8:0"})
-    assert result.returncode != 0
+    assert result.returncode == 1, result.stderr[-3000:]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert (run_dir / "checkpoints" / "step_00000008").is_dir()
     assert not (run_dir / "checkpoints" / "step_00000008" / "manifest.json").exists()
@@ -102,12 +103,13 @@ def test_flipped_bytes_in_a_checkpoint_are_detected_by_checksum(smoke, baseline_
 
 def test_disk_full_while_checkpointing_is_a_clear_error_and_keeps_the_previous_checkpoint(smoke, small_disk):
     """Fault: the run dir's filesystem fills up while the step-8 checkpoint is written. Outcome: the run
-    stops with an error that says the save failed and that `latest` still names the previous checkpoint;
-    the step-4 checkpoint is intact and verifies."""
+    stops with an error that says the save failed and that `latest` still names the previous checkpoint, exit
+    code 1 (a full disk may be freed: restartable, and no restart is allowed here); the step-4 checkpoint is
+    intact and verifies."""
     disk = small_disk("7M")
     run_dir = disk / "run"
     result = smoke.train(run_dir, "--set", "launcher.max_restarts=0", check=False)
-    assert result.returncode != 0
+    assert result.returncode == 1, result.stderr[-3000:]
     assert "checkpoint step_00000008" in result.stderr or "checkpoint step 8" in result.stderr
     assert "No space left on device" in result.stderr
     assert "'latest' still points to the previous complete checkpoint" in result.stderr
@@ -135,7 +137,7 @@ def test_checkpoint_client_state_is_loaded_without_running_pickled_code(smoke, b
     (directory / "manifest.json").write_text(json.dumps(manifest))
     result = smoke.train(run_dir, *smoke.BASELINE, "--set", "train.max_steps=10", "--set", "launcher.max_restarts=0",
                          "--allow-spec-change", check=False)
-    assert result.returncode != 0 and "Weights only load failed" in result.stderr
+    assert result.returncode == 1 and "Weights only load failed" in result.stderr, result.stderr[-3000:]
     assert not marker.exists(), "unpickling the checkpoint ran code"
 
 

@@ -70,6 +70,30 @@ def metric_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in records if "loss" in r]
 
 
+def sample_records(run_dir: Path) -> dict[int, list[tuple[int, list[int]]]]:
+    """{rank: (step, sample indices) of every step the rank trained, in order} from RUN_DIR/samples/rank{r}.jsonl
+    (``train.record_samples=true``); a step trained again after a resume appears again."""
+    out = {}
+    for path in sorted((run_dir / "samples").glob("rank*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        out[int(path.stem.removeprefix("rank"))] = [(r["step"], r["indices"]) for r in records]
+    return out
+
+
+def check_trained_steps(run_dir: Path, expected: dict[int, list[int]]) -> None:
+    """Each rank trained exactly the steps ``expected[rank]``, in that order (a step redone after a resume listed
+    again), and a step trained twice read the same samples both times; the ranks read disjoint samples."""
+    records = sample_records(run_dir)
+    assert sorted(records) == sorted(expected), f"sample records of ranks {sorted(records)}"
+    final = {}
+    for rank, trained in records.items():
+        assert [step for step, _ in trained] == expected[rank], f"rank {rank} trained steps {[s for s, _ in trained]}"
+        for step, indices in trained:
+            assert final.setdefault((rank, step), indices) == indices, f"rank {rank} redid step {step} on other samples"
+    seen = [i for indices in final.values() for i in indices]
+    assert len(seen) == len(set(seen)), "the ranks read overlapping samples"
+
+
 # ------------------------------------------------------------------------------------------- helpers
 
 

@@ -16,7 +16,7 @@ from datetime import datetime
 
 import pytest
 import real_services as services
-from real_services import SMOKE, held_before, metric_steps, smoke_overrides, vilscale
+from real_services import SMOKE, check_trained_steps, held_before, metric_steps, smoke_overrides, vilscale
 
 pytestmark = pytest.mark.integration
 
@@ -54,12 +54,14 @@ def _latest_step(run_dir) -> int:
 def test_preempted_then_requeued_job_resumes_from_its_latest_checkpoint_each_time(slurm, digits, tmp_path):
     """USR2 (what SLURM sends before the time limit, and on preemption) makes the ranks save a checkpoint at
     the step they are in and rank 0 requeue the job, which resumes from exactly that step (no step is
-    trained twice); an administrator's `scontrol requeue` restarts it too, from the latest checkpoint."""
+    trained twice); an administrator's `scontrol requeue` restarts it too, from the latest checkpoint (the steps
+    after it are trained again, on the same samples)."""
     run_dir, gate = tmp_path / "run", tmp_path / "release"
     max_steps = 24
     submit = subprocess.Popen(
         [sys.executable, "-m", "vilscale.cli", "submit", str(SMOKE), "--backend", "slurm", "--wait",
-         *smoke_overrides(digits, run_dir, held_before(6, gate), max_steps=max_steps, ckpt_every=4)],
+         *smoke_overrides(digits, run_dir, held_before(6, gate), max_steps=max_steps, ckpt_every=4,
+                          record_samples="true")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=services.REPO,
         env={**os.environ, **slurm.env})
     try:
@@ -101,9 +103,17 @@ def test_preempted_then_requeued_job_resumes_from_its_latest_checkpoint_each_tim
     assert len(resumed) == 2, log
     assert resumed[0] == saved_on_notice[0], log
     assert step_at_requeue <= resumed[1] <= max_steps, log
-    steps = metric_steps(run_dir)
-    assert steps.count(2) == 1, f"step 2 was trained twice: a requeued allocation started over ({steps})"
-    assert max(steps) == max_steps
+    # Each rank trained 1..notice, then notice+1..end in the second allocation (wherever SLURM's kill found it:
+    # its records tell), then resumed[1]+1..max_steps in the third.
+    records = services.sample_records(run_dir)
+    assert sorted(records) == [0, 1], sorted(records)
+    expected = {}
+    for rank, trained in records.items():
+        second_end = len(trained) - (max_steps - resumed[1])
+        assert second_end >= resumed[1], f"rank {rank} trained {[step for step, _ in trained]}"
+        expected[rank] = [*range(1, second_end + 1), *range(resumed[1] + 1, max_steps + 1)]
+    check_trained_steps(run_dir, expected)
+    assert max(metric_steps(run_dir)) == max_steps
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == max_steps
     assert _latest_step(run_dir) == max_steps
@@ -158,8 +168,7 @@ def test_a_rank_killed_by_sigkill_is_relaunched_and_the_run_finishes_from_its_la
     resumed = [int(step) for step in re.findall(r"resumed from step_\d+ \(step (\d+)", log)]
     assert resumed == [4], log[-3000:]
     steps = metric_steps(run_dir)
-    assert sorted(set(steps)) == list(range(1, 11)), steps
-    assert steps.count(5) == 2 and steps.count(7) == 1, f"only step 5 (after the checkpoint at 4) is redone: {steps}"
+    assert steps == [*range(1, 6), *range(5, 11)], f"only step 5 (after the checkpoint at 4) is redone: {steps}"
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 10
     assert f"job {job_id} ended COMPLETED" in result.stdout, output[-2000:]
     record = slurm.command("scontrol", "show", "job", job_id)
