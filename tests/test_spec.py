@@ -153,3 +153,43 @@ def test_numbers_must_be_finite(tmp_path, value):
     """NaN passed every range check written as `x < 0` (weight decay, warmup lr): refuse it outright."""
     with pytest.raises(SpecError, match=r"optim\.weight_decay=.* must be a finite number"):
         load_spec(write(tmp_path, minimal()), [f"optim.weight_decay={value}"])
+
+
+def test_slurm_site_options_load_from_yaml_and_set(tmp_path):
+    raw = {**minimal(), "launcher": {"slurm": {"constraint": "a100&ib", "exclusive": True,
+                                               "additional": {"mail-type": "END"}}}}
+    spec = load_spec(write(tmp_path, raw), ["launcher.slurm.qos=high", "launcher.slurm.additional.comment=campaign 7",
+                                            "launcher.slurm.exclude=node[01-03]"])
+    site = spec.launcher.slurm
+    assert (site.qos, site.constraint, site.exclusive, site.reservation, site.exclude) == \
+        ("high", "a100&ib", True, "", "node[01-03]")
+    assert site.additional == {"mail-type": "END", "comment": "campaign 7"}
+
+
+@pytest.mark.parametrize("launcher,pattern", [
+    ({"slurm": {"qso": "high"}}, r"unknown key launcher\.slurm\.qso; valid keys of launcher\.slurm: .*'qos'"),
+    ({"slurm": {"exclusive": "yes"}}, r"launcher\.slurm\.exclusive='yes' must be true or false"),
+    ({"slurm": {"qos": 3}}, r"launcher\.slurm\.qos=3 must be a string"),
+    ({"slurm": "high"}, r"launcher\.slurm must be a mapping"),
+    ({"slurm": {"additional": ["mail-type=END"]}},
+     r"launcher\.slurm\.additional=\['mail-type=END'\] must be a mapping"),
+    ({"slurm": {"additional": {"--mail-type": "END"}}},
+     r"launcher\.slurm\.additional: '--mail-type' .* without the leading dashes, e\.g\. 'mail-type'"),
+    ({"slurm": {"additional": {"qos": "high"}}}, r"launcher\.slurm\.additional: 'qos' .* launcher\.slurm\.qos"),
+    ({"slurm": {"additional": {"time": "10"}}}, r"launcher\.slurm\.additional: 'time' .* launcher\.time_min"),
+    ({"slurm": {"additional": {"output": "x.log"}}}, r"launcher\.slurm\.additional: 'output' is set by vilscale"),
+])
+def test_slurm_site_options_are_checked_with_the_key_path(launcher, pattern):
+    with pytest.raises(SpecError, match=pattern):
+        spec_from_dict({**minimal(), "launcher": launcher})
+
+
+def test_slurm_site_options_are_execution_keys_and_additional_stays_whole():
+    from vilscale.orchestration.config.spec import flatten, key_kind, spec_changes
+
+    old = spec_from_dict(minimal())
+    new = spec_from_dict({**minimal(), "launcher": {"slurm": {"qos": "low", "additional": {"mail-type": "END"}}}})
+    flat = flatten(new.to_dict())
+    assert flat["launcher.slurm.additional"] == {"mail-type": "END"} and flat["launcher.slurm.qos"] == "low"
+    assert key_kind("launcher.slurm.qos") == key_kind("launcher.slurm.additional") == "execution"
+    assert spec_changes(old.to_dict(), new.to_dict()) == [] and old.digest() == new.digest()

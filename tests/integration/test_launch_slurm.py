@@ -286,6 +286,55 @@ def test_time_limit_requeues_do_not_use_up_the_failure_restarts(tmp_path):
     assert make_executor(spec, "slurm")._executor.max_num_timeout >= 1000
 
 
+@pytest.mark.skipif(shutil.which("srun") is None, reason="submitit's SLURM executor needs srun on PATH")
+def test_site_options_are_written_into_the_batch_script(tmp_path):
+    """launcher.slurm's options become #SBATCH lines beside vilscale's own (--requeue stays); an empty value in
+    `additional` is a bare flag; left at their defaults, none is written."""
+    from vilscale.orchestration.config import load_spec
+    from vilscale.orchestration.launch.slurm import make_executor
+
+    def script(*overrides: str) -> set[str]:
+        spec = load_spec(SMOKE, [f"run_dir={tmp_path / 'run'}", *overrides])
+        return set(make_executor(spec, "slurm")._executor._make_submission_file_text("true", "0").splitlines())
+
+    site = {"#SBATCH --qos=high", "#SBATCH --constraint='a100|h100'", "#SBATCH --exclusive",
+            "#SBATCH --reservation=maint", "#SBATCH --exclude='gpu[01-02]'", "#SBATCH --mail-type=END",
+            "#SBATCH --overcommit"}
+    lines = script("launcher.slurm.qos=high", "launcher.slurm.constraint=a100|h100", "launcher.slurm.exclusive=true",
+                   "launcher.slurm.reservation=maint", "launcher.slurm.exclude=gpu[01-02]",
+                   "launcher.slurm.additional.mail-type=END", "launcher.slurm.additional.overcommit=")
+    assert site | {"#SBATCH --requeue"} <= lines, sorted(lines)
+    plain = script()
+    assert "#SBATCH --requeue" in plain
+    assert not {line.split("=")[0] for line in site} & {line.split("=")[0] for line in plain}, sorted(plain)
+
+
+def test_site_options_reach_the_job_slurm_holds(slurm, digits, tmp_path):
+    """`vilscale submit --backend slurm` with launcher.slurm options: slurmctld's record of the job shows each
+    (an exclusive node, the reservation, a comment and a hold through `additional`). The job is held, so it never
+    runs; the test cancels it."""
+    reservation = "vilscale-site-options"
+    slurm.command("scontrol", "create", "reservation", f"ReservationName={reservation}", "Users=root",
+                  "Nodes=ALL", "StartTime=now", "Duration=10")
+    job_id = None
+    try:
+        result = vilscale("submit", str(SMOKE), "--backend", "slurm", *smoke_overrides(digits, tmp_path / "run", {
+            "launcher.slurm.exclusive": "true", "launcher.slurm.reservation": reservation,
+            "launcher.slurm.additional.comment": "site-options-test", "launcher.slurm.additional.hold": ""}),
+            env=slurm.env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        job_id = _job_id(result.stdout)
+        record = slurm.command("scontrol", "show", "job", job_id)
+    finally:
+        if job_id:
+            slurm.command("scancel", job_id)
+        slurm.command("scontrol", "delete", f"ReservationName={reservation}")
+    assert "OverSubscribe=NO" in record, record
+    assert f"Reservation={reservation}" in record, record
+    assert "Comment=site-options-test" in record, record
+    assert "JobState=PENDING" in record and "Priority=0" in record, record  # held
+
+
 def _fake_slurm_commands(bin_dir, srun_stderr: str, srun_code: int) -> None:
     """An `srun` that prints ``srun_stderr`` and exits with ``srun_code``, and an `scontrol` that no longer knows
     the job: what the supervisor sees of a failed step, without a cluster."""

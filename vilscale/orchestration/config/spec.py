@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -265,6 +266,53 @@ class MetricsConfig:
             raise SpecError(f"metrics.peak_flops={self.peak_flops!r} must be >= 0")
 
 
+# sbatch options that `launcher.slurm.additional` may not set: {option: the key that sets it}, or "" where
+# vilscale sets the option itself (the log files, the requeue signal and --requeue that restarts depend on).
+SBATCH_OPTIONS_WITH_A_KEY = {
+    "partition": "launcher.partition", "account": "launcher.account", "time": "launcher.time_min",
+    "nodes": "launcher.nodes", "ntasks-per-node": "launcher.gpus_per_node or launcher.cpu_workers_per_node",
+    "gpus-per-node": "launcher.gpus_per_node", "cpus-per-task": "launcher.cpus_per_task", "mem": "launcher.mem_gb",
+    "qos": "launcher.slurm.qos", "constraint": "launcher.slurm.constraint", "exclusive": "launcher.slurm.exclusive",
+    "reservation": "launcher.slurm.reservation", "exclude": "launcher.slurm.exclude",
+    "job-name": "", "output": "", "error": "", "open-mode": "", "signal": "", "requeue": "", "no-requeue": "",
+    "array": "",
+}
+_SBATCH_OPTION = re.compile(r"[a-z][a-z0-9-]*")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SlurmConfig:
+    qos: str = ""
+    """Quality of service (`sbatch --qos`; "" = the account's default)."""
+    constraint: str = ""
+    """Node features the job needs (`sbatch --constraint`, e.g. "a100" or "h100&ib"; "" = any node)."""
+    exclusive: bool = False
+    """Nodes to this job alone (`sbatch --exclusive`): no other job shares them, whatever the job leaves idle."""
+    reservation: str = ""
+    """Run in this reservation (`sbatch --reservation`; "" = none)."""
+    exclude: str = ""
+    """Nodes never to run on (`sbatch --exclude`, e.g. "gpu[07-08]"; "" = none)."""
+    additional: dict[str, str] = field(default_factory=dict)
+    """Other sbatch options, by their long name without dashes: {"mail-type": "END", "mail-user": "me@lab"}; an
+    empty value writes the bare flag ({"overcommit": ""}). Options with a key of their own (time, partition,
+    qos, ...) and those vilscale sets (output, error, signal, requeue) are refused."""
+
+    def __post_init__(self):
+        for option in self.additional:
+            name = option.replace("_", "-")
+            if option.startswith("-"):
+                raise SpecError(f"launcher.slurm.additional: {option!r} is not valid; name the sbatch option "
+                                f"without the leading dashes, e.g. {option.lstrip('-')!r}")
+            if not _SBATCH_OPTION.fullmatch(name):
+                raise SpecError(f"launcher.slurm.additional: {option!r} is not an sbatch option name; use the long "
+                                "name in lower case, e.g. 'mail-type'")
+            if name in SBATCH_OPTIONS_WITH_A_KEY:
+                key = SBATCH_OPTIONS_WITH_A_KEY[name]
+                raise SpecError(f"launcher.slurm.additional: {option!r} has a key of its own; set {key} instead"
+                                if key else f"launcher.slurm.additional: {option!r} is set by vilscale (its log "
+                                "files, preemption signal and requeues depend on it); remove it")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LauncherConfig:
     backend: str = "local"
@@ -285,6 +333,8 @@ class LauncherConfig:
     """SLURM account ("" = none)."""
     time_min: int = 60
     """SLURM wall-clock limit per allocation, minutes (the job requeues itself at the limit)."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """Site options of SLURM jobs: qos, constraint, exclusive, reservation, exclude and any other sbatch option."""
     max_restarts: int = 3
     """Restarts after a restartable failure (exit 1: a crashed or silent rank, a lost node), from the latest
     checkpoint: the local launcher relaunches the process group, Ray's driver fits again, SLURM's batch step
@@ -426,12 +476,16 @@ ADJUSTABLE_KEYS = (
 )
 
 
+# Keys whose value is a mapping of the user's names (not a section): `flatten` keeps them whole.
+MAPPING_KEYS = ("launcher.env", "launcher.slurm.additional")
+
+
 def flatten(plain: dict, prefix: str = "") -> dict[str, Any]:
     """{"train": {"max_steps": 8}} -> {"train.max_steps": 8} (lists and mappings of values kept whole)."""
     out = {}
     for key, value in plain.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and path != "launcher.env":
+        if isinstance(value, dict) and path not in MAPPING_KEYS:
             out.update(flatten(value, f"{path}."))
         else:
             out[path] = value

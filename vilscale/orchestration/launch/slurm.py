@@ -220,15 +220,25 @@ def make_executor(spec: JobSpec, backend: str):
                       tasks_per_node=launcher.ranks_per_node, gpus_per_node=launcher.gpus_per_node,
                       cpus_per_task=launcher.cpus_per_task, timeout_min=launcher.time_min)
     if backend == "slurm":
+        site = launcher.slurm
+        # An empty value is a bare flag (`--overcommit`); submitit writes True as one.
+        additional = {option: value or True for option, value in site.additional.items()}
+        if site.reservation:  # submitit 1.5 has no parameter of its own for it
+            additional["reservation"] = site.reservation
         parameters.update(slurm_signal_delay_s=SIGNAL_DELAY_S, slurm_use_srun=False,
                           # --requeue: clusters with JobRequeue=0 would otherwise refuse rank 0's requeue.
-                          slurm_additional_parameters={"requeue": True})
+                          slurm_additional_parameters={**additional, "requeue": True})
         if launcher.mem_gb:
             parameters["mem_gb"] = launcher.mem_gb
         if launcher.partition:
             parameters["slurm_partition"] = launcher.partition
         if launcher.account:
             parameters["slurm_account"] = launcher.account
+        for option in ("qos", "constraint", "exclude"):
+            if getattr(site, option):
+                parameters[f"slurm_{option}"] = getattr(site, option)
+        if site.exclusive:
+            parameters["slurm_exclusive"] = True
     executor.update_parameters(**parameters)
     return executor
 
