@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "submitit>=1.5",
     "pyyaml",
     "prometheus-client",
+    "tensorboard",  # metrics.tensorboard (torch.utils.tensorboard writes, tensorboard reads)
     "triton>=3.0",  # its interpreter (TRITON_INTERPRET=1) runs the kernels on CPU
     "kornia>=0.7",
     "scikit-learn",  # the handwritten digits of the quickstart

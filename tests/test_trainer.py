@@ -44,6 +44,7 @@ def test_a_two_rank_run_writes_checkpoints_metrics_and_loadable_weights(smoke, b
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [2, 4, 6, 8]
     assert all(math.isfinite(r["loss"]) and r["images_per_second"] > 0 for r in train_records)
+    assert not (run_dir / "tensorboard").exists(), "metrics.tensorboard is off by default"
     targets = json.loads((run_dir / "prometheus_targets.json").read_text())
     assert len(targets) == 2 and all(t["targets"][0].startswith("127.0.0.1:") for t in targets)
     assert yaml.safe_load((run_dir / "spec.yaml").read_text())["train"]["zero_stage"] == 2

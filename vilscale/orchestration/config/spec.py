@@ -258,6 +258,9 @@ class MetricsConfig:
     """Serve Prometheus metrics at all."""
     peak_flops: float = 0.0
     """Peak dense FLOP/s of one device for MFU; 0 looks the device up in a table of known devices."""
+    tensorboard: bool = False
+    """Rank 0 also writes the scalars of metrics.jsonl (loss and its components, lr, img/s, evaluations, ...) to
+    RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR/tensorboard`); a resumed run continues the same run there."""
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:

@@ -50,7 +50,7 @@ class Evaluator:
         result["step"] = state.step
         result["weights"] = "ema" if self.ema is not None and self.spec.eval.use_ema else "live"
         result["shift_mode"] = module.shift_mode
-        self.metrics.log({"epoch": state.epoch, **result})
+        self.metrics.log({"epoch": state.epoch, **result}, group="eval")
         self.log(f"epoch {state.epoch}: {self.task.log_line(result)} ({result['weights']} weights)")
         state.last_eval = result
         return result

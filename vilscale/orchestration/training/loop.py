@@ -153,6 +153,8 @@ class TrainingRun:
         self.evaluator = Evaluator(spec, ctx, self.engine, self.ema, self.metrics, self.task, log=self.log)
         self.state = TrainState()
         self._resume()
+        if spec.metrics.tensorboard:
+            self.metrics.open_tensorboard(resumed_step=self.state.step)
         self.progress = _progress_bar(ctx, self.total_steps, self.state.step)
         self.window = MetricsWindow(self.metrics, world_size=ctx.world_size, log_every=spec.train.log_every,
                                     total_steps=self.total_steps,

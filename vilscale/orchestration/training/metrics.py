@@ -3,12 +3,14 @@
 Every rank serves its own registry on ``metrics.host`` (loopback by default, so nothing is reachable
 from other interfaces unless the spec says so). Rank 0 writes ``prometheus_targets.json`` listing
 every rank's endpoint, in Prometheus' file_sd format, and appends the same figures to
-``metrics.jsonl`` every log interval. Labels are ``run_id`` and ``rank`` only.
+``metrics.jsonl`` every log interval (with ``metrics.tensorboard``, also to ``RUN_DIR/tensorboard``).
+Labels are ``run_id`` and ``rank`` only.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -121,6 +123,7 @@ class TrainingMetrics:
                                       "check on the device)", names, registry=self.registry).labels(**self.labels)
         self.endpoint = None
         self._server = None
+        self._tensorboard = None
         if serve:
             self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
             self.endpoint = f"{advertise_host or advertised_address(host)}:{self._server.server_port}"
@@ -137,19 +140,53 @@ class TrainingMetrics:
                   for endpoint in endpoints if endpoint]
         atomic_write_text(self.run_dir / "prometheus_targets.json", json.dumps(groups, indent=1))
 
-    def log(self, record: dict) -> None:
-        """Append one record to metrics.jsonl (rank 0 only)."""
+    def open_tensorboard(self, resumed_step: int) -> None:
+        """From now on, rank 0 writes the scalars of every record to RUN_DIR/tensorboard too.
+
+        A run that resumes from the checkpoint of ``resumed_step`` (0: a fresh start) trains the steps after it
+        again: their events from an earlier launch are purged (SummaryWriter's ``purge_step``), so TensorBoard
+        shows one run, each step as the last launch trained it, as metrics.jsonl's last record of the step says.
+        """
+        if self.rank != 0:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tensorboard = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=resumed_step + 1)
+
+    def log(self, record: dict, *, group: str = "train") -> None:
+        """Append one record (it has a ``step``) to metrics.jsonl (rank 0 only); with TensorBoard open, write its
+        numbers as scalars named ``GROUP/KEY`` ("train/loss", "eval/val_top1", "train/loss_components/NAME")."""
         if self.rank != 0:
             return
         record = {"time": time.time(), **record}
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for tag, value in _scalars(record, group):
+                self._tensorboard.add_scalar(tag, value, global_step=record["step"], walltime=record["time"])
+            self._tensorboard.flush()  # a record is written every log interval: a killed rank loses none
 
     def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def _scalars(record: dict, prefix: str):
+    """(tag, value) of every finite number in a metrics.jsonl record, nested mappings included; the step and the
+    time are the event's own, and NaN (MFU without a known peak, a grad norm DeepSpeed did not compute) plots
+    nothing."""
+    for key, value in record.items():
+        if key in ("step", "time"):
+            continue
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{prefix}/{key}")
+        elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            yield f"{prefix}/{key}", value
 
 
 class MetricsWindow:
