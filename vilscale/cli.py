@@ -16,6 +16,7 @@ import sys
 SUBCOMMANDS = {
     "prepare": ("vilscale.data.cli", "write FFCV shards from an ImageFolder, ImageNet-21K tars or digits"),
     "train": ("vilscale.orchestration.cli.train", "train from a job spec (YAML), on 1 or N local processes"),
+    "plan": ("vilscale.orchestration.cli.plan", "what a job will do and cost: batches, lr, steps, FLOPs, wall time"),
     "submit": ("vilscale.orchestration.cli.submit", "submit a job to Ray, SLURM (submitit) or locally"),
     "eval": ("vilscale.orchestration.cli.eval", "evaluate a run's checkpoint (top-1/top-5)"),
     "export": ("vilscale.orchestration.cli.export", "export a run's consolidated weights to safetensors"),

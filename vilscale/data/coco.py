@@ -216,6 +216,12 @@ def _collate(items):
 
 
 @dataclass
+def train_batches_per_rank(images: int, world_size: int, batch_size: int) -> int:
+    """Training batches per rank and epoch: equal disjoint parts, the remainder of fewer than
+    ``world_size x batch_size`` images left out."""
+    return images // (world_size * batch_size)
+
+
 class CocoLoader:
     """A rank's batches of one split.
 
@@ -244,7 +250,7 @@ class CocoLoader:
 
     def __len__(self) -> int:
         if self.train:
-            return len(self.data) // (self.world_size * self.batch_size)
+            return train_batches_per_rank(len(self.data), self.world_size, self.batch_size)
         per_rank = -(-len(self.data) // self.world_size)  # the same on every rank (fillers make up the rest)
         return -(-per_rank // self.batch_size)
 

@@ -15,6 +15,8 @@ images, labels or boxes. A task supplies, for a job spec:
   the task's ``headline`` (``val_top1``, ``box_ap``, ``mask_ap``), and ``report(result)``: the lines the
   trainer and `vilscale eval` print;
 - ``check(world_size)``: its pre-flight checks (raises ValueError with one line), run before any rank.
+- ``data_sizes()`` and ``micro_batches_per_epoch(train_samples, world_size)``: the sizes `vilscale plan`
+  computes steps, samples per rank and time from.
 """
 
 from __future__ import annotations

@@ -48,6 +48,23 @@ class ClassificationTask:
 
     # ---- data ------------------------------------------------------------------------------------------
 
+    def data_sizes(self) -> dict:
+        """For `vilscale plan`: training and validation samples and the training shards' sizes, read from the
+        manifests (raises FileNotFoundError or DataError when they cannot be read here)."""
+        from vilscale.data.manifest import load_manifest
+
+        train = load_manifest(self.spec.data.train_manifest)
+        val = load_manifest(self.spec.data.val_manifest) if self.spec.data.val_manifest else None
+        return {"train_samples": train.num_samples, "val_samples": val.num_samples if val else 0,
+                "shard_sizes": [shard.num_samples for shard in train.shards]}
+
+    def micro_batches_per_epoch(self, train_samples: int, world_size: int) -> int:
+        """Micro-batches every rank reads per epoch (what the sharded loader yields)."""
+        from vilscale.data.sharding import steps_per_epoch
+
+        return steps_per_epoch(train_samples, world_size, self.spec.train.micro_batch, train=True,
+                               drop_last=self.spec.data.drop_last)
+
     def train_loader(self, ctx):
         from vilscale.data.loader import ShardedLoader
 

@@ -323,6 +323,22 @@ class DetectionTask:
 
         return categories_of(self._content(self.spec.data.train_annotations))
 
+    def data_sizes(self) -> dict:
+        """For `vilscale plan`: usable training images (after the training filters) and validation images."""
+        from vilscale.data.coco import CocoData
+
+        data = self.spec.data
+        train = CocoData(data.train_images, data.train_annotations, train=True, masks=False,
+                         categories=self.categories(), content=self._content(data.train_annotations))
+        val = len(self._content(data.val_annotations).get("images", [])) if data.val_annotations else 0
+        return {"train_samples": len(train), "val_samples": val, "shard_sizes": None}
+
+    def micro_batches_per_epoch(self, train_samples: int, world_size: int) -> int:
+        """Micro-batches every rank reads per epoch (CocoLoader's)."""
+        from vilscale.data.coco import train_batches_per_rank
+
+        return train_batches_per_rank(train_samples, world_size, self.spec.train.micro_batch)
+
     def _loader(self, ctx, *, train: bool, batch_size: int):
         from vilscale.data.coco import CocoData, CocoLoader
 
