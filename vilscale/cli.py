@@ -18,7 +18,7 @@ SUBCOMMANDS = {
     "train": ("vilscale.orchestration.cli.train", "train from a job spec (YAML), on 1 or N local processes"),
     "plan": ("vilscale.orchestration.cli.plan", "what a job will do and cost: batches, lr, steps, FLOPs, wall time"),
     "submit": ("vilscale.orchestration.cli.submit", "submit a job to Ray, SLURM (submitit) or locally"),
-    "eval": ("vilscale.orchestration.cli.eval", "evaluate a run's checkpoint (top-1/top-5)"),
+    "eval": ("vilscale.orchestration.cli.eval", "evaluate a run's checkpoint, or any weights on a job spec's data"),
     "export": ("vilscale.orchestration.cli.export", "export a run's consolidated weights to safetensors"),
     "convert": ("vilscale.model.cli", "convert an official ViL checkpoint to vilscale weights"),
     "report": ("vilscale.orchestration.cli.report", "plot a run's metrics.jsonl to PNG files"),

@@ -10,7 +10,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+
+UNUSABLE_PATH = (errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS)
+"""What creating OUT meets when the path is wrong for it (under a file, read-only): the user's to change."""
 
 
 def _common_options(parser: argparse.ArgumentParser, *, max_side: int, compress: float, page_mb: int) -> None:
@@ -77,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         scan_imagenet21k,
         summarize_skipped,
     )
+    from vilscale.orchestration.launch.exit_codes import EXIT_SPEC_ERROR
 
     if args.source_kind == "digits-coco":
         return _prepare_digits_coco(args)
@@ -98,7 +103,13 @@ def run(args: argparse.Namespace) -> int:
                                  progress=progress)]
     except DataError as error:
         print(f"vilscale prepare: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_SPEC_ERROR
+    except OSError as error:
+        if error.errno not in UNUSABLE_PATH:
+            raise
+        print(f"vilscale prepare: error: {args.out} cannot be written here ({error}); give another OUT folder",
+              file=sys.stderr)
+        return EXIT_SPEC_ERROR
     for manifest in manifests:
         if manifest.skipped:
             print(f"{manifest.path}: skipped {len(manifest.skipped)} unreadable image(s) or damaged tar(s):\n"
@@ -115,13 +126,22 @@ def run(args: argparse.Namespace) -> int:
 
 def _prepare_digits_coco(args: argparse.Namespace) -> int:
     from vilscale.data.coco import DigitsCocoSettings, write_digits_coco
+    from vilscale.orchestration.launch.exit_codes import EXIT_SPEC_ERROR
 
     if args.canvas < 48 or args.train_images < 1 or args.val_images < 1:
         print("vilscale prepare digits-coco: error: --canvas must be >= 48 and --train-images/--val-images >= 1",
               file=sys.stderr)
-        return 2
+        return EXIT_SPEC_ERROR
     settings = DigitsCocoSettings(canvas=args.canvas, train_images=args.train_images, val_images=args.val_images,
                                   seed=args.seed)
-    for split, path in write_digits_coco(args.out, settings).items():
+    try:
+        written = write_digits_coco(args.out, settings)
+    except OSError as error:
+        if error.errno not in UNUSABLE_PATH:
+            raise
+        print(f"vilscale prepare digits-coco: error: {args.out} cannot be written here ({error}); give another OUT "
+              "folder", file=sys.stderr)
+        return EXIT_SPEC_ERROR
+    for split, path in written.items():
         print(f"{split}: {path} and {path.parent / 'images'}")
     return 0

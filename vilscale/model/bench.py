@@ -10,6 +10,7 @@ and one neighbour (or its own chunk only).
 from __future__ import annotations
 
 import argparse
+import sys
 
 # Official figures (microsoft/vision-longformer README): (params M, GMACs) per (variant, img_size).
 OFFICIAL = {
@@ -33,12 +34,13 @@ def run(args) -> int:
     import torch
 
     from vilscale.model import count_flops, create_model, list_models
+    from vilscale.orchestration.launch.exit_codes import EXIT_SPEC_ERROR
 
     names = args.model or list_models()
     unknown = [name for name in names if name not in list_models()]
     if unknown:
-        print(f"unknown model(s) {unknown}; valid: {', '.join(list_models())}")
-        return 2
+        print(f"vilscale bench: unknown model(s) {unknown}; valid: {', '.join(list_models())}", file=sys.stderr)
+        return EXIT_SPEC_ERROR
     training = args.shift_mode != "full"
     print(f"{'model':18s} {'img':>5s} {'params (M)':>11s} {'GMACs':>8s}" + (f" {'train':>8s}" if training else "")
           + "   official (M / GMACs)")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
+
+from vilscale.model.adapt import HEAD_POLICIES
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -20,13 +23,19 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, default=1000, help="classes of the new head (0: no head)")
     parser.add_argument("--class-map", default=None,
                         help="JSON file with a list: for each new class, the row of the checkpoint's head to take")
+    parser.add_argument("--head", choices=HEAD_POLICIES, default="replace",
+                        help="a checkpoint head of another class count than --num-classes: replace it by a fresh "
+                             "one (default, as model.init_weights does) or truncate it to its first rows")
     parser.add_argument("--backbone", action="store_true", help="ViL attention in every stage, no norm/head")
 
 
 def run(args) -> int:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from vilscale.model.official import load_official
+    from vilscale.model import adapt_state_dict, create_model, read_official
+    from vilscale.model.official import translate_official
+    from vilscale.orchestration.launch.exit_codes import EXIT_SPEC_ERROR
 
     create_kwargs = dict(pos_embed=args.pos_embed, window_mode=args.window_mode, num_classes=args.num_classes,
                          backbone=args.backbone)
@@ -34,19 +43,39 @@ def run(args) -> int:
         create_kwargs["window"] = args.window[0] if len(args.window) == 1 else tuple(args.window)
     if args.img_size is not None:
         create_kwargs["img_size"] = args.img_size
-    class_map = None
-    if args.class_map:
-        with open(args.class_map) as handle:
-            class_map = json.load(handle)
     try:
-        model = load_official(args.checkpoint, args.model, class_map=class_map, **create_kwargs)
-    except (ValueError, FileNotFoundError) as error:
+        class_map = None
+        if args.class_map:
+            with open(args.class_map) as handle:
+                class_map = json.load(handle)
+        model = create_model(args.model, **create_kwargs)
+        try:
+            official = read_official(args.checkpoint)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:  # what torch.load says of other files
+            raise ValueError(f"{args.checkpoint} is not a PyTorch checkpoint ({str(error).splitlines()[0][:200]})") \
+                from None
+        # the steps of `load_official`, so that what happened to the head can be said
+        translated = translate_official(official, num_stages=len(model.config.stages))
+        state, report = adapt_state_dict(translated, model, head=args.head, class_map=class_map)
+        model.load_state_dict(state)
+        state = {key: value.contiguous() for key, value in model.state_dict().items()}
+        save_file(state, args.output, metadata={"model": args.model, "create_kwargs": json.dumps(create_kwargs)})
+    except (ValueError, OSError, SafetensorError) as error:  # json's and the model's ValueErrors included
         print(f"vilscale convert: {error}", file=sys.stderr)
-        return 2
-    state = {key: value.contiguous() for key, value in model.state_dict().items()}
-    metadata = {"model": args.model, "create_kwargs": json.dumps(create_kwargs)}
-    save_file(state, args.output, metadata=metadata)
+        return EXIT_SPEC_ERROR
     params = sum(value.numel() for value in state.values())
     print(f"wrote {args.output}: {args.model}, {params / 1e6:.2f} M parameters, {len(state)} tensors, "
           f"create_model kwargs {create_kwargs}")
+    print(_head_line(report.head, translated.get("head.weight")))
     return 0
+
+
+def _head_line(head: str, checkpoint_head) -> str:
+    """What happened to the checkpoint's classifier (``head``: the adapter's words), and how to get the others."""
+    if not head.startswith(("replaced", "truncated")):
+        return f"head: {head}"
+    others = [f"--num-classes {checkpoint_head.shape[0]} keeps the checkpoint's head",
+              "--class-map FILE picks its rows for your classes"]
+    if head.startswith("replaced"):
+        others.append("--head truncate keeps its first rows")
+    return f"head: {head}; {', '.join(others)}"

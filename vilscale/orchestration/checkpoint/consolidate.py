@@ -14,7 +14,12 @@ from vilscale.orchestration.checkpoint.store import EMA_FILE, MANIFEST, Checkpoi
 
 def consolidated_state_dict(run_dir: Path, *, zero_stage: int, tag: str | None = None,
                             ema: bool = False) -> tuple[dict, dict]:
-    """(fp32 state dict, manifest) of ``tag`` (default: the newest verified checkpoint)."""
+    """(fp32 state dict, manifest) of ``tag`` (default: the newest verified checkpoint).
+
+    Asking for what the run does not have (a tag it never wrote, the EMA of a run without one) is the
+    user's mistake, a `RunDirError`; a checkpoint that cannot be read is a `CheckpointError`."""
+    from vilscale.orchestration.checkpoint.rundir import RunDirError
+
     checkpointer = Checkpointer(Path(run_dir), keep=1 << 30, spec_digest="")
     if tag is None:
         manifest = checkpointer.find_resumable()
@@ -22,6 +27,9 @@ def consolidated_state_dict(run_dir: Path, *, zero_stage: int, tag: str | None =
             raise CheckpointError(f"{checkpointer.root} has no complete, verified checkpoint")
         tag = manifest["tag"]
     else:
+        if not (checkpointer.root / tag).is_dir():
+            raise RunDirError(f"{run_dir} has no checkpoint {tag!r}; its checkpoints: "
+                              f"{checkpointer.complete_tags() or 'none'}")
         problem = checkpointer.verify(tag)
         if problem:
             raise CheckpointError(f"checkpoint {tag} is not usable: {problem}")
@@ -29,7 +37,8 @@ def consolidated_state_dict(run_dir: Path, *, zero_stage: int, tag: str | None =
     directory = checkpointer.root / tag
     if ema:
         if not (directory / EMA_FILE).is_file():
-            raise CheckpointError(f"checkpoint {tag} has no EMA weights (the run had optim.ema_decay=0)")
+            raise RunDirError(f"checkpoint {tag} of {run_dir} has no EMA weights (the run had optim.ema_decay=0); "
+                              "drop --ema")
         from safetensors.torch import load_file
 
         state = load_file(str(directory / EMA_FILE))

@@ -26,13 +26,10 @@ def run(args) -> int:
 
     from vilscale.cli import main as vilscale
     from vilscale.orchestration.config import SpecError, load_spec
+    from vilscale.orchestration.launch.exit_codes import EXIT_SPEC_ERROR
 
     started = time.perf_counter()
     data = Path(args.data)
-    if not (data / "train" / "manifest.json").is_file() or not (data / "val" / "manifest.json").is_file():
-        code = vilscale(["prepare", "digits", str(data)])
-        if code:
-            return code
     data_sets = [f"data.train_manifest={data / 'train' / 'manifest.json'}",
                  f"data.val_manifest={data / 'val' / 'manifest.json'}"]
     try:
@@ -41,9 +38,13 @@ def run(args) -> int:
             export = Path(spec.run_dir) / "vil_nano_digits.safetensors"
             journey_sets = [*data_sets, f"model.init_weights={export}"]
             journey = load_spec(args.journey_job, journey_sets)
-    except SpecError as error:
+    except SpecError as error:  # found before anything is written
         print(f"vilscale demo: {error}", file=sys.stderr)
-        return 2
+        return EXIT_SPEC_ERROR
+    if not (data / "train" / "manifest.json").is_file() or not (data / "val" / "manifest.json").is_file():
+        code = vilscale(["prepare", "digits", str(data)])
+        if code:
+            return code
     run_dir = Path(spec.run_dir)
     pretrained = (run_dir / "summary.json").is_file() and not args.fresh
     if args.journey and pretrained:

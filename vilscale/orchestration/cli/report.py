@@ -12,15 +12,17 @@ def add_parser(parser) -> None:
 
 
 def run(args) -> int:
+    from vilscale.orchestration.launch.exit_codes import EXIT_FAILED, EXIT_SPEC_ERROR
+
     run_dir = Path(args.run_dir)
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         print(f"vilscale report: {metrics} does not exist; give the run_dir of a job that has started",
               file=sys.stderr)
-        return 1
+        return EXIT_SPEC_ERROR
     from vilscale.orchestration.training.report import write_report
 
     written = write_report(run_dir, Path(args.out) if args.out else run_dir / "report")
     for path in written:
         print(path)
-    return 0 if written else 1
+    return 0 if written else EXIT_FAILED

@@ -19,11 +19,13 @@ from vilscale.orchestration.config import SpecError
 SOURCES = "a vilscale export (.safetensors), an official ViL checkpoint (.pth) or a run directory"
 
 
-def read_initial_weights(source: str, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], str]:
-    """(state dict in vilscale names, what the source is) of ``source``."""
+def read_initial_weights(source: str, model: torch.nn.Module, *,
+                         key: str = "model.init_weights") -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict in vilscale names, what the source is) of ``source``; errors name it as ``key`` (the spec key,
+    or the option of `vilscale eval --weights`)."""
     path = Path(source).expanduser()
     if not path.exists():
-        raise SpecError(f"model.init_weights={source!r} does not exist; give {SOURCES}")
+        raise SpecError(f"{key}={source!r} does not exist; give {SOURCES}")
     try:
         if path.is_dir():
             from vilscale.orchestration.checkpoint.consolidate import consolidated_state_dict
@@ -44,7 +46,7 @@ def read_initial_weights(source: str, model: torch.nn.Module) -> tuple[dict[str,
     except SpecError:
         raise
     except Exception as error:  # unreadable file, not a checkpoint, a run without a verified checkpoint
-        raise SpecError(f"model.init_weights={source!r} cannot be read as {SOURCES}: "
+        raise SpecError(f"{key}={source!r} cannot be read as {SOURCES}: "
                         f"{type(error).__name__}: {str(error)[:300]}") from None
 
 
