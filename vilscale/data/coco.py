@@ -215,13 +215,13 @@ def _collate(items):
     return items
 
 
-@dataclass
 def train_batches_per_rank(images: int, world_size: int, batch_size: int) -> int:
     """Training batches per rank and epoch: equal disjoint parts, the remainder of fewer than
     ``world_size x batch_size`` images left out."""
     return images // (world_size * batch_size)
 
 
+@dataclass
 class CocoLoader:
     """A rank's batches of one split.
 
