@@ -8,6 +8,8 @@
 # torch build beside them (PyPI's torchvision next to a +cpu torch fails at torchvision::nms).
 TORCH_SPEC ?= torch==2.14.1
 TORCHVISION_SPEC ?= torchvision==0.29.1
+# Where torch comes from, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu126" for a CUDA build.
+TORCH_PIP_ARGS ?=
 PYTHON ?= python3
 VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
@@ -16,6 +18,8 @@ STAMP := $(VENV)/.vilscale-installed
 # the integration tests start these services (iproute2: the multinode tests' network-namespace hosts).
 FFCV_SYSTEM_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev libjpeg-dev
 SERVICE_SYSTEM_PACKAGES := slurm-wlm munge prometheus iproute2
+# What the build needs, however installed (OS packages, conda-forge, environment modules): found by pkg-config.
+BUILD_PKGCONFIG := opencv4 libturbojpeg libjpeg
 PYTEST_ARGS ?=
 
 # One ninja on PATH (the venv's): DeepSpeed rebuilds its JIT op whenever the ninja it finds changes.
@@ -32,7 +36,8 @@ $(STAMP): setup.py pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	# torch first (pinned), and the build-time needs of ffcv and deepspeed, which build against the
 	# installed torch and numpy (with build isolation they would pull another torch build).
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)" numpy ninja pkgconfig
+	$(PY) -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)"
+	$(PY) -m pip install --quiet numpy ninja pkgconfig
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]" "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)"
 	$(PY) -m vilscale.orchestration.training.prebuild
 	touch $(STAMP)
@@ -45,13 +50,18 @@ system-packages:
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing system packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
-	else \
-	  echo "vilscale needs these system packages:$$missing"; \
-	  echo "  run: sudo apt-get install -y$$missing"; \
-	  echo "  or, in a conda environment: conda install -c conda-forge pkg-config opencv libjpeg-turbo"; \
-	  echo "  (slurm-wlm, munge, prometheus and iproute2 are needed only by the integration and multinode tests)"; \
+	  exit $$?; \
+	fi; \
+	if ! pkg-config --exists $(BUILD_PKGCONFIG) 2>/dev/null; then \
+	  echo "vilscale's build (ffcv, the crop decoder) needs headers pkg-config does not find ($(BUILD_PKGCONFIG));"; \
+	  echo "install them, then run make setup again:"; \
+	  echo "  Debian/Ubuntu:   sudo apt-get install -y $(FFCV_SYSTEM_PACKAGES)"; \
+	  echo "  RHEL/Rocky/Alma: sudo dnf install -y pkgconf-pkg-config opencv-devel turbojpeg-devel libjpeg-turbo-devel"; \
+	  echo "  without root:    conda install -c conda-forge pkg-config opencv libjpeg-turbo  (in an active conda env)"; \
 	  exit 1; \
-	fi
+	fi; \
+	echo "note: the build headers are found; only the tests use slurm-wlm, munge, prometheus and iproute2, which are"; \
+	echo "  not all installed (as root: sudo apt-get install -y $(SERVICE_SYSTEM_PACKAGES)); setup goes on without them"
 
 demo: setup
 	$(PY) -m vilscale.cli demo

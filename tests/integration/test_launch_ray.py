@@ -62,6 +62,13 @@ def test_plain_ray_job_submit_trains_and_a_killed_worker_resumes_from_the_latest
                             logs=(ray_head.log,))
         step_at_kill = int(latest.read_text().strip().split("_")[-1])
         assert step_at_kill == 4, "the ranks are held before step 6: step 4 is the only checkpoint"
+        # both ranks trained step 5 and wait at the gate before step 6 (a kill during step 5 would leave that step
+        # recorded by one rank only)
+        services.wait_until(lambda: all(5 in [step for step, _ in trained]
+                                        for trained in services.sample_records(run_dir).values())
+                            and len(services.sample_records(run_dir)) == 2,
+                            timeout_s=300, what="both ranks at the gate before step 6", poll_s=0.1,
+                            logs=(ray_head.log,))
         workers = ray_head.alive_workers()
         assert len(workers) == 2, workers
         os.kill(workers[-1], signal.SIGKILL)
