@@ -4,14 +4,16 @@ are one line, exit code 2."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from vilscale.cli import main
 from vilscale.orchestration.checkpoint import Checkpointer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,8 +21,11 @@ GPU_RESULT = REPO / "benchmarks" / "results" / "gpu_check-h200-06abbf4.json"
 
 
 def plan(job: str, *args: str, check: bool = True):
-    result = subprocess.run([sys.executable, "-m", "vilscale.cli", "plan", str(REPO / "jobs" / job), *args],
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    """`vilscale plan` in this process (what the command line runs, without a torch import per call)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["plan", str(REPO / "jobs" / job), *args])
+    result = subprocess.CompletedProcess(["vilscale", "plan", job, *args], code, out.getvalue(), err.getvalue())
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
