@@ -68,6 +68,10 @@ def prepare_local_launch(job: str, overrides: list[str], *, nproc: int | None, r
 
             spec = with_absolute_paths(spec, Path.cwd())
         world_size = spec.launcher.world_size if nproc is None else nproc
+        if nproc is None and not ray and spec.launcher.nodes > 1:
+            raise SpecError(f"launcher.nodes={spec.launcher.nodes} asks for {world_size} ranks of "
+                            f"{spec.launcher.nodes} nodes, and `vilscale train` starts ranks on this machine only; "
+                            "give --nproc N (e.g. the GPUs here), or run it on the cluster with `vilscale submit`")
         if world_size < 1:
             raise SpecError(f"--nproc {world_size} must be >= 1")
         changes = preflight(spec, world_size=world_size, local=not ray, allow_spec_change=allow_spec_change)

@@ -1,0 +1,105 @@
+"""Every `vilscale` command in the README's bash blocks is one a user can type: its arguments parse, and the job
+it trains, submits or plans passes the spec and world-size checks with its `--set` overrides, on the ranks the
+command would start; `export`/`eval --ema` name a run that keeps an EMA. (The blocks that run here at
+smoke scale are run by their own tests: the quickstart by test_journey and the demo, the smoke commands by
+test_trainer, digits detection by test_detection. Cluster-sized ones need ImageNet and GPUs: they are checked,
+not run.)"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from vilscale.cli import SUBCOMMANDS
+from vilscale.orchestration.config import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+
+
+def readme_commands() -> list[tuple[int, list[str], Path]]:
+    """(block number, the vilscale arguments, the folder job paths are relative to) of every command in the
+    README's bash blocks, continuation lines joined and comments dropped."""
+    commands = []
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+    for number, block in enumerate(blocks):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:1] == ["vilscale"]:
+                commands.append((number, words[1:], REPO))
+            elif "vilscale.cli" in words:  # `ray job submit --working-dir jobs -- PYTHON -m vilscale.cli ...`
+                working_dir = words[words.index("--working-dir") + 1] if "--working-dir" in words else "."
+                commands.append((number, words[words.index("vilscale.cli") + 1:], REPO / working_dir))
+    return commands
+
+
+COMMANDS = readme_commands()
+
+
+def parse(words: list[str]) -> argparse.Namespace:
+    name, rest = words[0], words[1:]
+    assert name in SUBCOMMANDS, f"`vilscale {name}` is not a command"
+    parser = argparse.ArgumentParser(prog=f"vilscale {name}", exit_on_error=False)
+    importlib.import_module(SUBCOMMANDS[name][0]).add_parser(parser)
+    try:
+        return parser.parse_args(rest)
+    except (argparse.ArgumentError, SystemExit) as error:
+        raise AssertionError(f"`vilscale {' '.join(words)}` does not parse: {error}") from None
+
+
+def test_the_readme_has_the_commands_this_test_reads():
+    names = {words[0] for _, words, _ in COMMANDS}
+    assert {"prepare", "train", "plan", "submit", "eval", "export", "report"} <= names, names
+    assert len(COMMANDS) >= 25
+
+
+@pytest.mark.parametrize("block, words, base", COMMANDS, ids=[" ".join(w)[:90] for _, w, _ in COMMANDS])
+def test_a_readme_command_parses_and_its_job_passes_the_checks(block, words, base):
+    args = parse(words)
+    if words[0] not in ("train", "submit", "plan"):
+        return
+    spec = load_spec(base / args.job, args.overrides)  # SpecError names the key
+    if words[0] == "train" and args.launcher == "local" and args.nproc is None:  # plan only counts the ranks
+        assert spec.launcher.nodes == 1, f"`vilscale {' '.join(words)}` would start {spec.launcher.world_size} " \
+                                         f"ranks of {spec.launcher.nodes} nodes on one machine"
+    spec.check_world(getattr(args, "nproc", None) or spec.launcher.world_size)
+
+
+def ema_without_an_ema(commands) -> list[str]:
+    """`export`/`eval --ema` commands that read a run trained or submitted earlier in their block without an EMA."""
+    wrong = []
+    for block in sorted({number for number, _, _ in commands}):
+        ema_of_run = {}
+        for _, words, base in (c for c in commands if c[0] == block):
+            args = parse(words)
+            if words[0] in ("train", "submit"):
+                spec = load_spec(base / args.job, args.overrides)
+                ema_of_run[str(Path(spec.run_dir))] = spec.optim.ema_decay > 0
+            elif words[0] in ("export", "eval") and args.ema and ema_of_run.get(str(Path(args.run_dir))) is False:
+                wrong.append(" ".join(words))
+    return wrong
+
+
+def test_export_and_eval_with_ema_name_a_run_that_keeps_one():
+    assert ema_without_an_ema(COMMANDS) == []
+    # the README's 21K chain as it was: the pretraining job keeps no EMA
+    old_chain = [(0, ["submit", "jobs/pretrain_21k.yaml", "--set", "run_dir=/shared/runs/pretrain_21k"], REPO),
+                 (0, ["export", "/shared/runs/pretrain_21k", "/shared/w.safetensors", "--ema"], REPO)]
+    assert ema_without_an_ema(old_chain) == ["export /shared/runs/pretrain_21k /shared/w.safetensors --ema"]
+
+
+def test_the_local_launch_of_a_multi_node_job_is_refused_in_one_line(smoke, tmp_path, capsys):
+    """What the README's old `vilscale train jobs/train_1k.yaml --set ...` did: 64 local ranks of 8 nodes."""
+    from vilscale.cli import main
+
+    code = main(["train", str(REPO / "jobs" / "smoke.yaml"), *smoke.args(tmp_path / "run"),
+                 "--set", "launcher.nodes=4"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "launcher.nodes=4 asks for 8 ranks of 4 nodes" in err and "give --nproc N" in err, err
+    assert not (tmp_path / "run").exists()
