@@ -6,11 +6,13 @@ Each test states the fault and the outcome it proves.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.faults
 
@@ -161,3 +163,45 @@ def test_a_shard_with_too_many_rotten_jpegs_stops_the_run_naming_it(smoke, jpeg_
     assert result.returncode == 4, result.stderr[-3000:]
     assert f"shard {path}: 3 samples failed to decode" in result.stderr, result.stderr[-3000:]
     assert "not restarting" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_resumed_loader_treats_rotten_jpegs_as_the_uninterrupted_one_does(jpeg_photos, tmp_path, monkeypatch,
+                                                                           caplog):
+    """Fault: two JPEGs of a verified shard rot; the run is checkpointed at the end of epoch 0 (where both were
+    found) and resumed. Outcome: epoch 1 after the resume reads the same samples with the same replacements and
+    counts the same failed reads as the uninterrupted loader, and logs nothing again (each sample is logged once
+    per run): the loader's state carries the samples it found bad."""
+    from vilscale.data.config import AugmentConfig, DataConfig
+    from vilscale.data.loader import ShardedLoader
+
+    copy = tmp_path / "shards"
+    shutil.copytree(jpeg_photos, copy)
+    _verify_and_cache(copy, tmp_path / "run", monkeypatch)
+    _damage_jpegs_keeping_mtime(copy, 0, [3, 4, 5])
+    monkeypatch.setenv("VILSCALE_CACHE_DIR", str(tmp_path / "cache"))
+
+    def loader():
+        return ShardedLoader(copy / "manifest.json", rank=0, world_size=1, batch_size=16, seed=3, train=True,
+                             config=DataConfig(img_size=32, num_workers=1), augment=AugmentConfig(),
+                             return_indices=True)
+
+    def epoch(reader, number):
+        reader.set_epoch(number)
+        before = reader.decode_errors
+        indices = torch.cat([batch[2] for batch in reader])
+        return indices, reader.decode_errors - before
+
+    whole = loader()
+    epoch(whole, 0)
+    want, want_errors = epoch(whole, 1)
+    first = loader()
+    epoch(first, 0)
+    state = first.state_dict()
+    assert sorted(state["bad_samples"][0]) == [3, 4, 5], state["bad_samples"]
+    resumed = loader()
+    resumed.load_state_dict(state)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        got, got_errors = epoch(resumed, 1)
+    assert torch.equal(got, want) and got_errors == want_errors >= 3, (got_errors, want_errors)
+    assert not [r for r in caplog.records if "failed to decode" in r.getMessage()], caplog.text
