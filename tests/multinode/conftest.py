@@ -18,7 +18,8 @@ Fixtures (see clusters.py and namespace_hosts.py for the objects):
   Tasks run on h1/h2 with GLOO_SOCKET_IFNAME=eth0 (the cluster's TaskProlog) and resolve h1/h2.
 - `ray_two_nodes` -> RayOnHosts: `dashboard_url` (http://127.0.0.1:PORT: Job Submission and state APIs),
   `gcs_address` (BRIDGE:PORT, for RAY_ADDRESS / ray.init), `addresses` (head first), `head`, `workers`,
-  `lose_node(name, how="raylet"|"crash")`, `restore_node(name)`. Two nodes of 1 CPU each:
+  `lose_node(name, how="raylet"|"crash")`, `restore_node(name)`. Two nodes of 2 (logical) CPUs each, so a
+  node can take two 1-CPU ranks and a job can be packed onto one node or spread over both:
       vilscale("submit", JOB, "--backend", "ray", "--address", ray_two_nodes.dashboard_url,
                "--set", "launcher.nodes=2", "--set", "launcher.cpu_workers_per_node=1", ...)
 - `prometheus` -> real_services.Prometheus (web on 127.0.0.1; scrapes the hosts' addresses through
@@ -108,14 +109,15 @@ def _ray_session(test_network, ray_hosts):
     except FileNotFoundError as missing:
         pytest.skip(f"Ray's `ray` command is not installed ({missing})")
     env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    cluster = _timed("ray_two_nodes", lambda: clusters.start_ray_on_hosts(test_network, ray_hosts, env=env))
+    cluster = _timed("ray_two_nodes", lambda: clusters.start_ray_on_hosts(test_network, ray_hosts, env=env,
+                                                                         head_cpus=2, worker_cpus=2))
     yield cluster
     cluster.stop()
 
 
 @pytest.fixture
 def ray_two_nodes(_ray_session) -> clusters.RayOnHosts:
-    """A Ray cluster of two 1-CPU nodes, the head (bridge address) and r1, both alive."""
+    """A Ray cluster of two 2-CPU nodes, the head (bridge address) and r1, both alive."""
     _ray_session.ensure_healthy()
     return _ray_session
 

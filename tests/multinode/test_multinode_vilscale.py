@@ -92,6 +92,30 @@ def every_record(run_dir: Path) -> dict[int, dict[int, list[list[int]]]]:
     return out
 
 
+def advertised_by_rank(run_dir: Path) -> list[str]:
+    """The address each rank's node advertised in prometheus_targets.json (rank order), as the ranks of the run
+    dir's latest launch wrote it: where each rank really ran."""
+    targets = json.loads((run_dir / "prometheus_targets.json").read_text())
+    return [t["targets"][0].rsplit(":", 1)[0] for t in targets]
+
+
+def driver_log(dashboard_url: str, run_dir: Path) -> str:
+    """The log so far of the Ray job that trains in ``run_dir`` ("" before it is submitted)."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(dashboard_url)
+    jobs = [job for job in client.list_jobs() if (job.metadata or {}).get("vilscale_run_dir") == str(run_dir)]
+    return client.get_job_logs(jobs[0].submission_id) if jobs else ""
+
+
+def alive_train_workers(dashboard_url: str) -> list:
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=dashboard_url, filters=[("state", "=", "ALIVE")], detail=True,
+                         raise_on_missing_output=False)
+    return [a for a in actors if "RayTrainWorker" in (a.class_name or "")]
+
+
 def check_samples(run_dir: Path, digits: Path) -> None:
     records = every_record(run_dir)
     expected = expected_samples(digits, MAX_STEPS)
@@ -176,10 +200,11 @@ def test_two_host_slurm_run_survives_a_node_loss_and_is_scraped_on_both_hosts(sl
 def test_two_node_ray_run_places_a_rank_per_node_and_resumes_after_the_worker_node_is_lost(ray_two_nodes, digits,
                                                                                           uninterrupted_weights,
                                                                                           tmp_path):
-    """`vilscale submit --backend ray` with launcher.nodes=2 on a head and a worker node of one CPU each: one
-    rank per node. After the first checkpoint the worker node's raylet is killed: the worker group fails,
-    the driver fits again (the run needs both nodes, so it waits), the node comes back, and the run resumes
-    from the run dir's latest checkpoint."""
+    """`vilscale submit --backend ray` with launcher.nodes=2 on a head and a worker node of two CPUs each: one
+    rank per node, rank 0 on the head (the driver's node). After the first checkpoint the worker node's raylet
+    is killed: the worker group fails and the driver fits again, which waits for two nodes (the head alone has
+    room for both ranks, but launcher.nodes=2 is enforced), the node comes back under a new node id, and the
+    run resumes from the run dir's latest checkpoint with again one rank per node."""
     from ray.util.state import list_actors
 
     run_dir, gate = tmp_path / "run", tmp_path / "release"
@@ -197,13 +222,19 @@ def test_two_node_ray_run_places_a_rank_per_node_and_resumes_after_the_worker_no
                               raise_on_missing_output=False)
         nodes = {a.node_id for a in workers if "RayTrainWorker" in (a.class_name or "")}
         assert len(nodes) == 2, workers
-        targets = json.loads((run_dir / "prometheus_targets.json").read_text())
-        advertised = sorted(t["targets"][0].rsplit(":", 1)[0] for t in targets)
-        assert advertised == sorted(ray_two_nodes.addresses), targets
+        assert advertised_by_rank(run_dir) == ray_two_nodes.addresses  # rank 0 on the head, rank 1 on r1
         ray_two_nodes.lose_node("r1", how="raylet")
         at_loss = latest_step(run_dir)
         assert at_loss == CKPT_EVERY, f"the run was held before step {HOLD_AT}, yet its latest checkpoint is {at_loss}"
-        time.sleep(5)  # the driver sees the failed worker group and waits for two nodes again
+        # the driver sees the failed worker group and waits for two nodes again (the head alone has room for both)
+        try:
+            services.wait_until(lambda: "waiting up to" in driver_log(ray_two_nodes.dashboard_url, run_dir),
+                                timeout_s=180, what="the driver waiting for two nodes", poll_s=1)
+        except TimeoutError:
+            log = driver_log(ray_two_nodes.dashboard_url, run_dir)
+            pytest.fail(f"the driver never waited for two nodes:\n{log[-4000:]}")
+        time.sleep(3)
+        assert alive_train_workers(ray_two_nodes.dashboard_url) == [], "the refit started without r1"
         gate.touch()
         ray_two_nodes.restore_node("r1")
         output, _ = submit.communicate(timeout=600)
@@ -211,10 +242,99 @@ def test_two_node_ray_run_places_a_rank_per_node_and_resumes_after_the_worker_no
         if submit.poll() is None:
             submit.kill()
     assert submit.returncode == 0, output[-4000:]
-    assert "restarting from the latest checkpoint (1/3)" in output, output[-3000:]
+    driver = "\n".join(line for line in output.splitlines() if line.startswith(("[vilscale]", "vilscale")))
+    assert "restarting from the latest checkpoint (1/3)" in output and "(2/3)" not in output, driver
+    assert "waiting up to 300 s more for 2 node(s) with 1 CPU(s) free each" in output, driver
+    # the refit's ranks (prometheus_targets.json is rewritten by every launch): again one per node, rank 0 on
+    # the head it kept, rank 1 on r1's new node
+    assert advertised_by_rank(run_dir) == ray_two_nodes.addresses, driver
     resumed = [int(step) for step in re.findall(r"resumed from step_\d+ \(step (\d+)", output)]
     assert resumed == [at_loss], output[-3000:]
     redone = check_finished_after_the_loss(run_dir, digits, uninterrupted_weights, redone=HOLD_AT - 1 - CKPT_EVERY)
     print(f"Ray: 2 nodes x 1 rank, {MAX_STEPS} steps, r1's raylet killed after step {at_loss} was saved, resumed "
-          f"from step {resumed[-1]}, {redone} step(s) redone")
+          f"from step {resumed[-1]}, {redone} step(s) redone; the driver said:\n{driver}")
 
+
+
+# A Ray job that holds one CPU on each node (a STRICT_SPREAD placement group) until its gate file exists.
+HOLD_A_CPU_PER_NODE = """
+import os, sys, time
+import ray
+from ray.util.placement_group import placement_group
+ray.init()
+group = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="STRICT_SPREAD")
+ray.get(group.ready(), timeout=60)
+open(sys.argv[1] + ".held", "w").close()
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.2)
+"""
+
+
+def test_a_one_node_ray_job_packs_its_ranks_onto_one_node(ray_two_nodes, digits, tmp_path):
+    """launcher.nodes=1 x 2 CPU ranks on two 2-CPU nodes of which each has one CPU free (another job holds the
+    other): the run does not start on one CPU of each node, it says that it waits for a node with 2 CPUs free;
+    once the other job ends, both ranks run on ONE node (Ray's state API: one node id for both workers; the
+    ranks' own addresses: the same) and the run finishes."""
+    import shlex
+
+    from ray.job_submission import JobSubmissionClient
+
+    run_dir, gate, other_gate = tmp_path / "run", tmp_path / "release", tmp_path / "release-cpus"
+    client = JobSubmissionClient(ray_two_nodes.dashboard_url)
+    other = client.submit_job(entrypoint=shlex.join([sys.executable, "-c", HOLD_A_CPU_PER_NODE, str(other_gate)]))
+    submit = None
+    try:
+        services.wait_until(lambda: Path(f"{other_gate}.held").exists(), timeout_s=120, what="a CPU held per node",
+                            logs=(ray_two_nodes.head.log,))
+        one_node = {"launcher.nodes": 1, "launcher.cpu_workers_per_node": 2, "launcher.cpus_per_task": 1,
+                    "metrics.host": "0.0.0.0", "launcher.max_restarts": 0}
+        submit = subprocess.Popen(
+            [sys.executable, "-m", "vilscale.cli", "submit", str(SMOKE), "--backend", "ray", "--wait",
+             "--address", ray_two_nodes.dashboard_url,
+             *smoke_overrides(digits, run_dir, {**one_node, **held_before(3, gate)}, max_steps=4, ckpt_every=2)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=services.REPO)
+
+        services.wait_until(lambda: "for 1 node(s) with 2 CPU(s) free each" in driver_log(ray_two_nodes.dashboard_url,
+                                                                                         run_dir), timeout_s=120,
+                            what="the driver waiting for a node with room for both ranks", poll_s=1,
+                            logs=(ray_two_nodes.head.log,))
+        assert alive_train_workers(ray_two_nodes.dashboard_url) == [], "the run started on one CPU of each node"
+        other_gate.touch()
+        services.wait_until(lambda: latest_step(run_dir) >= 2, timeout_s=300, what="first checkpoint", poll_s=0.2,
+                            logs=(ray_two_nodes.head.log,))
+        workers = alive_train_workers(ray_two_nodes.dashboard_url)
+        assert len(workers) == 2, workers
+        assert len({w.node_id for w in workers}) == 1, f"the ranks of a one-node job ran on two nodes: {workers}"
+        advertised = advertised_by_rank(run_dir)
+        assert len(advertised) == 2 and advertised[0] == advertised[1], advertised
+        assert advertised[0] in ray_two_nodes.addresses, advertised
+        gate.touch()
+        output, _ = submit.communicate(timeout=600)
+    finally:
+        other_gate.touch()
+        gate.touch()
+        if submit is not None and submit.poll() is None:
+            submit.kill()
+    assert submit.returncode == 0, output[-4000:]
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 4
+    assert str(client.get_job_status(other)) == "SUCCEEDED", client.get_job_logs(other)[-2000:]
+
+
+def test_a_ray_job_that_fits_the_cluster_but_no_node_is_refused_with_the_numbers(ray_two_nodes, digits, tmp_path):
+    """launcher.nodes=1 x 3 CPU ranks: the cluster has 4 CPUs, but no node has 3, and the ranks of one node
+    must share it: `vilscale submit` refuses at once (exit 2, the numbers in one line) and submits nothing."""
+    from ray.job_submission import JobSubmissionClient
+
+    run_dir = tmp_path / "run"
+    client = JobSubmissionClient(ray_two_nodes.dashboard_url)
+    result = services.vilscale(
+        "submit", str(SMOKE), "--backend", "ray", "--address", ray_two_nodes.dashboard_url,
+        *smoke_overrides(digits, run_dir, {"launcher.nodes": 1, "launcher.cpu_workers_per_node": 3,
+                                           "launcher.cpus_per_task": 1}), timeout_s=120)
+    submitted = [job for job in client.list_jobs() if (job.metadata or {}).get("vilscale_run_dir") == str(run_dir)]
+    for job in submitted:  # (what a launcher that accepts the job leaves running: stop it for the next tests)
+        client.stop_job(job.submission_id)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "asks for 1 node(s) with 3 CPU(s) each (3 rank(s) per node x 1 CPU(s))" in result.stderr, result.stderr
+    assert "only 0 of the 2 node(s)" in result.stderr and "the largest has 2 CPU(s)" in result.stderr, result.stderr
+    assert submitted == []

@@ -13,6 +13,14 @@ with ``max_failures=0``; a rank that meets such an error raises `FatalRankError`
 stops; after any other failure (a worker or node lost) it fits again, up to ``launcher.max_restarts``
 times, and `run_worker` resumes from the run dir's own ``checkpoints/latest`` (never from Ray's
 checkpoint registry, which can miss a checkpoint reported just before a crash).
+
+Placement: exactly ``launcher.nodes`` nodes, ``launcher.ranks_per_node`` workers on each, ranks r on the
+r // ranks_per_node-th chosen node (so local ranks are right). Before each fit the driver chooses that many
+alive nodes that each have the resources free for all their ranks (`choose_nodes`: the previous fit's nodes
+first, then the driver's own node, then the rest), waiting up to ``NODE_WAIT_S`` for them (a lost node coming
+back), and pins each worker to its node with a per-worker ``label_selector`` on ``ray.io/node-id``: Ray Train
+puts each worker's label selector on its placement-group bundle, creates worker i in bundle i and numbers the
+workers node by node in the order their nodes first appear among the bundles.
 """
 
 from __future__ import annotations
@@ -20,15 +28,18 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vilscale.orchestration.checkpoint.rundir import LOCK_HELD_ENV
 from vilscale.orchestration.config import JobSpec, spec_from_dict
 from vilscale.orchestration.launch.common import LaunchError, path_overrides, probe_tcp, with_absolute_paths
-from vilscale.orchestration.launch.exit_codes import EXIT_FAILED, classify, is_restartable
+from vilscale.orchestration.launch.exit_codes import EXIT_FAILED, EXIT_SPEC_ERROR, classify, is_restartable
 
 RAY_DASHBOARD_PORT = 8265
 RAY_CLIENT_PORT = 10001
@@ -38,6 +49,129 @@ RAY_TRAIN_RUN_NAME = "ray_train"
 # Set in every Ray job and worker: Ray Train otherwise prints each worker line twice.
 DEFAULT_JOB_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONUNBUFFERED": "1"}
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+# The label every Ray node carries with its node id (ray.util.placement_group.NODE_ID_LABEL_KEY).
+NODE_ID_LABEL = "ray.io/node-id"
+# How long a fit waits for launcher.nodes nodes with room for their ranks (a lost node coming back, the
+# previous fit's workers leaving) before the run fails, and how often it looks.
+NODE_WAIT_S = 300.0
+NODE_POLL_S = 2.0
+
+
+# ------------------------------------------------------------------------------------------- placement
+
+
+@dataclass(frozen=True)
+class RayNode:
+    """An alive node of a Ray cluster, as placement sees it."""
+
+    node_id: str
+    address: str
+    total: dict[str, float]
+    available: dict[str, float] = field(default_factory=dict)
+    """Resources not held by anything now (the submit side does not know them: it leaves this empty)."""
+
+
+class NotEnoughNodes(Exception):
+    """Fewer alive nodes than launcher.nodes have the resources for launcher.ranks_per_node workers; the
+    message says what is needed and what there is."""
+
+
+def worker_resources(launcher) -> dict[str, float]:
+    """What one worker (rank) reserves: launcher.cpus_per_task CPUs, and one GPU on a GPU job."""
+    return {"CPU": float(launcher.cpus_per_task), **({"GPU": 1.0} if launcher.gpus_per_node > 0 else {})}
+
+
+def node_resources(launcher) -> dict[str, float]:
+    """What each of the job's nodes must have for its launcher.ranks_per_node workers."""
+    return {key: value * launcher.ranks_per_node for key, value in worker_resources(launcher).items()}
+
+
+def _has(resources: dict[str, float], need: dict[str, float]) -> bool:
+    return all(resources.get(key, 0.0) + 1e-9 >= amount for key, amount in need.items())
+
+
+def _keys(need: dict[str, float]) -> list[str]:
+    return sorted(need, key=lambda key: (key != "GPU", key != "CPU", key))
+
+
+def _describe(resources: dict[str, float], keys: Sequence[str]) -> str:
+    return " and ".join(f"{resources.get(key, 0.0):g} {key}(s)" for key in keys)
+
+
+def choose_nodes(nodes: Sequence[RayNode], count: int, need: dict[str, float], *,
+                 prefer: Sequence[str] = ()) -> list[RayNode]:
+    """``count`` of ``nodes`` that each have ``need`` available, in the order their ranks go on them.
+
+    The nodes named in ``prefer`` come first, in that order (the previous fit's nodes, then the driver's own:
+    rank 0 and the other ranks stay where they were when they can); the others follow by address, then node id.
+    A preferred node without ``need`` free is passed over. Raises NotEnoughNodes when fewer than ``count`` have it.
+    """
+    rank = {node_id: index for index, node_id in enumerate(dict.fromkeys(prefer))}
+    fitting = sorted((node for node in nodes if _has(node.available, need)),
+                     key=lambda node: (rank.get(node.node_id, len(rank)), node.address, node.node_id))
+    if len(fitting) < count:
+        keys = _keys(need)
+        have = ", ".join(f"{node.address} ({_describe(node.available, keys)} free)"
+                         for node in sorted(nodes, key=lambda node: (node.address, node.node_id))) or "none"
+        raise NotEnoughNodes(f"{count} node(s) with {_describe(need, keys)} free each; {len(fitting)} of the "
+                             f"{len(nodes)} alive node(s) have that: {have}")
+    return fitting[:count]
+
+
+def worker_label_selectors(nodes: Sequence[RayNode], ranks_per_node: int) -> list[dict[str, str]]:
+    """One label selector per worker pinning workers i * ranks_per_node .. (i + 1) * ranks_per_node - 1 to
+    ``nodes[i]`` (ScalingConfig.label_selector)."""
+    return [{NODE_ID_LABEL: node.node_id} for node in nodes for _ in range(ranks_per_node)]
+
+
+def alive_ray_nodes() -> list[RayNode]:
+    """The cluster's alive nodes with their total and available resources (from a connected Ray driver).
+
+    A node counts as alive when Ray lists it so AND its raylet accepts a connection: Ray goes on listing a node
+    whose raylet died as alive for several seconds (until its health checks have failed), and a fit placed there
+    would wait for the worker group's start-up timeout (60 s) and fail.
+    """
+    import ray
+    from ray._private.state import available_resources_per_node  # a DeveloperAPI, the one per-node view
+
+    available = available_resources_per_node()
+    return [RayNode(node_id=node["NodeID"], address=node["NodeManagerAddress"],
+                    total={key: float(value) for key, value in node["Resources"].items()},
+                    available={key: float(value) for key, value in available.get(node["NodeID"], {}).items()})
+            for node in ray.nodes()
+            if node["Alive"] and _answers(node["NodeManagerAddress"], int(node["NodeManagerPort"]))]
+
+
+def _answers(host: str, port: int, timeout_s: float = 2.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_nodes(count: int, need: dict[str, float], *, prefer: Sequence[str] = (),
+                   list_nodes: Callable[[], list[RayNode]] = alive_ray_nodes, timeout_s: float = NODE_WAIT_S,
+                   poll_s: float = NODE_POLL_S, clock: Callable[[], float] = time.monotonic,
+                   sleep: Callable[[float], None] = time.sleep, log=None) -> list[RayNode]:
+    """`choose_nodes` over the alive nodes, looking again every ``poll_s`` while too few have room, for up to
+    ``timeout_s``; one line in ``log`` (stderr) says what it waits for, and another every minute it goes on.
+    Raises NotEnoughNodes (saying what was missing) after ``timeout_s``."""
+    log = log or sys.stderr
+    started = clock()
+    said_at = None
+    while True:
+        try:
+            return choose_nodes(list_nodes(), count, need, prefer=prefer)
+        except NotEnoughNodes as missing:
+            waited = clock() - started
+            if waited >= timeout_s:
+                raise NotEnoughNodes(f"waited {waited:.0f} s for {missing}") from None
+            if said_at is None or clock() - said_at >= 60:
+                print(f"[vilscale] waiting up to {timeout_s - waited:.0f} s more for {missing}", file=log,
+                      flush=True)
+                said_at = clock()
+        sleep(poll_s)
 
 
 # ----------------------------------------------------------------------------------------- submit side
@@ -71,8 +205,8 @@ def connect(address: str | None):
                           "or pass its dashboard address with --address http://HEAD:8265.") from None
 
 
-def cluster_resources(dashboard_url: str) -> dict[str, float]:
-    """Total CPU and GPU of the cluster's alive nodes, and how many nodes there are."""
+def cluster_nodes(dashboard_url: str) -> list[RayNode]:
+    """The cluster's alive nodes with their total resources (the state API does not say what is free)."""
     from ray.util.state import list_nodes
 
     nodes = []
@@ -82,20 +216,20 @@ def cluster_resources(dashboard_url: str) -> dict[str, float]:
         if nodes:
             break
         time.sleep(1)
-    totals = {"CPU": 0.0, "GPU": 0.0, "nodes": float(len(nodes))}
-    for node in nodes:
-        for key in ("CPU", "GPU"):
-            totals[key] += float(node.resources_total.get(key, 0.0))
-    return totals
+    return [RayNode(node_id=node.node_id, address=node.node_ip,
+                    total={key: float(value) for key, value in (node.resources_total or {}).items()})
+            for node in nodes]
 
 
-def check_fits(spec: JobSpec, resources: dict[str, float], where: str) -> None:
-    """LaunchError naming the numbers when the job asks for more GPUs or CPUs than the cluster has."""
+def check_fits(spec: JobSpec, nodes: Sequence[RayNode], where: str) -> None:
+    """LaunchError naming the numbers when the job asks for more GPUs or CPUs than the cluster's alive ``nodes``
+    have, or when fewer than launcher.nodes of them can each hold launcher.ranks_per_node ranks."""
     launcher = spec.launcher
     layout = f"{launcher.nodes} node(s) x {launcher.ranks_per_node} rank(s)"
     gpus = launcher.nodes * launcher.gpus_per_node
     cpus = launcher.world_size * launcher.cpus_per_task
-    have = f"{where} has {resources['GPU']:g} GPU(s) and {resources['CPU']:g} CPU(s) on {resources['nodes']:g} node(s)"
+    resources = {key: sum(node.total.get(key, 0.0) for node in nodes) for key in ("CPU", "GPU")}
+    have = f"{where} has {resources['GPU']:g} GPU(s) and {resources['CPU']:g} CPU(s) on {len(nodes)} node(s)"
     if gpus > resources["GPU"]:
         raise LaunchError(f"the job asks for {gpus} GPUs ({launcher.nodes} node(s) x {launcher.gpus_per_node} "
                           f"launcher.gpus_per_node) but {have}; lower launcher.nodes or launcher.gpus_per_node, "
@@ -104,6 +238,19 @@ def check_fits(spec: JobSpec, resources: dict[str, float], where: str) -> None:
         raise LaunchError(f"the job asks for {cpus} CPUs ({layout} x {launcher.cpus_per_task} "
                           f"launcher.cpus_per_task) but {have}; lower launcher.cpus_per_task or the number of "
                           "ranks, or add nodes")
+    # The ranks of one node share it: the totals are not enough.
+    need, per_worker = node_resources(launcher), worker_resources(launcher)
+    keys = _keys(need)
+    fitting = [node for node in nodes if _has(node.total, need)]
+    if len(fitting) < launcher.nodes:
+        largest = max(nodes, key=lambda node: tuple(node.total.get(key, 0.0) for key in keys), default=None)
+        per_node_key = "gpus_per_node" if launcher.gpus_per_node else "cpu_workers_per_node"
+        raise LaunchError(
+            f"the job asks for {launcher.nodes} node(s) with {_describe(need, keys)} each "
+            f"({launcher.ranks_per_node} rank(s) per node x {_describe(per_worker, keys)}) but only {len(fitting)} "
+            f"of the {len(nodes)} node(s) of {where} have that much (the largest has "
+            f"{_describe(largest.total if largest else {}, keys)}); lower launcher.{per_node_key} (and raise "
+            "launcher.nodes) or launcher.cpus_per_task, or add bigger nodes")
 
 
 def entrypoint_for(spec_path: Path, working_dir: Path, spec: JobSpec, overrides: list[str], python: str, *,
@@ -134,7 +281,7 @@ def submit_ray(spec: JobSpec, *, spec_path: Path, overrides: list[str], address:
     client = connect(address)
     dashboard = client.get_address()
     if check_resources:
-        check_fits(spec, cluster_resources(dashboard), f"the Ray cluster at {dashboard}")
+        check_fits(spec, cluster_nodes(dashboard), f"the Ray cluster at {dashboard}")
     working_dir = Path(spec.launcher.working_dir).expanduser()
     if not working_dir.is_dir():
         raise LaunchError(f"launcher.working_dir={spec.launcher.working_dir!r} is not a directory (it is resolved "
@@ -241,9 +388,12 @@ def train_on_ray(spec: JobSpec) -> dict:
     """Train on a Ray Train `TorchTrainer` from inside a Ray job's driver; returns rank 0's summary.
 
     One worker per rank (launcher.world_size), each with launcher.cpus_per_task CPUs and one GPU when
-    launcher.gpus_per_node > 0, spread over the nodes. Raises RayTrainFailed when a rank met an error no
-    restart can fix, or after launcher.max_restarts restarts.
+    launcher.gpus_per_node > 0, launcher.ranks_per_node of them on each of launcher.nodes nodes (see the module
+    docstring). Raises RayTrainFailed when the cluster cannot hold the job, when a rank met an error no restart
+    can fix, after launcher.max_restarts restarts, or when the nodes a refit needs did not come within
+    NODE_WAIT_S.
     """
+    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
@@ -254,18 +404,36 @@ def train_on_ray(spec: JobSpec) -> dict:
               "`vilscale submit`, which pins relative paths to the submitting machine's directory.",
               file=sys.stderr, flush=True)
     launcher = spec.launcher
-    use_gpu = launcher.gpus_per_node > 0
-    resources = {"CPU": float(launcher.cpus_per_task), **({"GPU": 1.0} if use_gpu else {})}
+    if not ray.is_initialized():
+        ray.init()
+    try:  # `vilscale submit` checked this already; `ray job submit` did not
+        check_fits(spec, alive_ray_nodes(), "the Ray cluster")
+    except LaunchError as error:
+        raise RayTrainFailed(EXIT_SPEC_ERROR, str(error)) from None
+    driver_node = ray.get_runtime_context().get_node_id()
+    previous: list[str] = []
     last = None
     for attempt in range(launcher.max_restarts + 1):
+        try:
+            nodes = wait_for_nodes(launcher.nodes, node_resources(launcher), prefer=[*previous, driver_node])
+        except NotEnoughNodes as missing:
+            raise RayTrainFailed(EXIT_FAILED, f"the Ray cluster has no room for the run: {missing}") from None
+        previous = [node.node_id for node in nodes]
+        per_node = launcher.ranks_per_node
+        print("[vilscale] placing " + ", ".join(
+            f"ranks {index * per_node}-{(index + 1) * per_node - 1} on {node.address} (node {node.node_id[:8]})"
+            for index, node in enumerate(nodes)), file=sys.stderr, flush=True)
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config={"spec": spec.to_dict()},
-            scaling_config=ScalingConfig(num_workers=launcher.world_size, use_gpu=use_gpu,
-                                         resources_per_worker=resources,
-                                         placement_strategy="SPREAD" if launcher.nodes > 1 else "PACK"),
+            scaling_config=ScalingConfig(num_workers=launcher.world_size, use_gpu=launcher.gpus_per_node > 0,
+                                         resources_per_worker=worker_resources(launcher), placement_strategy="PACK",
+                                         label_selector=worker_label_selectors(nodes, per_node)),
+            # Every failure comes back to this loop, which chooses the nodes again: Ray's own retries would
+            # wait for the same (maybe lost) nodes, a worker-group start that timed out included.
             run_config=RunConfig(name=RAY_TRAIN_RUN_NAME, storage_path=str(Path(spec.run_dir) / "ray"),
-                                 failure_config=FailureConfig(max_failures=0)),
+                                 failure_config=FailureConfig(max_failures=0, controller_failure_limit=0,
+                                                              max_preemption_failures=0)),
         )
         try:
             return dict(trainer.fit().metrics or {})
@@ -286,5 +454,5 @@ def _first_reason(lines: list[str]) -> str:
     return (meaningful[0] if meaningful else "unknown error")[:300]
 
 
-__all__ = ["FatalRankError", "RayTrainFailed", "check_fits", "cluster_resources", "connect", "submit_ray",
-           "train_on_ray", "wait_for_job"]
+__all__ = ["FatalRankError", "NotEnoughNodes", "RayNode", "RayTrainFailed", "check_fits", "choose_nodes",
+           "cluster_nodes", "connect", "submit_ray", "train_on_ray", "wait_for_job", "wait_for_nodes"]
