@@ -137,3 +137,15 @@ def test_a_throughput_of_another_precision_and_measure_of_a_detector_are_refused
     assert result.returncode == 2 and "measured in bf16 and the job trains in fp32" in result.stderr, result.stderr
     result = plan("digits_retinanet.yaml", "--measure", check=False)
     assert result.returncode == 2 and "--measure times the classification step only" in result.stderr
+
+
+def test_without_the_data_the_plan_gives_what_it_can_and_says_what_is_missing():
+    """train_1k on one 8-GPU node at 900 img/s per GPU, its manifests absent here: the step time (1024 / 7200 s)
+    and the loader's need are known, the number of steps and the wall time are not."""
+    text = plan("train_1k.yaml", "--nproc", "8", "--img-per-s", "900").stdout
+    for words in ("micro-batch 16 x grad_accum 8 x 8 rank(s) = global batch 1,024",
+                  "steps:               unknown per epoch, unknown in total", "step time:           0.142 s",
+                  "wall time:           unknown until the number of steps is (give --train-samples N)",
+                  "7,200 decoded images/s per node", "pre-flight here:     would refuse: data.train_manifest="):
+        assert words in text, (words, text)
+    assert "averaged over the attention switch" not in text and "in full attention" in text

@@ -154,6 +154,7 @@ def _costs(plan: dict, throughput: Throughput | None, peak_flops: float) -> dict
     rate = throughput.img_per_s * plan["world_size"]  # images per second of the whole job
     out.update(img_per_s_per_rank=throughput.img_per_s, throughput_source=throughput.source,
                step_s=plan["global_batch"] / rate,
+               checkpoint_interval_min=plan["ckpt_every"] * plan["global_batch"] / rate / 60,
                loader_cores_per_node=math.ceil(throughput.img_per_s * plan["ranks_per_node"] / LOADER_IMAGES_PER_CPU_S))
     if plan["train_flops_per_image"] and peak_flops:
         out["implied_mfu"] = throughput.img_per_s * plan["train_flops_per_image"] / peak_flops
@@ -162,8 +163,7 @@ def _costs(plan: dict, throughput: Throughput | None, peak_flops: float) -> dict
     train_s = plan["samples_trained"] / rate
     eval_s = (plan["evaluations"] or 0) * (plan["val_samples"] or 0) * EVAL_COST_OF_A_TRAINING_IMAGE / rate
     out.update(train_hours=train_s / 3600, eval_hours=eval_s / 3600, wall_hours=(train_s + eval_s) / 3600,
-               device_hours=(train_s + eval_s) / 3600 * plan["world_size"],
-               checkpoint_interval_min=plan["ckpt_every"] * out["step_s"] / 60)
+               device_hours=(train_s + eval_s) / 3600 * plan["world_size"])
     return out
 
 
@@ -334,9 +334,16 @@ def plan_lines(plan: dict) -> list[str]:
     if plan["parameters"] is not None:
         lines.append(f"parameters:          {plan['parameters'] / 1e6:.2f} M")
     if plan["train_flops_per_image"]:
+        modes = plan["flops_by_mode"]
+        if len(modes) > 1 and plan["full_attention_step"] is not None:
+            how = ", averaged over the attention switch"
+        elif len(modes) > 1:
+            first = next(iter(modes))
+            how = f", {first} attention; {_si(modes['full'])} in full attention"
+        else:
+            how = ""
         lines.append(f"training FLOPs:      {_si(plan['train_flops_per_image'])} per image (forward + "
-                     "backward = 3 x 2 x multiply-adds" + (", averaged over the attention switch" if
-                                                              len(plan["flops_by_mode"]) > 1 else "") + ")")
+                     f"backward = 3 x 2 x multiply-adds{how})")
     if plan["img_per_s_per_rank"] is None:
         lines.append("time:                not known: give --img-per-s N (per rank), --throughput FILE "
                      "(benchmarks/results) or --measure")
@@ -345,18 +352,20 @@ def plan_lines(plan: dict) -> list[str]:
                  f"{plan['img_per_s_per_rank'] * plan['world_size']:,.0f} img/s in all: {plan['throughput_source']}")
     if plan["implied_mfu"] is not None:
         lines.append(f"implied MFU:         {100 * plan['implied_mfu']:.1f}% of the device's peak")
+    lines.append(f"step time:           {plan['step_s']:.3g} s; a checkpoint every "
+                 f"{_duration(plan['checkpoint_interval_min'] / 60)}")
     if plan["wall_hours"] is not None:
         lines += [
-            f"step time:           {plan['step_s']:.3g} s; a checkpoint every "
-            f"{_duration(plan['checkpoint_interval_min'] / 60)}",
             f"wall time:           {_duration(plan['wall_hours'])} ({_duration(plan['train_hours'])} training, "
             f"{_duration(plan['eval_hours'])} evaluation)",
             f"device-hours:        {plan['device_hours']:,.1f} ({plan['world_size']} rank(s) x "
             f"{plan['wall_hours']:,.2f} h)",
-            f"data loading:        {plan['img_per_s_per_rank'] * plan['ranks_per_node']:,.0f} decoded images/s per "
-            f"node to keep up: about {plan['loader_cores_per_node']} CPU cores per node at the loader's measured "
-            f"{LOADER_IMAGES_PER_CPU_S:,} images per CPU-second (benchmarks/data.py)",
         ]
+    else:
+        lines.append("wall time:           unknown until the number of steps is (give --train-samples N)")
+    lines.append(f"data loading:        {plan['img_per_s_per_rank'] * plan['ranks_per_node']:,.0f} decoded images/s "
+                 f"per node to keep up: about {plan['loader_cores_per_node']} CPU cores per node at the loader's "
+                 f"measured {LOADER_IMAGES_PER_CPU_S:,} images per CPU-second (benchmarks/data.py)")
     return lines
 
 
