@@ -136,6 +136,18 @@ class CocoData:
     def __len__(self) -> int:
         return len(self.usable)
 
+    @property
+    def source(self) -> Path:
+        """What the split is read from, for messages."""
+        return self.annotations_path
+
+    def dataset_index(self, position: int) -> int:
+        """The index of the ``position``-th usable image in the annotation file's sorted image ids."""
+        return self.usable[position]
+
+    def describe(self, position: int) -> str:
+        return f"image {self.image_ids[self.usable[position]]} of {self.annotations_path}"
+
     def load(self, position: int, *, flip: bool):
         """(uint8 image (3, H, W), target) of the ``position``-th usable image."""
         from torchvision import tv_tensors
@@ -187,12 +199,13 @@ FILLER = -1  # a validation slot that only evens out the ranks; its predictions 
 
 
 class _Positions(torch.utils.data.Dataset):
-    """The positions a rank reads this epoch (``positions[start:]``), each loaded (and flipped) by
-    ``CocoData.load``. An image that cannot be read is replaced by the next readable one of the rank's list (the
-    same replacement after a resume, and every rank keeps its number of batches); the failures are returned."""
+    """The positions a rank reads this epoch (``positions[start:]``), each loaded by ``data.load(position,
+    **draws[i])`` (its random augmentation, drawn by the loader). An image that cannot be read is replaced by the
+    next readable one of the rank's list (the same replacement after a resume, and every rank keeps its number of
+    batches); the failures are returned."""
 
-    def __init__(self, data: CocoData, positions: list[int], flips: list[bool], start: int):
-        self.data, self.positions, self.flips, self.start = data, positions, flips, start
+    def __init__(self, data, positions: list[int], draws: list[dict], start: int):
+        self.data, self.positions, self.draws, self.start = data, positions, draws, start
 
     def __len__(self) -> int:
         return len(self.positions) - self.start
@@ -200,15 +213,16 @@ class _Positions(torch.utils.data.Dataset):
     def __getitem__(self, item: int):
         failures = []
         if self.positions[self.start + item] == FILLER:  # evens out the ranks' evaluation batches
-            return FILLER, self.data.load(self.positions[0] if self.positions[0] != FILLER else 0, flip=False), []
+            first = self.positions[0] if self.positions[0] != FILLER else 0
+            return FILLER, self.data.load(first, **self.draws[self.start + item]), []
         for offset in range(len(self.positions)):
             index = (self.start + item + offset) % len(self.positions)
             position = self.positions[index]
             try:
-                return position, self.data.load(position, flip=self.flips[index]), failures
+                return position, self.data.load(position, **self.draws[index]), failures
             except OSError as error:  # PIL's unreadable or truncated images
                 failures.append((position, f"{type(error).__name__}: {str(error)[:200]}"))
-        raise DataError(f"no image of this rank's part of {self.data.annotations_path} can be read")
+        raise DataError(f"no image of this rank's part of {self.data.source} can be read")
 
 
 def _collate(items):
@@ -232,6 +246,9 @@ class CocoLoader:
     the batches consumed. Validation: every image exactly once across ranks (rank r reads r, r + world, ...),
     unflipped; ranks with one image fewer repeat their first one as filler, with index -1 (every rank runs the
     same number of forward passes, which ZeRO-3's parameter gathering needs).
+
+    ``data`` is any split with ``__len__``, ``load(position, **draws)``, ``dataset_index``, ``describe`` and
+    ``source``; a subclass that augments more than a flip overrides ``_draw`` (``vilscale.data.ade``).
     """
 
     data: CocoData
@@ -279,11 +296,16 @@ class CocoLoader:
             return False
         return bool(np.random.default_rng([self.seed, self.epoch, position, 1]).random() < self.hflip)
 
+    def _draw(self, position: int) -> dict:
+        """The keyword arguments of ``data.load`` for ``position`` this epoch: its random augmentation, a function
+        of (seed, epoch, position) only, so a resumed epoch draws the same whatever the worker scheduling."""
+        return {"flip": self._flip(position) if position != FILLER else False}
+
     def __iter__(self):
         if not self.train:
             self.batches_done = 0  # an evaluation always reads the whole split
         positions = self.positions()
-        dataset = _Positions(self.data, positions, [self._flip(p) for p in positions],
+        dataset = _Positions(self.data, positions, [self._draw(p) for p in positions],
                              start=self.batches_done * self.batch_size)
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
                                              num_workers=self.num_workers, collate_fn=_collate,
@@ -295,19 +317,19 @@ class CocoLoader:
                     self._bad(failed, error)
                 images.append(image)
                 targets.append(target)
-                indices.append(self.data.usable[position] if position != FILLER else -1)
+                indices.append(self.data.dataset_index(position) if position != FILLER else -1)
             self.batches_done += 1
             yield images, targets, torch.as_tensor(indices, dtype=torch.int64)
 
     def _bad(self, position: int, error: str) -> None:
         self.decode_errors += 1
-        image_id = self.data.image_ids[self.data.usable[position]]
-        if image_id not in self._logged:
-            self._logged.add(image_id)
-            print(f"[vilscale] image {image_id} of {self.data.annotations_path} cannot be read ({error}); "
+        what = self.data.describe(position)
+        if what not in self._logged:
+            self._logged.add(what)
+            print(f"[vilscale] {what} cannot be read ({error}); "
                   "the next readable image of this rank takes its place", file=sys.stderr, flush=True)
         if self.decode_errors > self.decode_error_limit:
-            raise DataError(f"{self.decode_errors} images of {self.data.annotations_path} could not be read "
+            raise DataError(f"{self.decode_errors} images of {self.data.source} could not be read "
                             f"(data.decode_error_limit={self.decode_error_limit}); check the image folder")
 
 
@@ -362,7 +384,11 @@ def _place_digits(rng: np.random.Generator, sources: list[np.ndarray], labels: l
 def write_digits_coco(out_dir: str | Path, settings: DigitsCocoSettings = DigitsCocoSettings()) -> dict[str, Path]:
     """``OUT/{train,val}/annotations.json`` and ``OUT/{train,val}/images/*.jpg``: canvases of the scikit-learn
     digits (train canvases from the classification demo's training digits, val canvases from its validation
-    digits), boxes and masks (RLE) from the strokes, one category per digit. Deterministic for a seed."""
+    digits), boxes and masks (RLE) from the strokes, one category per digit. Deterministic for a seed.
+
+    Also ``OUT/{train,val}/masks/*.png``, ADE20K-format label maps of the same canvases (same names, ``.png``):
+    0 on the background and digit + 1 on its strokes, so category id = label value; ADE20K's
+    ``data.reduce_zero_label`` makes the background "ignore" and the digits classes 0-9."""
     from PIL import Image
     from pycocotools import mask as mask_utils
 
@@ -377,13 +403,18 @@ def write_digits_coco(out_dir: str | Path, settings: DigitsCocoSettings = Digits
         sources = [np.asarray(ref[1])[:, :, 0] for ref in plan.refs]
         labels = plan.labels
         rng = np.random.default_rng([settings.seed, offset])
-        folder = out / split / "images"
+        folder, label_folder = out / split / "images", out / split / "masks"
         folder.mkdir(parents=True, exist_ok=True)
+        label_folder.mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
         for image_index in range(count):
             canvas, objects = _place_digits(rng, sources, labels, settings)
             name = f"{split}_{image_index:06d}.jpg"
             Image.fromarray(np.repeat(canvas[:, :, None], 3, axis=2)).save(folder / name, quality=95)
+            label_map = np.zeros(canvas.shape, dtype=np.uint8)
+            for label, mask in objects:
+                label_map[mask] = label + 1
+            Image.fromarray(label_map).save(label_folder / f"{Path(name).stem}.png")
             image_id = image_index + 1
             images.append({"id": image_id, "file_name": name, "height": settings.canvas, "width": settings.canvas})
             for label, mask in objects:
