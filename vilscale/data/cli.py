@@ -3,6 +3,7 @@
     vilscale prepare imagefolder /data/imagenet/train /shards/in1k/train
     vilscale prepare imagefolder /data/imagenet/val /shards/in1k/val --classes /shards/in1k/train/manifest.json
     vilscale prepare imagenet21k /data/imagenet21k /shards/in21k --shard-size-mb 512 --max-side 320
+    vilscale prepare imagenet21k /data/imagenet21k /shards/in21k-p --processed   # -> /shards/in21k-p/{train,val}
     vilscale prepare digits /shards/digits          # -> /shards/digits/{train,val}/manifest.json
     vilscale prepare digits-coco data/digits_coco   # -> data/digits_coco/{train,val}/annotations.json + images/
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 
 UNUSABLE_PATH = (errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS)
@@ -52,6 +54,15 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     in21k.add_argument("out", metavar="OUT", help="output folder for the shards and manifest.json")
     in21k.add_argument("--classes", default=None, metavar="FILE",
                        help="class list (one synset per line, or a manifest.json) fixing the class indices")
+    in21k.add_argument("--processed", action="store_true",
+                       help="ImageNet-21K-P (Ridnik et al. 2021): --min-images-per-class 500 --val-per-class 50 "
+                            "unless given; writes OUT/train and OUT/val")
+    in21k.add_argument("--min-images-per-class", type=int, default=None, metavar="N",
+                       help="drop every class with N or fewer images, listed in the manifest under dropped_classes "
+                            "(the paper: 500; default: keep all, or 500 with --processed)")
+    in21k.add_argument("--val-per-class", type=int, default=None, metavar="K",
+                       help="hold out K images of every kept class (seeded by --seed) in OUT/val, the rest in "
+                            "OUT/train, one class list in both (the paper: 50; default: none, or 50 with --processed)")
     _common_options(in21k, max_side=512, compress=1.0, page_mb=8)
     digits = sources.add_parser("digits", help="scikit-learn's handwritten digits (the quickstart data)")
     digits.add_argument("out", metavar="OUT", help="output folder; writes OUT/train and OUT/val")
@@ -79,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         prepare_digits,
         scan_imagefolder,
         scan_imagenet21k,
+        split_imagenet21k,
         summarize_skipped,
     )
     from vilscale.orchestration.launch.exit_codes import EXIT_SPEC_ERROR
@@ -95,12 +107,13 @@ def run(args: argparse.Namespace) -> int:
                                       compress_probability=args.compress_probability,
                                       page_size=args.page_size_mb << 20, seed=args.seed)
             if args.source_kind == "imagefolder":
-                plan = scan_imagefolder(args.src, args.classes)
+                splits = {args.out: scan_imagefolder(args.src, args.classes)}
             else:
-                plan = scan_imagenet21k(args.src, args.classes, workers=args.workers or 8)
-            manifests = [prepare(plan, args.out, num_shards=args.num_shards, shard_size_mb=args.shard_size_mb,
-                                 settings=settings, workers=args.workers, overwrite=args.overwrite,
-                                 progress=progress)]
+                splits = _imagenet21k_splits(args, scan_imagenet21k(args.src, args.classes, workers=args.workers or 8),
+                                             split_imagenet21k)
+            manifests = [prepare(plan, out, num_shards=shards, shard_size_mb=args.shard_size_mb, settings=settings,
+                                 workers=args.workers, overwrite=args.overwrite, progress=progress)
+                         for out, (plan, shards) in _shard_counts(splits, args.num_shards).items()]
     except DataError as error:
         print(f"vilscale prepare: error: {error}", file=sys.stderr)
         return EXIT_SPEC_ERROR
@@ -111,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_SPEC_ERROR
     for manifest in manifests:
+        if manifest.dropped_classes:
+            rule = manifest.writer["processing"]
+            print(f"{manifest.path}: {manifest.num_classes} classes kept, {len(manifest.dropped_classes)} dropped "
+                  f"(--min-images-per-class {rule['min_images_per_class']}: listed under dropped_classes); "
+                  f"{rule['val_per_class']} image(s) of every class held out for validation", file=sys.stderr)
         if manifest.skipped:
             print(f"{manifest.path}: skipped {len(manifest.skipped)} unreadable image(s) or damaged tar(s):\n"
                   f"{summarize_skipped(list(manifest.skipped))}", file=sys.stderr)
@@ -122,6 +140,30 @@ def run(args: argparse.Namespace) -> int:
             print(f"{manifest.path}: ignored {len(manifest.ignored)} file(s) that are not images:\n"
                   f"{summarize_skipped(list(manifest.ignored))}", file=sys.stderr)
     return 0
+
+
+def _imagenet21k_splits(args: argparse.Namespace, plan, split) -> dict:
+    """{OUT folder: plan}: OUT itself, or OUT/train and OUT/val when images are held out for validation."""
+    minimum, val = args.min_images_per_class, args.val_per_class
+    if args.processed:
+        from vilscale.data.writer import PAPER_MIN_IMAGES_PER_CLASS, PAPER_VAL_PER_CLASS
+
+        minimum = PAPER_MIN_IMAGES_PER_CLASS if minimum is None else minimum
+        val = PAPER_VAL_PER_CLASS if val is None else val
+    if minimum is None and not val:
+        return {args.out: plan}
+    train, held_out = split(plan, min_images_per_class=minimum, val_per_class=val or 0, seed=args.seed)
+    if held_out is None:
+        return {args.out: train}
+    return {os.path.join(args.out, "train"): train, os.path.join(args.out, "val"): held_out}
+
+
+def _shard_counts(splits: dict, num_shards: int | None) -> dict:
+    """{OUT: (plan, --num-shards)}: with several splits, --num-shards is the first's and the others get a share
+    in proportion to their samples."""
+    first = len(next(iter(splits.values())).refs)
+    return {out: (plan, None if num_shards is None else max(1, round(num_shards * len(plan.refs) / first)))
+            for out, plan in splits.items()}
 
 
 def _prepare_digits_coco(args: argparse.Namespace) -> int:

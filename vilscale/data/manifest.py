@@ -12,6 +12,7 @@ Layout (paths of shards are relative to the manifest's folder)::
                   {"path": "n01.tar", "reason": "damaged tar: ..."}, {"path": "n01.tar:x.JPEG", ...}],
       "empty_classes": ["zz_empty"],                   # class folders without images (they keep an index)
       "ignored": [{"path": "dog/notes.txt", "reason": "not an image file ..."}],
+      "dropped_classes": [{"class": "n01", "images": 12}],  # `prepare imagenet21k --processed`: too few images
       "writer": {"kind": "digits", "max_side": 0, "jpeg_quality": 90, "compress_probability": 0.0,
                  "page_size": 8388608, "seed": 0, ...}
     }
@@ -57,6 +58,8 @@ class Manifest:
     writer: dict
     empty_classes: tuple[str, ...] = ()
     ignored: tuple[dict, ...] = ()
+    dropped_classes: tuple[dict, ...] = ()
+    """Classes of the source left out (``{"class", "images"}``) by `vilscale prepare imagenet21k --processed`."""
 
     @property
     def num_classes(self) -> int:
@@ -104,7 +107,8 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
                         f"run `vilscale prepare` again")
     return Manifest(path=path.resolve(), num_samples=int(raw["num_samples"]), classes=tuple(raw["classes"]),
                     shards=shards, skipped=tuple(raw["skipped"]), writer=dict(raw["writer"]),
-                    empty_classes=tuple(raw.get("empty_classes", ())), ignored=tuple(raw.get("ignored", ())))
+                    empty_classes=tuple(raw.get("empty_classes", ())), ignored=tuple(raw.get("ignored", ())),
+                    dropped_classes=tuple(raw.get("dropped_classes", ())))
 
 
 def _cache_dir() -> Path:

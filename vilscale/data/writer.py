@@ -31,6 +31,7 @@ import os
 import shutil
 import tarfile
 import time
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -92,6 +93,10 @@ class Plan:
     """Files (or tar members) that are not images by their extension (``{"path", "reason"}``)."""
     empty_classes: list = field(default_factory=list)
     """Class folders without a single image (they keep their class index)."""
+    dropped_classes: list = field(default_factory=list)
+    """Classes left out by `split_imagenet21k` (``{"class", "images"}``): too few images to keep."""
+    processing: dict = field(default_factory=dict)
+    """How `split_imagenet21k` made this plan (thresholds, seed, which split); recorded in the manifest's writer."""
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -310,6 +315,77 @@ def scan_imagenet21k(source: str | os.PathLike, class_list: str | None = None, w
                 ignored=ignored, empty_classes=[c for c in classes if c not in with_images])
 
 
+PAPER_MIN_IMAGES_PER_CLASS = 500
+"""ImageNet-21K-P (Ridnik et al., 2021): classes with 500 or fewer images are dropped (fall11: 11,221 classes kept)."""
+PAPER_VAL_PER_CLASS = 50
+"""ImageNet-21K-P: 50 images of every kept class are held out for validation (fall11: 561,052 images)."""
+
+
+def _image_key(name: str) -> str:
+    """The image's path inside its class ("n01.tar:a/x.JPEG" and "n01/a/x.JPEG" both give "a/x.JPEG"), so the
+    same tree as tars or as folders sorts, and so splits, the same way."""
+    if ".tar:" in name:
+        return name.split(".tar:", 1)[1]
+    return name.replace(os.sep, "/").split("/", 1)[1]
+
+
+def split_imagenet21k(plan: Plan, *, min_images_per_class: int | None, val_per_class: int,
+                      seed: int = 0) -> tuple[Plan, Plan | None]:
+    """ImageNet-21K as labs use it (ImageNet-21K-P): drop small classes, hold out a validation split.
+
+    Every class with ``min_images_per_class`` or fewer images found by the scan is dropped (None keeps every
+    class, empty ones included) and listed; the classes kept keep their order. From each kept class,
+    ``val_per_class`` images are held out, chosen by a generator seeded with ``seed`` and the synset's name
+    among the class's images sorted by their path inside the class: the same images whatever other classes
+    exist and whether the tree is stored as tars or folders. Returns the training plan and the validation
+    plan (None when ``val_per_class`` is 0), with one class list. Raises `DataError` before anything is
+    written when the thresholds leave no class or leave a class without a training image.
+    """
+    for flag, value in (("--min-images-per-class", min_images_per_class), ("--val-per-class", val_per_class)):
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise DataError(f"{flag}={value} must be an integer >= 0")
+    by_class: dict[int, list[int]] = {label: [] for label in range(len(plan.classes))}
+    for i, label in enumerate(plan.labels):
+        by_class[label].append(i)
+    kept = [label for label in by_class
+            if min_images_per_class is None or len(by_class[label]) > min_images_per_class]
+    dropped = [{"class": plan.classes[label], "images": len(by_class[label])} for label in by_class
+               if label not in set(kept)]
+    if not kept:
+        largest = max(len(samples) for samples in by_class.values())
+        raise DataError(f"--min-images-per-class {min_images_per_class} drops all {len(plan.classes)} classes of "
+                        f"{plan.source} (the largest has {largest} images); lower it below {largest}")
+    if val_per_class:
+        smallest = min(kept, key=lambda label: len(by_class[label]))
+        if val_per_class >= len(by_class[smallest]):
+            raise DataError(f"--val-per-class {val_per_class} leaves no training image in class "
+                            f"{plan.classes[smallest]} ({len(by_class[smallest])} images); lower --val-per-class or "
+                            f"set --min-images-per-class to {val_per_class} or more (it drops such classes)")
+    classes = [plan.classes[label] for label in kept]
+    rule = {"min_images_per_class": min_images_per_class, "val_per_class": val_per_class, "seed": seed}
+    train, val = [], []
+    for new_label, label in enumerate(kept):
+        samples = sorted(by_class[label], key=lambda i: _image_key(plan.names[i]))
+        synset = plan.classes[label]
+        chosen = set()
+        if val_per_class:
+            rng = np.random.default_rng([seed, zlib.crc32(synset.encode())])
+            chosen = {samples[j] for j in rng.choice(len(samples), size=val_per_class, replace=False)}
+        for i in samples:
+            (val if i in chosen else train).append((i, new_label))
+
+    def subset(picked: list[tuple[int, int]], split: str, *, listed: bool) -> Plan:
+        picked.sort()
+        return Plan(plan.kind, plan.source, classes, [plan.refs[i] for i, _ in picked],
+                    [plan.names[i] for i, _ in picked], [label for _, label in picked],
+                    int(plan.approx_bytes * len(picked) / max(1, len(plan.refs))),
+                    lost=plan.lost if listed else [], ignored=plan.ignored if listed else [],
+                    empty_classes=[c for c in plan.empty_classes if c in classes], dropped_classes=dropped,
+                    processing={**rule, "split": split})
+
+    return subset(train, "train", listed=True), subset(val, "val", listed=False) if val_per_class else None
+
+
 DIGITS_VAL_SIZE = 360
 
 
@@ -467,7 +543,8 @@ def _write_shard(task) -> dict:
 
 def _plan_digest(plan: Plan, order: np.ndarray, num_shards: int, settings: WriterSettings) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps([FORMAT, plan.kind, plan.source, plan.classes, num_shards, asdict(settings)]).encode())
+    digest.update(json.dumps([FORMAT, plan.kind, plan.source, plan.classes, num_shards, asdict(settings)]
+                             + ([plan.processing] if plan.processing else [])).encode())
     for i in order:
         digest.update(f"{plan.names[i]}\t{plan.labels[i]}\n".encode())
     return digest.hexdigest()
@@ -598,8 +675,9 @@ def write_shards(plan: Plan, out_dir: str | os.PathLike, *, num_shards: int, set
         "skipped": skipped,
         "empty_classes": plan.empty_classes,
         "ignored": plan.ignored,
+        **({"dropped_classes": plan.dropped_classes} if plan.processing else {}),
         "writer": {"kind": plan.kind, "source": plan.source, "num_shards": num_shards, **asdict(settings),
-                   "plan_digest": digest},
+                   **({"processing": plan.processing} if plan.processing else {}), "plan_digest": digest},
     }
     atomic_write_json(manifest_path, manifest)
     state_path.unlink(missing_ok=True)
