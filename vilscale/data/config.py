@@ -70,11 +70,30 @@ class DataConfig:
     train_annotations: str = ""
     """task=detection: the training split's COCO instances JSON (e.g. instances_train2017.json)."""
     train_images: str = ""
-    """task=detection: the folder of the training split's images (COCO's train2017/)."""
+    """task=detection, segmentation: the folder of the training split's images (COCO's train2017/, ADE20K's
+    images/training/)."""
     val_annotations: str = ""
     """task=detection: the validation split's COCO instances JSON; "" evaluates nothing."""
     val_images: str = ""
-    """task=detection: the folder of the validation split's images."""
+    """task=detection, segmentation: the folder of the validation split's images."""
+    train_masks: str = ""
+    """task=segmentation: the folder of the training split's label maps, one PNG per image with the image's name
+    (ADE20K's annotations/training/: `a.jpg` -> `a.png`), one class index per pixel."""
+    val_masks: str = ""
+    """task=segmentation: the folder of the validation split's label maps; "" evaluates nothing."""
+    reduce_zero_label: bool = False
+    """task=segmentation: label 0 means "other" (ADE20K): it becomes `ignore_index` and every other label moves
+    down by one (ADE20K's 1..150 -> classes 0..149)."""
+    ignore_index: int = 255
+    """task=segmentation: the label value neither trained nor scored (also what padding gets)."""
+    crop_size: int = 512
+    """task=segmentation: side of the square training crops; evaluation resizes the shorter side to it."""
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    """task=segmentation: training resize: shorter side crop_size x r (longer side at most 4 x crop_size x r, as
+    mmsegmentation's (2048, 512) scale), r uniform in this range."""
+    cat_max_ratio: float = 0.75
+    """task=segmentation: a training crop is drawn again (up to 10 times) while one class holds more than this
+    share of its labelled pixels; 1.0 turns it off."""
     min_size: tuple[int, ...] = (800,)
     """task=detection: shorter image side after resizing; with several values training draws one per image
     (multi-scale training, the 3x schedule's (640, 672, ..., 800)) and evaluation uses the last."""
@@ -113,6 +132,13 @@ class DataConfig:
                self.loader_workers, "use an integer >= 0")
         _check(isinstance(self.decode_error_limit, int) and self.decode_error_limit >= 0, "data.decode_error_limit",
                self.decode_error_limit, "use an integer >= 0 (0: the first sample that fails to decode stops the run)")
+        _check(isinstance(self.ignore_index, int) and 0 <= self.ignore_index <= 65535, "data.ignore_index",
+               self.ignore_index, "use a label value in 0..65535 (ADE20K: 255)")
+        _check(isinstance(self.crop_size, int) and self.crop_size >= 16, "data.crop_size", self.crop_size,
+               "use an integer >= 16")
+        _check_pair("data.scale_range", self.scale_range, 0.01, 100.0)
+        _check(0.0 < self.cat_max_ratio <= 1.0, "data.cat_max_ratio", self.cat_max_ratio,
+               "use a share in (0, 1] (1.0 turns the check off)")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -147,6 +173,9 @@ class AugmentConfig:
     """When both are on: probability of cutmix instead of mixup for a batch."""
     label_smoothing: float = 0.1
     """Label smoothing of the soft targets; 0 turns it off."""
+    photometric_distortion: bool = True
+    """task=segmentation: random brightness, contrast, saturation and hue of the training crops
+    (mmsegmentation's PhotoMetricDistortion, each applied with probability 0.5); False turns it off."""
 
     def __post_init__(self):
         _check_pair("augment.rrc_scale", self.rrc_scale, 0.0, 1.0)
