@@ -19,6 +19,7 @@ one), and the global torch RNG is left as it was.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,6 +47,26 @@ def one_hot_smoothed(labels: torch.Tensor, num_classes: int, smoothing: float) -
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of ``-sum(targets * log_softmax(logits))`` (the loss with mixup/cutmix targets)."""
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+@dataclass(frozen=True)
+class MixedLabels:
+    """What a batch's targets are made of: ``lam`` x the labels' targets + (1 - lam) x the partners' (the images
+    mixed in by mixup or cutmix), for losses that build their own targets from labels (the semantic softmax)."""
+
+    labels: torch.Tensor
+    """(B,) int64 class indices."""
+    partners: torch.Tensor
+    """(B,) int64 class indices of the images mixed in; they count for nothing when ``lam`` is 1."""
+    lam: float
+    """Weight of ``labels`` (1.0: the batch is not mixed)."""
+
+    def soft_targets(self, num_classes: int, smoothing: float) -> torch.Tensor:
+        """(B, num_classes) smoothed one-hot targets, mixed."""
+        targets = one_hot_smoothed(self.labels, num_classes, smoothing)
+        if self.lam == 1.0:
+            return targets
+        return targets.mul(self.lam).add_(one_hot_smoothed(self.partners, num_classes, smoothing), alpha=1.0 - self.lam)
 
 
 class BatchAugment:
@@ -79,6 +100,11 @@ class BatchAugment:
         return np.random.default_rng([self.seed, self.rank, int(step), 7])
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, mixed = self.mix(images, labels, step)
+        return x, mixed.soft_targets(self.num_classes, self.config.label_smoothing)
+
+    def mix(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, MixedLabels]:
+        """The augmented images and what their targets are made of (`__call__` without the soft targets)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         if labels.device.type == "cpu" and (labels.min() < 0 or labels.max() >= self.num_classes):
@@ -113,9 +139,9 @@ class BatchAugment:
 
     def _mix(self, x: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator):
         cfg = self.config
-        targets = one_hot_smoothed(labels, self.num_classes, cfg.label_smoothing)
+        partners = labels.flip(0)
         if not cfg.mixes or rng.random() >= cfg.mix_prob:
-            return x, targets
+            return x, MixedLabels(labels, partners, 1.0)
         use_cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha <= 0 or rng.random() < cfg.switch_prob)
         alpha = cfg.cutmix_alpha if use_cutmix else cfg.mixup_alpha
         lam = float(rng.beta(alpha, alpha))
@@ -132,4 +158,4 @@ class BatchAugment:
             lam = 1.0 - (bottom - top) * (right - left) / (height * width)  # the area actually pasted
         else:
             x = x.mul(lam).add_(partner, alpha=1.0 - lam)
-        return x, targets.mul(lam).add_(targets.flip(0), alpha=1.0 - lam)
+        return x, MixedLabels(labels, partners, lam)

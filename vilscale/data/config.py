@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+LOSSES = ("softmax", "semantic_softmax")
 
 
 def _check(ok: bool, field: str, value, valid: str) -> None:
@@ -105,6 +106,10 @@ class DataConfig:
     """Check every shard this rank reads against the manifest's sha256 before the first epoch. A verified
     shard is remembered (by path, size and mtime) under $VILSCALE_CACHE_DIR (default ~/.cache/vilscale), so a
     restart does not hash it again."""
+    hierarchy: str = ""
+    """augment.loss=semantic_softmax: the class tree, a text file of CHILD PARENT class names per line (or
+    Alibaba-MIIL's imagenet21k_miil_tree.pth); every name must be a class of the manifests. See
+    `vilscale.tasks.hierarchy`."""
 
     def __post_init__(self):
         _check(isinstance(self.img_size, int) and (self.img_size >= 8 or self.img_size == 0), "data.img_size",
@@ -177,6 +182,11 @@ class AugmentConfig:
     """task=segmentation: random brightness, contrast, saturation and hue of the training crops
     (mmsegmentation's PhotoMetricDistortion, each applied with probability 0.5); False turns it off."""
 
+    loss: str = "softmax"
+    """"softmax" (one cross-entropy over all classes) or "semantic_softmax" (ImageNet-21K-P: one softmax per level
+    of the class tree in `data.hierarchy`, the paper's level weights; label smoothing and mixup/cutmix per level;
+    evaluation adds the semantic top-1)."""
+
     def __post_init__(self):
         _check_pair("augment.rrc_scale", self.rrc_scale, 0.0, 1.0)
         _check(self.rrc_scale[1] > 0, "augment.rrc_scale", self.rrc_scale, "the upper area bound must be > 0")
@@ -195,6 +205,7 @@ class AugmentConfig:
             _check(value >= 0.0, f"augment.{name}", value, "use an alpha >= 0 (0 turns it off)")
         _check(0.0 <= self.label_smoothing < 1.0, "augment.label_smoothing", self.label_smoothing,
                "use a value in [0, 1)")
+        _check(self.loss in LOSSES, "augment.loss", self.loss, f"use one of {list(LOSSES)}")
 
     @property
     def mixes(self) -> bool:

@@ -1,6 +1,7 @@
 """Image classification: ViL with its linear head, FFCV shards through the sharded loader, the paper's batch
-augmentation (RandAugment, mixup/cutmix, label smoothing, random erasing) and soft-target cross-entropy;
-top-1/top-5 over the whole validation set."""
+augmentation (RandAugment, mixup/cutmix, label smoothing, random erasing) and soft-target cross-entropy, or
+the semantic softmax over a class tree (`augment.loss`, see `vilscale.tasks.hierarchy`); top-1/top-5 over the
+whole validation set, and the semantic top-1 with the semantic softmax."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class ClassificationTask:
     def __init__(self, spec):
         self.spec = spec
         self.augment = None
+        self._semantic = None
 
     # ---- model ---------------------------------------------------------------------------------------
 
@@ -93,11 +95,30 @@ class ClassificationTask:
         self.augment = BatchAugment(spec.augment, num_classes=spec.model.num_classes, seed=spec.train.seed,
                                     mean=spec.data.mean, std=spec.data.std, rank=ctx.rank)
 
+    def semantic(self, device):
+        """The semantic softmax of `data.hierarchy` over the manifests' classes, tables on ``device`` (None with
+        augment.loss=softmax)."""
+        if self.spec.augment.loss != "semantic_softmax":
+            return None
+        if self._semantic is None or self._semantic.targets.device != torch.device(device):
+            from vilscale.data.manifest import load_manifest
+            from vilscale.tasks.hierarchy import ClassHierarchy, SemanticSoftmax
+
+            data = self.spec.data
+            classes = load_manifest(data.train_manifest or data.val_manifest).classes
+            self._semantic = SemanticSoftmax(ClassHierarchy.read(data.hierarchy, classes),
+                                             label_smoothing=self.spec.augment.label_smoothing, device=device)
+        return self._semantic
+
     def losses(self, engine, batch, *, micro_step: int, dtype: torch.dtype):
-        """({"loss": soft-target cross-entropy}, indices) of one micro-batch."""
+        """({"loss": soft-target cross-entropy, or the semantic softmax}, indices) of one micro-batch."""
         from vilscale.data.augment import soft_target_cross_entropy
 
         images, labels, indices = batch
+        semantic = self.semantic(labels.device)
+        if semantic is not None:
+            images, mixed = self.augment.mix(images, labels, step=micro_step)
+            return {"loss": semantic.loss(engine(images.to(dtype)), mixed)}, indices
         images, targets = self.augment(images, labels, step=micro_step)
         logits = engine(images.to(dtype))
         return {"loss": soft_target_cross_entropy(logits, targets)}, indices
@@ -106,18 +127,28 @@ class ClassificationTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, ctx, *, out_dir=None) -> dict:
-        """Top-1/top-5 of ``model`` over ``loader`` (every sample once across ranks); the same on every rank."""
+        """Top-1/top-5 of ``model`` over ``loader`` (every sample once across ranks); the same on every rank.
+
+        With the semantic softmax, top-k ranks the classes of the label's own level (its depth in the tree), and
+        ``val_semantic_top1`` is the share of (sample, level) positives each level's softmax gets right."""
         from vilscale.data.augment import normalize
 
         spec = self.spec
         dtype = next(model.parameters()).dtype
+        semantic = self.semantic(ctx.device)
         was_training = model.training
         model.eval()
-        totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # top-1 hits, top-5 hits, samples
+        # top-1 hits, top-5 hits, samples, semantic hits, semantic positives
+        totals = torch.zeros(5, dtype=torch.float64, device=ctx.device)
         try:
             for images, labels in loader:
                 valid = labels >= 0  # filler that evens out the ranks carries label -1
                 logits = model(normalize(images, spec.data.mean, spec.data.std).to(dtype)).float()
+                if semantic is not None:
+                    correct, counted = semantic.hits(logits, labels, valid)
+                    totals[3] += correct
+                    totals[4] += counted
+                    logits = semantic.within_level(logits, labels)
                 top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
                 hits = top5 == labels[:, None]
                 totals[0] += (hits[:, 0] & valid).sum()
@@ -130,13 +161,22 @@ class ClassificationTask:
         samples = int(totals[2].item())
         if samples == 0:
             raise RuntimeError(f"the validation set {spec.data.val_manifest} yielded no samples")
-        return {"val_top1": totals[0].item() / samples, "val_top5": totals[1].item() / samples,
-                "val_samples": samples}
+        result = {"val_top1": totals[0].item() / samples, "val_top5": totals[1].item() / samples,
+                  "val_samples": samples}
+        if semantic is not None:
+            result["val_semantic_top1"] = totals[3].item() / max(1.0, totals[4].item())
+        return result
 
     @staticmethod
     def report(result: dict) -> list[str]:
-        return [f"val top-1: {100 * result['val_top1']:.1f}%"]
+        lines = [f"val top-1: {100 * result['val_top1']:.1f}%"]
+        if "val_semantic_top1" in result:
+            lines.append(f"val semantic top-1: {100 * result['val_semantic_top1']:.1f}%")
+        return lines
 
     @staticmethod
     def log_line(result: dict) -> str:
-        return f"val top-1 {100 * result['val_top1']:.1f}%, top-5 {100 * result['val_top5']:.1f}%"
+        line = f"val top-1 {100 * result['val_top1']:.1f}%, top-5 {100 * result['val_top5']:.1f}%"
+        if "val_semantic_top1" in result:
+            line += f", semantic top-1 {100 * result['val_semantic_top1']:.1f}%"
+        return line

@@ -396,6 +396,15 @@ class JobSpec:
         if not self.run_dir:
             raise SpecError("run_dir is empty; give the directory this run writes to")
         _one_of("task", self.task, TASKS)
+        if self.augment.loss == "semantic_softmax" and self.task != "classification":
+            raise SpecError(f"augment.loss='semantic_softmax' is a classification loss; task={self.task!r} trains its "
+                            "own losses (remove augment.loss)")
+        if self.augment.loss == "semantic_softmax" and not self.data.hierarchy:
+            raise SpecError("augment.loss='semantic_softmax' needs data.hierarchy: a file of CHILD PARENT class names "
+                            "(the class tree whose levels get one softmax each)")
+        if self.data.hierarchy and self.augment.loss != "semantic_softmax":
+            raise SpecError(f"data.hierarchy={self.data.hierarchy!r} is read only by augment.loss='semantic_softmax'; "
+                            "set that loss or remove data.hierarchy")
         if self.data.img_size == 0:  # not set: the loader produces what the model is built for
             object.__setattr__(self, "data", dataclasses.replace(self.data, img_size=self.model.img_size))
         elif self.data.img_size != self.model.img_size:

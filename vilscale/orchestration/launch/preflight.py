@@ -2,10 +2,10 @@
 
 A mistake found here costs a second, not a DeepSpeed start-up per rank and a restart loop: the model
 name and shape, the shard manifests (present, readable, the class list of training and validation
-the same, ``model.num_classes`` equal to it), enough samples for every rank's batches, the initial
-weights (present and fitting the model), the run dir (usable, not owned by a live run, its spec not
-changed in what it trains) and, for local runs, the device. Every failure is a `SpecError` (exit code
-2, one line naming the key, the value and the fix), and nothing has been written anywhere.
+the same, ``model.num_classes`` equal to it, the semantic softmax's class tree over it), enough samples for
+every rank's batches, the initial weights (present and fitting the model), the run dir (usable, not owned
+by a live run, its spec not changed in what it trains) and, for local runs, the device. Every failure is a
+`SpecError` (exit code 2, one line naming the key, the value and the fix), and nothing has been written anywhere.
 
 The Ray and SLURM launchers run the same checks on the submitting machine, which therefore must see
 the shards and the run dir at the same paths as the nodes (shared storage).
@@ -91,6 +91,13 @@ def _check_data(spec: JobSpec, world_size: int) -> None:
     if train.num_classes != spec.model.num_classes:
         raise SpecError(f"model.num_classes={spec.model.num_classes} but {data.train_manifest} has {train.num_classes} "
                         f"classes; set model.num_classes={train.num_classes}")
+    if spec.augment.loss == "semantic_softmax":
+        from vilscale.tasks.hierarchy import ClassHierarchy, HierarchyError
+
+        try:
+            ClassHierarchy.read(data.hierarchy, train.classes)
+        except HierarchyError as error:
+            raise SpecError(f"data.hierarchy: {error}") from None
     per_step = spec.train.micro_batch * spec.grad_accum(world_size)
     try:
         batches = steps_per_epoch(train.num_samples, world_size, spec.train.micro_batch, train=True,
