@@ -216,7 +216,8 @@ def test_eval_and_report_of_a_finished_run(smoke, baseline_run, tmp_path):
     from PIL import Image
 
     points = {"loss.png": 4, "learning_rate.png": 4, "throughput.png": 4, "data_wait.png": 4, "eval_accuracy.png": 1}
-    assert sorted(path.name for path in out.iterdir()) == sorted(points)  # no detection plots for a classifier
+    # no detection plots for a classifier; its grid of val predictions (tests/test_predict.py) beside the plots
+    assert sorted(path.name for path in out.iterdir()) == sorted([*points, "predictions.png"])
     for name, count in points.items():
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.size == (600, 350), (name, image.format, image.size)  # 6 x 3.5 in

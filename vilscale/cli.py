@@ -21,7 +21,8 @@ SUBCOMMANDS = {
     "eval": ("vilscale.orchestration.cli.eval", "evaluate a run's checkpoint, or any weights on a job spec's data"),
     "export": ("vilscale.orchestration.cli.export", "export a run's consolidated weights to safetensors"),
     "convert": ("vilscale.model.cli", "convert an official ViL checkpoint to vilscale weights"),
-    "report": ("vilscale.orchestration.cli.report", "plot a run's metrics.jsonl to PNG files"),
+    "predict": ("vilscale.orchestration.cli.predict", "draw a run's predictions on images (boxes, masks, classes)"),
+    "report": ("vilscale.orchestration.cli.report", "plot a run's metrics.jsonl and a grid of val predictions to PNGs"),
     "bench": ("vilscale.model.bench", "measure FLOPs and parameters of the model variants"),
     "demo": ("vilscale.orchestration.cli.demo", "the quickstart: digits shards, training, eval, report"),
 }

@@ -206,13 +206,32 @@ def _load(model, spec, weights: Weights) -> None:
         print(f"evaluating at img_size={spec.model.img_size}: {report.summary()}", file=sys.stderr)
 
 
-def run(args) -> int:
+def loaded_model(spec, run_dir: Path | None, args):
+    """(model, weights, device, precision): the spec's model with what ``args`` choose (``--weights``, ``--tag``,
+    ``--ema``/``--live``) loaded and checked, in the run's attention mode, its attention backend settled; on the
+    CPU, not yet moved. Raises SpecError (the user's to fix), CheckpointError or OSError. `vilscale predict`
+    loads its model the same way."""
     from vilscale.devices import resolve_device
+    from vilscale.orchestration.training.engine import build_model, settle_attention_backend
+
+    device = resolve_device(spec.train.device)
+    model = build_model(spec)
+    weights = _weights(args, run_dir, model)
+    _check_classes(spec, weights)
+    _load(model, spec, weights)
+    if weights.run_dir is not None:
+        _attention_mode_of_the_run(model, weights.run_dir, weights.tag)
+    precision = args.precision or spec.train.precision
+    settle_attention_backend(model, spec, device, precision=precision, log=lambda line: print(line, file=sys.stderr))
+    return model, weights, device, precision
+
+
+def run(args) -> int:
     from vilscale.orchestration.checkpoint import CheckpointError
     from vilscale.orchestration.config import SpecError
     from vilscale.orchestration.launch.exit_codes import EXIT_FAILED, EXIT_SPEC_ERROR
     from vilscale.orchestration.training.distributed import RankContext
-    from vilscale.orchestration.training.engine import COMPUTE_DTYPES, build_model, settle_attention_backend
+    from vilscale.orchestration.training.engine import COMPUTE_DTYPES
     from vilscale.tasks import make_task
 
     try:
@@ -223,16 +242,7 @@ def run(args) -> int:
         if spec.task == "detection" and not (spec.data.val_annotations and spec.data.val_images):
             raise SpecError("data.val_annotations/val_images are empty; set them with --set data.val_annotations=PATH "
                             "--set data.val_images=DIR")
-        device = resolve_device(spec.train.device)
-        model = build_model(spec)
-        weights = _weights(args, run_dir, model)
-        _check_classes(spec, weights)
-        _load(model, spec, weights)
-        if weights.run_dir is not None:
-            _attention_mode_of_the_run(model, weights.run_dir, weights.tag)
-        precision = args.precision or spec.train.precision
-        settle_attention_backend(model, spec, device, precision=precision,
-                                 log=lambda line: print(line, file=sys.stderr))
+        model, weights, device, precision = loaded_model(spec, run_dir, args)
     except (SpecError, CheckpointError, OSError, ValueError) as error:
         # a checkpoint that cannot be read may be read again (exit 1); everything else is the user's to fix
         print(f"vilscale eval: {error}", file=sys.stderr)
