@@ -89,15 +89,30 @@ def test_split_drops_small_classes_and_holds_out_the_same_seeded_images_from_tar
     assert _held_out(other_seed) != splits["tar"][1], "--seed must choose the held-out images"
 
 
-def test_prepare_processed_writes_train_and_val_with_one_class_list_and_the_dropped_classes(trees, sizes, tmp_path,
-                                                                                             capsys):
+@pytest.fixture(scope="module")
+def processed(trees, tmp_path_factory) -> dict[str, object]:
+    """{"tar": OUT, "folder": OUT} of `vilscale prepare imagenet21k SRC OUT --processed` with the scaled thresholds,
+    and the command's stderr."""
+    import contextlib
+    import io as text_io
+
+    out = {}
+    for form, source in trees.items():
+        folder = tmp_path_factory.mktemp(f"processed-{form}")
+        err = text_io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert main(["prepare", "imagenet21k", str(source), str(folder), "--processed", "--min-images-per-class",
+                         str(MIN_IMAGES), "--val-per-class", str(VAL_PER_CLASS), "--num-shards", "2", "--workers",
+                         "2", "--max-side", "0"]) == 0, err.getvalue()
+        out[form], out[f"{form}-stderr"] = folder, err.getvalue()
+    return out
+
+
+def test_prepare_processed_writes_train_and_val_with_one_class_list_and_the_dropped_classes(processed, sizes):
     kept = [s for s, n in sizes.items() if n > MIN_IMAGES]
     written = {}
-    for form, source in trees.items():
-        out = tmp_path / form
-        assert main(["prepare", "imagenet21k", str(source), str(out), "--processed", "--min-images-per-class",
-                     str(MIN_IMAGES), "--val-per-class", str(VAL_PER_CLASS), "--num-shards", "2", "--workers", "2",
-                     "--max-side", "0"]) == 0
+    for form in ("tar", "folder"):
+        out = processed[form]
         train, val = load_manifest(out / "train"), load_manifest(out / "val")
         assert list(train.classes) == list(val.classes) == kept
         assert [d["class"] for d in train.dropped_classes] == [s for s, n in sizes.items() if n <= MIN_IMAGES]
@@ -108,8 +123,8 @@ def test_prepare_processed_writes_train_and_val_with_one_class_list_and_the_drop
                                               "seed": 0, "split": "train"}
         assert Counter(_shard_labels(val)) == {label: VAL_PER_CLASS for label in range(len(kept))}
         written[form] = (train.shard_sizes, val.shard_sizes)
+        assert f"{len(kept)} classes kept, {NUM_SYNSETS - len(kept)} dropped" in processed[f"{form}-stderr"]
     assert written["tar"] == written["folder"]
-    assert f"{len(kept)} classes kept, {NUM_SYNSETS - len(kept)} dropped" in capsys.readouterr().err
 
 
 def _shard_labels(manifest) -> list[int]:
@@ -141,3 +156,63 @@ def test_thresholds_that_cannot_work_are_one_line_and_exit_2_before_anything_is_
 def test_the_split_is_a_data_error_in_the_api_too(trees):
     with pytest.raises(DataError, match="drops all"):
         split_imagenet21k(scan_imagenet21k(trees["folder"]), min_images_per_class=99, val_per_class=0)
+
+
+def _tree_file(path, classes) -> None:
+    """Three levels over the kept synsets: 5 roots, 30 under them, the rest under those 30."""
+    lines = [f"{c} {classes[i % 5]}" for i, c in enumerate(classes) if 5 <= i < 35]
+    lines += [f"{c} {classes[5 + i % 30]}" for i, c in enumerate(classes) if i >= 35]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _train_args(run_dir, out, tree) -> list[str]:
+    """`vilscale train jobs/pretrain_21k.yaml --nproc 1 --set ...`: the job shrunk to vil_nano at 32 px, 3 steps of
+    16 images on one CPU rank, on the processed tree with the semantic softmax."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    classes = load_manifest(out / "train").num_classes
+    overrides = [f"run_dir={run_dir}", f"data.train_manifest={out / 'train' / 'manifest.json'}",
+                 f"data.val_manifest={out / 'val' / 'manifest.json'}", "augment.loss=semantic_softmax",
+                 f"data.hierarchy={tree}", "model.name=vil_nano", "model.img_size=32", "data.img_size=32",
+                 "model.window=2", f"model.num_classes={classes}", "data.num_workers=1", "data.val_resize_ratio=1.0",
+                 "train.global_batch=0", "train.micro_batch=16", "train.max_steps=3", "train.precision=fp32",
+                 "train.device=cpu", "eval.batch_size=64", "launcher.backend=local", "launcher.nodes=1",
+                 "launcher.gpus_per_node=0", "launcher.cpu_workers_per_node=1", "launcher.max_restarts=0"]
+    return ["train", str(repo / "jobs" / "pretrain_21k.yaml"), "--nproc", "1"] + \
+        [word for assignment in overrides for word in ("--set", assignment)]
+
+
+def test_the_21k_job_validates_on_the_held_out_split_with_the_semantic_softmax(processed, tmp_path,
+                                                                              private_checksum_cache):
+    """jobs/pretrain_21k.yaml, shrunk to vil_nano and 3 steps on one CPU rank, trains the processed tree with the
+    paper's augmentation (RandAugment, mixup/cutmix, label smoothing) under the semantic softmax of a three-level tree
+    and evaluates every held-out image once: top-1, top-5 and the semantic top-1 in metrics.jsonl."""
+    import json
+    import subprocess
+    import sys
+
+    out = processed["tar"]
+    tree = tmp_path / "tree.txt"
+    _tree_file(tree, list(load_manifest(out / "train").classes))
+    result = subprocess.run([sys.executable, "-m", "vilscale.cli", *_train_args(tmp_path / "run", out, tree)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "val_top1" in r]
+    assert len(evaluations) == 1 and evaluations[0]["step"] == 3
+    assert evaluations[0]["val_samples"] == load_manifest(out / "val").num_samples
+    assert {"val_top5", "val_semantic_top1"} <= evaluations[0].keys()
+    assert "semantic top-1" in result.stderr
+
+
+def test_a_tree_naming_a_class_the_shards_lack_is_refused_before_any_rank(processed, tmp_path, capsys):
+    out = processed["tar"]
+    classes = list(load_manifest(out / "train").classes)
+    tree = tmp_path / "tree.txt"
+    tree.write_text(f"{classes[1]} {classes[0]}\n{classes[2]} n99999999\n")
+    assert main(_train_args(tmp_path / "run", out, tree)) == 2
+    error = capsys.readouterr().err
+    assert "data.hierarchy: hierarchy file" in error and "n99999999" in error
+    assert len(error.strip().splitlines()) == 1, error
+    assert not (tmp_path / "run").exists()
