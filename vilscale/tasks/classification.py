@@ -100,6 +100,7 @@ class ClassificationTask:
         augment.loss=softmax)."""
         if self.spec.augment.loss != "semantic_softmax":
             return None
+        device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", as the tables will report it
         if self._semantic is None or self._semantic.targets.device != torch.device(device):
             from vilscale.data.manifest import load_manifest
             from vilscale.tasks.hierarchy import ClassHierarchy, SemanticSoftmax
