@@ -12,7 +12,7 @@ images, labels or boxes. A task supplies, for a job spec:
 - ``setup(ctx)``, then ``losses(engine, batch, micro_step=..., dtype=...)``: ``({name: loss}, indices)``
   for one micro-batch; the loop backpropagates their sum and logs each;
 - ``evaluate(model, loader, ctx, out_dir=...)``: a dict of metrics, the same on every rank, holding
-  the task's ``headline`` (``val_top1``, ``box_ap``, ``mask_ap``), and ``report(result)``: the lines the
+  the task's ``headline`` (``val_top1``, ``box_ap``, ``mask_ap``, ``miou``), and ``report(result)``: the lines the
   trainer and `vilscale eval` print;
 - ``check(world_size)``: its pre-flight checks (raises ValueError with one line), run before any rank.
 - ``data_sizes()`` and ``micro_batches_per_epoch(train_samples, world_size)``: the sizes `vilscale plan`
@@ -21,7 +21,7 @@ images, labels or boxes. A task supplies, for a job spec:
 
 from __future__ import annotations
 
-TASKS = ("classification", "detection")
+TASKS = ("classification", "detection", "segmentation")
 DETECTORS = ("retinanet", "mask_rcnn")
 
 
@@ -35,6 +35,10 @@ def make_task(spec):
         from vilscale.tasks.detection import DetectionTask
 
         return DetectionTask(spec)
+    if spec.task == "segmentation":
+        from vilscale.tasks.segmentation import SegmentationTask
+
+        return SegmentationTask(spec)
     raise ValueError(f"task={spec.task!r} is not valid; use one of {list(TASKS)}")
 
 

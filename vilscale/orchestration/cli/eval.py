@@ -37,7 +37,8 @@ def add_parser(parser) -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
                         help="compute precision (default: the spec's train.precision, as the trainer evaluates)")
     parser.add_argument("--out", default=None,
-                        help="folder for detection predictions (bbox.json, segm.json); default: RUN_DIR/eval for "
+                        help="folder for predictions (detection: bbox.json, segm.json; segmentation: iou.json and "
+                             "predictions/*.png); default: RUN_DIR/eval for "
                              "a run dir, none for a job spec")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the spec, e.g. --set data.val_manifest=other.json")
@@ -183,7 +184,8 @@ def _load(model, spec, weights: Weights) -> None:
             model.load_state_dict(weights.state)
         except RuntimeError as error:
             detail = " ".join(line.strip() for line in str(error).splitlines()[1:] if line.strip())
-            raise SpecError(f"the weights ({weights.source}) do not fit the {spec.model.detector} model of "
+            what = spec.model.detector if spec.task == "detection" else "Semantic FPN"
+            raise SpecError(f"the weights ({weights.source}) do not fit the {what} model of "
                             f"{spec.model.name}: {detail[:400]}{fix}") from None
         return
     want, have = model.state_dict().get("head.weight"), weights.state.get("head.weight")
@@ -242,6 +244,9 @@ def run(args) -> int:
         if spec.task == "detection" and not (spec.data.val_annotations and spec.data.val_images):
             raise SpecError("data.val_annotations/val_images are empty; set them with --set data.val_annotations=PATH "
                             "--set data.val_images=DIR")
+        if spec.task == "segmentation" and not (spec.data.val_images and spec.data.val_masks):
+            raise SpecError("data.val_images/val_masks are empty; set them with --set data.val_images=DIR "
+                            "--set data.val_masks=DIR")
         model, weights, device, precision = loaded_model(spec, run_dir, args)
     except (SpecError, CheckpointError, OSError, ValueError) as error:
         # a checkpoint that cannot be read may be read again (exit 1); everything else is the user's to fix

@@ -69,6 +69,9 @@ class ModelConfig:
     rois_per_image: int = 512
     """task=detection, mask_rcnn: proposals sampled per image to train the box and mask heads (a quarter positive
     at most; detectron2's and torchvision's 512)."""
+    head_channels: int = 128
+    """task=segmentation: channels of the Semantic FPN's per-level heads (3x3 conv, GroupNorm, ReLU, x2 upsampling
+    down to 1/4), whose sum the 1x1 classifier reads; `fpn_channels` is the FPN's width (256 in the recipe)."""
 
     def __post_init__(self):
         _one_of("model.pos_embed", self.pos_embed, POS_EMBEDS)
@@ -87,7 +90,7 @@ class ModelConfig:
         if len(self.anchor_sizes) != 5 or not all(isinstance(v, int) and v > 0 for v in self.anchor_sizes):
             raise SpecError(f"model.anchor_sizes={list(self.anchor_sizes)!r} must be five positive integers, one "
                             "per FPN level (e.g. [32, 64, 128, 256, 512])")
-        for name in ("fpn_channels", "proposals_per_image", "detections_per_image", "rois_per_image"):
+        for name in ("fpn_channels", "proposals_per_image", "detections_per_image", "rois_per_image", "head_channels"):
             _positive(f"model.{name}", getattr(self, name))
 
 
@@ -145,8 +148,11 @@ class ScheduleConfig:
     min_lr: float = 1e-6
     """Learning rate at the end of the cosine decay."""
     decay: str = "cosine"
-    """After warmup: "cosine" (to `min_lr` at the last step) or "step" (the peak, multiplied by `step_factor` at
-    each of `step_at`: detectron2's multi-step schedule of the detection recipes)."""
+    """After warmup: "cosine" (to `min_lr` at the last step), "step" (the peak, multiplied by `step_factor` at
+    each of `step_at`: detectron2's multi-step schedule of the detection recipes) or "poly" (min_lr + (peak -
+    min_lr) x (1 - progress)^`power`: mmsegmentation's schedule of the segmentation recipes)."""
+    power: float = 0.9
+    """decay="poly": the exponent (the Semantic FPN recipe's 0.9)."""
     step_at: tuple[float, ...] = ()
     """decay="step": fractions of the run's steps where the learning rate drops (1x schedule: 60k and 80k of
     90k iterations = [0.6667, 0.8889])."""
@@ -165,7 +171,9 @@ class ScheduleConfig:
             raise SpecError(f"schedule.warmup_epochs={self.warmup_epochs!r} must be >= 0")
         if self.warmup_lr < 0 or self.min_lr < 0:
             raise SpecError("schedule.warmup_lr and schedule.min_lr must be >= 0")
-        _one_of("schedule.decay", self.decay, ("cosine", "step"))
+        _one_of("schedule.decay", self.decay, ("cosine", "step", "poly"))
+        if not self.power > 0:
+            raise SpecError(f"schedule.power={self.power!r} must be > 0 (the recipe's 0.9)")
         if not all(0.0 < at < 1.0 for at in self.step_at) or list(self.step_at) != sorted(self.step_at):
             raise SpecError(f"schedule.step_at={list(self.step_at)!r} must be increasing fractions of the run in "
                             "(0, 1)")
@@ -372,7 +380,8 @@ class JobSpec:
     run_dir: str
     """Directory of this run: resolved spec, checkpoints/, metrics.jsonl, prometheus_targets.json, logs."""
     task: str = "classification"
-    """"classification" (FFCV shards, top-1) or "detection" (COCO-format data, `model.detector`, box/mask AP)."""
+    """"classification" (FFCV shards, top-1), "detection" (COCO-format data, `model.detector`, box/mask AP) or
+    "segmentation" (ADE20K-format data, Semantic FPN, mIoU)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The ViL variant and how to build it."""
     data: DataConfig
@@ -483,6 +492,7 @@ EXECUTION_KEYS = (
 ADJUSTABLE_KEYS = (
     "train.max_steps", "train.epochs", "data.train_manifest", "data.val_manifest", "model.init_weights",
     "data.train_annotations", "data.train_images", "data.val_annotations", "data.val_images",
+    "data.train_masks", "data.val_masks",
     "model.drop_path_rate", "optim.lr", "optim.lr_batch_ref", "optim.weight_decay", "optim.clip_grad",
     "optim.ema_decay", "schedule", "augment", "eval.use_ema", "data.crop_decode",
 )

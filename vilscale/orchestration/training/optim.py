@@ -83,15 +83,19 @@ def peak_lr(spec: JobSpec, world_size: int) -> float:
 
 
 def lr_at(step: int, *, peak: float, total_steps: int, warmup_steps: int, warmup_lr: float,
-          min_lr: float, step_at: tuple[int, ...] | None = None, step_factor: float = 0.1) -> float:
+          min_lr: float, step_at: tuple[int, ...] | None = None, step_factor: float = 0.1,
+          poly_power: float | None = None) -> float:
     """Linear warmup from ``warmup_lr`` to ``peak`` over ``warmup_steps``, then cosine to ``min_lr`` or, with
-    ``step_at`` (absolute steps), the peak times ``step_factor`` once per milestone reached."""
+    ``step_at`` (absolute steps), the peak times ``step_factor`` once per milestone reached, or, with
+    ``poly_power``, ``min_lr + (peak - min_lr) x (1 - progress)^poly_power``."""
     if step < warmup_steps:
         return warmup_lr + (peak - warmup_lr) * step / warmup_steps
     if step_at is not None:
         return peak * step_factor ** sum(step >= milestone for milestone in step_at)
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if poly_power is not None:
+        return min_lr + (peak - min_lr) * (1.0 - progress) ** poly_power
     return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -112,6 +116,8 @@ class LrSchedule:
     step_at: tuple[int, ...] | None = None
     """Steps where a multi-step schedule multiplies the peak by ``step_factor`` (None: cosine)."""
     step_factor: float = 0.1
+    poly_power: float | None = None
+    """The exponent of a poly decay (None: cosine or steps)."""
 
     @classmethod
     def for_run(cls, spec: JobSpec, *, world_size: int, steps_per_epoch: int, total_steps: int) -> LrSchedule:
@@ -120,12 +126,12 @@ class LrSchedule:
         return cls(peak=peak_lr(spec, world_size), total_steps=total_steps,
                    warmup_steps=round(schedule.warmup_epochs * steps_per_epoch),
                    warmup_lr=schedule.warmup_lr, min_lr=schedule.min_lr, step_at=step_at,
-                   step_factor=schedule.step_factor)
+                   step_factor=schedule.step_factor, poly_power=schedule.power if schedule.decay == "poly" else None)
 
     def lr(self, step: int) -> float:
         return lr_at(step, peak=self.peak, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
                      warmup_lr=self.warmup_lr, min_lr=self.min_lr, step_at=self.step_at,
-                     step_factor=self.step_factor)
+                     step_factor=self.step_factor, poly_power=self.poly_power)
 
     def apply(self, optimizer, step: int) -> float:
         """Set every parameter group's lr for ``step``; returns it."""
