@@ -193,3 +193,29 @@ def test_slurm_site_options_are_execution_keys_and_additional_stays_whole():
     assert flat["launcher.slurm.additional"] == {"mail-type": "END"} and flat["launcher.slurm.qos"] == "low"
     assert key_kind("launcher.slurm.qos") == key_kind("launcher.slurm.additional") == "execution"
     assert spec_changes(old.to_dict(), new.to_dict()) == [] and old.digest() == new.digest()
+
+
+def test_a_run_dir_written_before_a_key_existed_resumes_while_the_key_keeps_its_default(tmp_path):
+    """A run dir's spec.yaml written by an older vilscale lacks the keys added since (a job queued or requeued
+    across an upgrade): a missing key compares as its default, so the run resumes; a value other than the default
+    is a change like any other, reported against the default."""
+    from vilscale.orchestration.checkpoint.rundir import RunDirError, check_resume_compatible
+    from vilscale.orchestration.config.spec import flatten, spec_changes
+
+    spec = spec_from_dict({**minimal(), "run_dir": str(tmp_path / "run")})
+    older = spec.to_dict()
+    for section in ("model", "data", "augment", "optim", "schedule", "train", "eval", "metrics", "launcher"):
+        older[section].pop(sorted(older[section])[-1])  # one key per section that the older version did not have
+    del older["task"]
+    assert len(flatten(spec.to_dict())) - len(flatten(older)) >= 10
+    assert spec_changes(older, spec.to_dict()) == []
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "spec.yaml").write_text(yaml.safe_dump(older))
+    assert check_resume_compatible(spec) == []
+
+    missing = sorted(older["model"].keys() ^ spec.to_dict()["model"].keys())[0]
+    assert missing == "window_mode"
+    changed = spec_from_dict({**minimal(), "run_dir": str(tmp_path / "run"), "model": {"window_mode": "exact"}})
+    assert spec_changes(older, changed.to_dict()) == [("model.window_mode", "chunk", "exact")]
+    with pytest.raises(RunDirError, match="model.window_mode: 'chunk' -> 'exact'"):
+        check_resume_compatible(changed)

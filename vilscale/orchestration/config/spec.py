@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -522,8 +523,37 @@ def key_kind(path: str) -> str:
     return "execution" if listed(EXECUTION_KEYS) else "adjustable" if listed(ADJUSTABLE_KEYS) else "fixed"
 
 
+def default_values() -> dict[str, Any]:
+    """{flattened key: default} for every key that has a default, as this version of vilscale fills it in."""
+    return _field_defaults(JobSpec, "")
+
+
+def _field_defaults(cls, prefix: str) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        elif dataclasses.is_dataclass(hints[f.name]):  # a section without a default of its own (data)
+            out.update(_field_defaults(hints[f.name], f"{path}."))
+            continue
+        else:  # required: no default to compare with
+            continue
+        plain = _to_plain(value)
+        if isinstance(plain, dict) and path not in MAPPING_KEYS:
+            out.update(flatten(plain, f"{path}."))
+        else:
+            out[path] = plain
+    return out
+
+
 def spec_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
-    """(key, old value, new value) for every key whose value differs, execution keys left out."""
+    """(key, old value, new value) for every key whose value differs, execution keys left out. A key that ``old``
+    lacks (a spec.yaml written by a vilscale without that key) has its default there."""
     before, after = flatten(old), flatten(new)
+    before = {**{key: value for key, value in default_values().items() if key in after}, **before}
     return [(key, before.get(key), after.get(key)) for key in sorted(before.keys() | after.keys())
             if before.get(key) != after.get(key) and key_kind(key) != "execution"]
