@@ -329,6 +329,33 @@ class SegmentationTask:
     def evaluate(self, model: nn.Module, loader, ctx, *, out_dir: Path | None = None) -> dict:
         return evaluate(model, loader, self.spec, ctx, out_dir=out_dir)
 
+    def predict_class_map(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """The predicted class (0..K-1) of every pixel of one uint8 image (3, H, W), as evaluation predicts it:
+        the image resized to shorter side ``data.crop_size``, the logits upsampled back to (H, W)."""
+        from vilscale.data.ade import resize_for_eval
+
+        was_training = model.training
+        model.eval()
+        try:
+            return class_maps(model, [resize_for_eval(image, self.spec.data.crop_size)],
+                              [tuple(image.shape[-2:])])[0]
+        finally:
+            model.train(was_training)
+
+    def validation_images(self, count: int) -> list[torch.Tensor]:
+        """The first ``count`` validation images (by name), uint8 (3, H, W) as stored."""
+        from PIL import Image
+
+        from vilscale.data.ade import image_files
+
+        if not self.spec.data.val_images:
+            return []
+        out = []
+        for path in image_files(self.spec.data.val_images)[:count]:
+            with Image.open(path) as handle:
+                out.append(torch.from_numpy(np.asarray(handle.convert("RGB")).copy()).permute(2, 0, 1).contiguous())
+        return out
+
     @staticmethod
     def report(result: dict) -> list[str]:
         return [f"mIoU: {100 * result['miou']:.1f}",
