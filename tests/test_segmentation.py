@@ -175,6 +175,10 @@ def test_bad_segmentation_input_is_refused_before_any_rank_starts(digits_coco, t
         assert result.returncode == 2, (message, result.stderr[-2000:])
         assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, (message, result.stderr)
         assert not run_dir.exists(), message  # nothing written
+    evaluated = vilscale_here("eval", str(JOB), "--weights", str(tmp_path / "any.safetensors"),
+                              "--set", f"data.val_images={sizes / 'images'}", "--set", f"data.val_masks={sizes / 'masks'}")
+    assert evaluated.returncode == 2 and "val_000005.jpg: image 96x96, label map 96x80" in evaluated.stderr
+    assert len(evaluated.stderr.strip().splitlines()) == 1, evaluated.stderr
 
 
 def test_the_model_gives_logits_at_any_size_and_ignores_the_ignore_label(one_torch_thread):

@@ -288,8 +288,9 @@ class SegmentationTask:
         from vilscale.data.ade import image_files
 
         data = self.spec.data
+        train = len(image_files(data.train_images))
         val = len(image_files(data.val_images)) if data.val_images and data.val_masks else 0
-        return {"train_samples": len(image_files(data.train_images)), "val_samples": val, "shard_sizes": None}
+        return {"train_samples": train, "val_samples": val, "shard_sizes": None}
 
     def micro_batches_per_epoch(self, train_samples: int, world_size: int) -> int:
         from vilscale.data.coco import train_batches_per_rank
@@ -367,6 +368,14 @@ class SegmentationTask:
         return f"mIoU {100 * result['miou']:.1f}, pixel accuracy {100 * result['pixel_accuracy']:.1f}%"
 
     # ---- pre-flight ----------------------------------------------------------------------------------------
+
+    def check_eval(self) -> None:
+        """Before `vilscale eval` reads anything: the validation split's checks of ``check``."""
+        from vilscale.data.ade import check_ade_folder
+
+        data = self.spec.data
+        check_ade_folder(data.val_images, data.val_masks, what="val", num_classes=self.spec.model.num_classes,
+                         ignore_index=data.ignore_index, reduce_zero_label=data.reduce_zero_label)
 
     def check(self, world_size: int) -> None:
         """Before any rank starts: the folders, a label map of the same size for every image, label values that

@@ -247,6 +247,8 @@ def run(args) -> int:
         if spec.task == "segmentation" and not (spec.data.val_images and spec.data.val_masks):
             raise SpecError("data.val_images/val_masks are empty; set them with --set data.val_images=DIR "
                             "--set data.val_masks=DIR")
+        if hasattr(task, "check_eval"):  # the validation data's own checks (segmentation: label maps)
+            task.check_eval()
         model, weights, device, precision = loaded_model(spec, run_dir, args)
     except (SpecError, CheckpointError, OSError, ValueError) as error:
         # a checkpoint that cannot be read may be read again (exit 1); everything else is the user's to fix
