@@ -395,7 +395,7 @@ def train_on_ray(spec: JobSpec) -> dict:
     """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     spec = with_absolute_paths(spec, Path.cwd())
     if "runtime_resources" in Path(spec.run_dir).parts or "working_dir_files" in spec.run_dir:
@@ -426,6 +426,8 @@ def train_on_ray(spec: JobSpec) -> dict:
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config={"spec": spec.to_dict()},
+            # Ray Train makes the process group: its collectives wait train.collective_timeout_s, not Ray's 1800 s.
+            torch_config=TorchConfig(timeout_s=int(spec.train.collective_timeout_s)),
             scaling_config=ScalingConfig(num_workers=launcher.world_size, use_gpu=launcher.gpus_per_node > 0,
                                          resources_per_worker=worker_resources(launcher), placement_strategy="PACK",
                                          label_selector=worker_label_selectors(nodes, per_node)),

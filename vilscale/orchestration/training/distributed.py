@@ -60,8 +60,10 @@ def init_distributed(requested_device: str, *, collective_timeout_s: float = 900
         device_type = resolve_device(requested_device).type
     except ValueError as error:
         raise SpecError(f"train.device={requested_device!r}: {error}") from None
+    timeout = timedelta(seconds=collective_timeout_s)
     if not dist.is_initialized():
-        _init_from_environment(device_type, timedelta(seconds=collective_timeout_s))
+        _init_from_environment(device_type, timeout)
+    _bound_every_group(timeout)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     local_rank, local_world_size = _local_layout(rank, world_size)
     device = _device_for(device_type, local_rank, local_world_size)
@@ -69,6 +71,21 @@ def init_distributed(requested_device: str, *, collective_timeout_s: float = 900
         _check_gpus_not_shared(device, rank)
     return RankContext(rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_world_size,
                        device=device)
+
+
+def _bound_every_group(timeout: timedelta) -> None:
+    """Make every collective wait at most ``timeout``: the default group's, whoever made it (Ray Train makes it with
+    its own timeout), and those of the groups created later (DeepSpeed reduces gradients and gathers ZeRO partitions
+    in a clone of the world group of its own). torch creates a group without an explicit timeout with its backend's
+    default, 30 minutes on gloo and 10 on nccl, whatever the default group was given; those defaults are module
+    attributes of torch.distributed.distributed_c10d, read when a group is created."""
+    from torch.distributed import distributed_c10d
+
+    set_timeout = getattr(dist, "set_timeout", None) or distributed_c10d._set_pg_timeout  # older torch: the private name
+    set_timeout(timeout)
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if isinstance(getattr(distributed_c10d, name, None), timedelta):
+            setattr(distributed_c10d, name, timeout)
 
 
 def _init_from_environment(device_type: str, timeout: timedelta) -> None:
