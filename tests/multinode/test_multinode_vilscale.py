@@ -338,3 +338,53 @@ def test_a_ray_job_that_fits_the_cluster_but_no_node_is_refused_with_the_numbers
     assert "asks for 1 node(s) with 3 CPU(s) each (3 rank(s) per node x 1 CPU(s))" in result.stderr, result.stderr
     assert "only 0 of the 2 node(s)" in result.stderr and "the largest has 2 CPU(s)" in result.stderr, result.stderr
     assert submitted == []
+
+
+COLLECTIVE_TIMEOUT_S = 8
+
+
+def test_a_slurm_host_cut_off_while_both_ranks_train_times_out_its_peer_and_the_run_resumes_exactly(
+        slurm_two_nodes, digits, uninterrupted_weights, tmp_path):
+    """h2's link goes down while both ranks train (no hold: rank 0 is inside an all-reduce with a peer whose
+    packets are dropped). Rank 0 must not wait forever: train.collective_timeout_s ends it with a restartable
+    exit; SLURM, which loses h2's slurmd, requeues the job; the link comes back and the job resumes from the
+    latest checkpoint and ends with the uninterrupted run's samples and weights, bit for bit."""
+    h2 = slurm_two_nodes.hosts["h2"]
+    run_dir = tmp_path / "run"
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "vilscale.cli", "submit", str(SMOKE), "--backend", "slurm", "--wait",
+         *smoke_overrides(digits, run_dir, {**TWO_HOSTS, "train.collective_timeout_s": COLLECTIVE_TIMEOUT_S},
+                          max_steps=MAX_STEPS, ckpt_every=CKPT_EVERY, record_samples="true", keep_checkpoints=20)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=services.REPO,
+        env={**os.environ, **slurm_two_nodes.env})
+    cut = False
+    try:
+        logs = slurm_two_nodes.cluster.logs()
+        # both ranks past the first checkpoint and training: the cut lands between or inside steps, never in a hold
+        services.wait_until(lambda: latest_step(run_dir) >= CKPT_EVERY and
+                            max(services.metric_steps(run_dir) or [0]) >= CKPT_EVERY + 2,
+                            timeout_s=240, what="training past the first checkpoint", poll_s=0.05, logs=logs)
+        h2.disconnect()
+        cut, cut_at = True, time.monotonic()
+        job_id = submitted_job(run_dir)
+        services.wait_until(lambda: "Restarts=1" in slurm_two_nodes.command("scontrol", "show", "job", job_id),
+                            timeout_s=180, what="job requeued after h2 was cut off", logs=logs)
+        print(f"requeued {time.monotonic() - cut_at:.1f} s after the cut")
+        h2.reconnect()
+        cut = False
+        output, _ = submit.communicate(timeout=600)
+    finally:
+        if cut:
+            h2.reconnect()
+        if submit.poll() is None:
+            submit.kill()
+    assert submit.returncode == 0, output[-4000:]
+    rank0 = "".join(p.read_text() for p in sorted((run_dir / "submitit").glob(f"{job_id}_0_log.err")))
+    first, _, after = rank0.partition("requeue 1")
+    # the survivor ended on its own, by the collective timeout, before SLURM took the node away
+    assert f"Timed out waiting {COLLECTIVE_TIMEOUT_S * 1000}ms" in first, first[-3000:]
+    resumed = [int(step) for step in re.findall(r"resumed from step_\d+ \(step (\d+)", after)]
+    assert len(resumed) == 1 and resumed[0] >= CKPT_EVERY, after[-3000:]
+    redone = check_finished_after_the_loss(run_dir, digits, uninterrupted_weights, redone=None)
+    print(f"SLURM: h2 cut off while training, rank 0 timed out after {COLLECTIVE_TIMEOUT_S} s, the job was "
+          f"requeued, resumed from step {resumed[0]}, {redone} step(s) redone")
