@@ -128,7 +128,8 @@ def test_the_export_predicts_the_class_maps_eval_saved(trained, digits_coco, tmp
     task = make_task(spec)
     image = task.validation_images(1)[0]
     predicted = task.predict_class_map(model, image)
-    saved = torch.from_numpy(np.asarray(Image.open(run_dir / "eval" / "predictions" / "val_000000.png")).astype(np.int64))
+    saved_png = run_dir / "eval" / "predictions" / "val_000000.png"
+    saved = torch.from_numpy(np.asarray(Image.open(saved_png)).astype(np.int64))
     assert predicted.shape == image.shape[-2:] == saved.shape
     assert (predicted == saved).float().mean() > 0.999  # label_offset 0; float sums in another thread count may tie
 
@@ -177,7 +178,8 @@ def test_bad_segmentation_input_is_refused_before_any_rank_starts(digits_coco, t
         assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, (message, result.stderr)
         assert not run_dir.exists(), message  # nothing written
     evaluated = vilscale_here("eval", str(JOB), "--weights", str(tmp_path / "any.safetensors"),
-                              "--set", f"data.val_images={sizes / 'images'}", "--set", f"data.val_masks={sizes / 'masks'}")
+                              "--set", f"data.val_images={sizes / 'images'}",
+                              "--set", f"data.val_masks={sizes / 'masks'}")
     assert evaluated.returncode == 2 and "val_000005.jpg: image 96x96, label map 96x80" in evaluated.stderr
     assert len(evaluated.stderr.strip().splitlines()) == 1, evaluated.stderr
 
@@ -219,3 +221,24 @@ def test_poly_schedule_decays_to_min_lr_with_power_0_9():
     assert schedule.lr(0) == pytest.approx(1e-4)
     assert schedule.lr(40000) == pytest.approx(1e-4 * 0.5 ** 0.9)
     assert schedule.lr(80000) == 0.0 and schedule.lr(79999) > 0
+
+
+@pytest.mark.slow
+def test_predict_overlays_the_class_map_eval_saved_on_the_image(trained, digits_coco, tmp_path):
+    """`vilscale predict` of the segmentation run: the picture has the image's size, and every pixel is the image
+    blended (alpha 0.5) with the colour of the class `vilscale eval` saved for it."""
+    from vilscale.tasks.pictures import color_of
+
+    run_dir, _ = trained
+    image_path = digits_coco / "val" / "images" / "val_000000.jpg"
+    result = vilscale_here("predict", str(run_dir), str(image_path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    picture = np.asarray(Image.open(tmp_path / "out" / "val_000000.png").convert("RGB")).astype(np.int64)
+    original = np.asarray(Image.open(image_path).convert("RGB")).astype(np.int64)
+    saved = np.asarray(Image.open(run_dir / "eval" / "predictions" / "val_000000.png")).astype(np.int64)
+    assert picture.shape == original.shape and saved.shape == original.shape[:2]
+    colours = np.array([color_of(c) for c in range(int(saved.max()) + 1)])
+    expected = 0.5 * original + 0.5 * colours[saved]
+    close = (np.abs(picture - expected) <= 1).all(-1)
+    assert close.mean() > 0.999, close.mean()  # eval's and predict's maps may differ on a tied pixel
+    assert len(np.unique(saved)) >= 2  # background and at least one digit drawn

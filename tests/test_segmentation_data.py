@@ -144,7 +144,8 @@ def test_an_unreadable_file_is_replaced_counted_and_the_batch_count_kept(digits_
     shutil.copytree(digits_coco / "val", tmp_path / "val")
     data = _data(tmp_path, "val")
     name = data.files[2].stem
-    path = tmp_path / "val" / ("images" if broken == "image" else "masks") / f"{name}.{'jpg' if broken == 'image' else 'png'}"
+    folder, suffix = ("images", "jpg") if broken == "image" else ("masks", "png")
+    path = tmp_path / "val" / folder / f"{name}.{suffix}"
     path.write_bytes(b"not an image")
     loader = _loader(data, 0, 1, batch=4)
     batches = list(loader)

@@ -287,7 +287,7 @@ def _scan_pair(image: Path, masks: Path):
     except OSError:
         return ("unreadable", image.name)
     if image_size != mask_size:
-        return ("size", [image.name, "%dx%d" % image_size, "%dx%d" % mask_size])
+        return ("size", [image.name, "{}x{}".format(*image_size), "{}x{}".format(*mask_size)])
     values = np.flatnonzero(np.bincount(labels.ravel())) if labels.dtype == np.uint8 else np.unique(labels)
     return ("ok", [int(v) for v in values])
 
@@ -337,7 +337,8 @@ def check_ade_folder(images: str, masks: str, *, what: str, num_classes: int, ig
     images_key, masks_key = f"data.{what}_images", f"data.{what}_masks"
     for key, folder in ((images_key, images), (masks_key, masks)):
         if not Path(folder).is_dir():
-            raise DataError(f"{key}={folder!r} is not a folder; give the split's {'images' if 'images' in key else 'label maps'}")
+            wanted = "images" if "images" in key else "label maps"
+            raise DataError(f"{key}={folder!r} is not a folder; give the split's {wanted}")
     summary = scan_folder(images, masks)
     if not summary.images:
         raise DataError(f"{images_key}={images!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -360,7 +361,8 @@ def check_ade_folder(images: str, masks: str, *, what: str, num_classes: int, ig
     if bad:
         value, first = bad[-1]
         shift = " after data.reduce_zero_label's shift" if reduce_zero_label else ""
-        needed = int(map_labels(np.array([value]), reduce_zero_label=reduce_zero_label, ignore_index=ignore_index)[0]) + 1
+        mapped = map_labels(np.array([value]), reduce_zero_label=reduce_zero_label, ignore_index=ignore_index)
+        needed = int(mapped[0]) + 1
         raise DataError(f"{masks} holds label value {value} (e.g. in {first}), which{shift} is neither a class of "
                         f"model.num_classes={num_classes} nor data.ignore_index={ignore_index}; set "
                         f"model.num_classes={needed}, or data.ignore_index / data.reduce_zero_label to match the data")

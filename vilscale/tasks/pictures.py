@@ -71,10 +71,11 @@ def draw_detections(image: torch.Tensor, prediction: dict, names: list[str], *,
         picture = draw_segmentation_masks(picture, masks, alpha=0.45, colors=[color_of(label) for label in labels])
     if len(keep):
         width = max(1, round(min(image.shape[-2:]) / 200))
+        colours = [color_of(label) for label in labels]
         picture = draw_bounding_boxes(picture, boxes, labels=[f"{_name(names, label)} {score:.2f}"
                                                               for label, score in zip(labels, scores)],
-                                      colors=[color_of(label) for label in labels], width=width, fill_labels=True,
-                                      label_colors="black", label_background_colors=[color_of(l) for l in labels])
+                                      colors=colours, width=width, fill_labels=True,
+                                      label_colors="black", label_background_colors=colours)
     drawn = [{"box": [round(float(v), 3) for v in box], "label": _name(names, label), "label_index": int(label),
               "score": round(float(score), 5)} for box, label, score in zip(boxes.tolist(), labels, scores)]
     return picture, drawn[::-1]
@@ -158,8 +159,8 @@ class Predictor:
             head = model.detector.roi_heads if hasattr(model.detector, "roi_heads") else model.detector
             head.score_thresh = min(head.score_thresh, score_threshold)
         elif self.spec.task == "segmentation" and not hasattr(task, "predict_class_map"):
-            raise ValueError("task=segmentation: its task module has no predict_class_map(model, image) yet (a per-pixel "
-                             "class map at the image's size), so there is nothing to draw")
+            raise ValueError("task=segmentation: its task module has no predict_class_map(model, image) (a "
+                             "per-pixel class map at the image's size), so there is nothing to draw")
         elif self.spec.task not in ("classification", "segmentation", "detection"):
             raise ValueError(f"vilscale predict does not know task={self.spec.task!r}")
 

@@ -162,7 +162,8 @@ def class_maps(model: nn.Module, images: list[torch.Tensor], sizes: list[tuple[i
 # mIoU: a confusion matrix over every rank
 # ----------------------------------------------------------------------------------------------------
 
-def confusion_matrix(truth: torch.Tensor, prediction: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+def confusion_matrix(truth: torch.Tensor, prediction: torch.Tensor, num_classes: int,
+                     ignore_index: int) -> torch.Tensor:
     """(K, K) int64 counts, row = true class, column = predicted class, over the pixels not ``ignore_index``."""
     valid = truth != ignore_index
     pairs = truth[valid] * num_classes + prediction[valid]

@@ -22,7 +22,8 @@ def add_parser(parser) -> None:
     parser.add_argument("target", metavar="RUN_DIR|JOB.yaml",
                         help="a run directory, or a job spec (YAML) whose model draws --weights' predictions")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything PIL reads)")
-    parser.add_argument("--out", required=True, help="folder for the pictures (IMAGE's name, .png) and predictions.json")
+    parser.add_argument("--out", required=True,
+                        help="folder for the pictures (IMAGE's name, .png) and predictions.json")
     parser.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD,
                         help=f"detection: draw boxes scoring at least this (default {DEFAULT_SCORE_THRESHOLD})")
     parser.add_argument("--weights", default=None,

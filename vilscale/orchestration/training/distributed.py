@@ -81,7 +81,8 @@ def _bound_every_group(timeout: timedelta) -> None:
     attributes of torch.distributed.distributed_c10d, read when a group is created."""
     from torch.distributed import distributed_c10d
 
-    set_timeout = getattr(dist, "set_timeout", None) or distributed_c10d._set_pg_timeout  # older torch: the private name
+    # older torch has only the private name
+    set_timeout = getattr(dist, "set_timeout", None) or distributed_c10d._set_pg_timeout
     set_timeout(timeout)
     for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
         if isinstance(getattr(distributed_c10d, name, None), timedelta):
