@@ -117,6 +117,19 @@ def test_a_resumed_epoch_yields_bit_identical_batches(digits_coco):
     assert 0 < flipped < sum(len(b[2]) for b in rest)  # hflip 0.5: some flipped, some not
 
 
+def test_reading_batches_leaves_the_global_random_stream_alone(digits_coco):
+    """The stream dropout and Mask R-CNN's samplers draw from is restored from a checkpoint; an iterator started
+    after the restore must not draw from it (it did: the DataLoader's base seed, one draw that a resumed run
+    makes at another point of the stream, so its dropout masks differed from the uninterrupted run's)."""
+    data = CocoData(digits_coco / "train" / "images", digits_coco / "train" / "annotations.json", train=True,
+                    masks=False)
+    for train in (True, False):
+        torch.manual_seed(5)
+        before = torch.get_rng_state()
+        next(iter(_loader(data, 0, 2, train=train)))
+        assert torch.equal(torch.get_rng_state(), before), train
+
+
 def test_flipped_boxes_and_masks_move_with_the_image(digits_coco):
     data = CocoData(digits_coco / "train" / "images", digits_coco / "train" / "annotations.json", train=True,
                     masks=True)

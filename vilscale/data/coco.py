@@ -307,9 +307,13 @@ class CocoLoader:
         positions = self.positions()
         dataset = _Positions(self.data, positions, [self._draw(p) for p in positions],
                              start=self.batches_done * self.batch_size)
+        # The DataLoader draws its workers' base seed when an iterator starts. From the global stream that draw
+        # would shift every later dropout mask and detector sampling by one, and a resumed run starts its
+        # iterator at another point of that stream than the uninterrupted run did: its own generator instead.
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
                                              num_workers=self.num_workers, collate_fn=_collate,
-                                             persistent_workers=False)
+                                             persistent_workers=False, generator=generator)
         for batch in loader:
             images, targets, indices = [], [], []
             for position, (image, target), failures in batch:
