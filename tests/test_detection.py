@@ -22,9 +22,9 @@ RETINANET = REPO / "jobs" / "digits_retinanet.yaml"
 MASK_RCNN = REPO / "jobs" / "digits_mask_rcnn.yaml"
 
 
-def vilscale(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+def vilscale(*args: str, check: bool = True, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "vilscale.cli", *args], capture_output=True, text=True,
-                            timeout=1200, cwd=REPO, env={**os.environ, **(env or {})})
+                            timeout=1200, cwd=cwd, env={**os.environ, **(env or {})})
     if check:
         assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -196,3 +196,32 @@ def test_initial_weights_of_another_variant_are_refused(digits_coco, tmp_path):
                       *data_sets(digits_coco), "--set", f"model.init_weights={weights}", check=False)
     assert result.returncode == 2 and "model.init_weights=" in result.stderr and "does not fit" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# `vilscale demo --detection`, as a new user runs it (cut to a few steps)
+# ----------------------------------------------------------------------------------------------------
+
+def test_the_detection_demo_prepares_trains_evaluates_and_draws_its_pictures(tmp_path):
+    """From an empty directory: the canvases are prepared, Mask R-CNN trains (cut to 2 steps), the report gets its
+    grid, eval prints box and mask AP, and the last line names the folder holding one picture per val canvas."""
+    result = vilscale("demo", "--detection", "--detection-job", str(MASK_RCNN), "--max-steps", "2",
+                      cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "digits_mask_rcnn"
+    assert (tmp_path / "data" / "digits_coco" / "val" / "annotations.json").is_file()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("step", 0) for r in records) == 2
+    printed = result.stdout.splitlines()
+    assert any(line.startswith("box AP: ") for line in printed)
+    assert any(line.startswith("mask AP: ") for line in printed)
+    assert (run_dir / "eval" / "bbox.json").is_file() and (run_dir / "eval" / "segm.json").is_file()
+    assert (run_dir / "report" / "predictions.png").is_file()
+    assert printed[-1].startswith("detection demo finished in ")
+    assert printed[-1].endswith(f"pictures of predictions in {Path('runs') / 'digits_mask_rcnn' / 'pictures'}")
+    pictures = sorted((run_dir / "pictures").glob("*.png"))
+    assert [p.stem for p in pictures] == ["val_000000", "val_000001", "val_000002", "val_000003"]
+    from PIL import Image
+
+    for picture in pictures:
+        with Image.open(picture) as image:
+            assert image.size == (96, 96)  # drawn on the canvas at its own size
