@@ -38,6 +38,11 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip_gpu)
+    if "transfer" not in (config.getoption("markexpr") or ""):  # chosen only by name: `make test-transfer`
+        skip_transfer = pytest.mark.skip(reason="six 12-epoch fine-tunes (about 15 min): run make test-transfer")
+        for item in items:
+            if "transfer" in item.keywords:
+                item.add_marker(skip_transfer)
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +78,25 @@ def digits_coco(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits_coco")
     write_digits_coco(out)
     return out
+
+
+# The quickstart's classification job, shortened: its export is what the journey fine-tunes and what the transfer
+# test starts a segmenter from (the README's measurements of both used these 4 epochs).
+PRETRAIN_EPOCHS = 4
+
+
+@pytest.fixture(scope="session")
+def pretrained_digits(digits, tmp_path_factory) -> Path:
+    """vil_nano pretrained on the digits at 32 px for PRETRAIN_EPOCHS epochs on 2 ranks (jobs/demo_digits.yaml)."""
+    run_dir = tmp_path_factory.mktemp("pretrain") / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "vilscale.cli", "train", str(REPO / "jobs" / "demo_digits.yaml"), "--nproc", "2",
+         "--set", f"run_dir={run_dir}", "--set", f"data.train_manifest={digits / 'train' / 'manifest.json'}",
+         "--set", f"data.val_manifest={digits / 'val' / 'manifest.json'}",
+         "--set", f"train.epochs={PRETRAIN_EPOCHS}", "--set", "eval.every_epochs=100"],
+        capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir
 
 
 class SmokeRuns:

@@ -16,9 +16,7 @@ import torch
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-PRETRAIN = REPO / "jobs" / "demo_digits.yaml"
 FINETUNE = REPO / "jobs" / "journey_digits.yaml"
-PRETRAIN_EPOCHS = 4
 # Measured on the 2-core machine (see the README's journey section): about 0.93 after 4 epochs.
 PRETRAIN_BAR = 0.80
 # Measured: 0.58-0.61 after two fine-tuning epochs at 64 px (the pretrained 32-px weights score 0.15 on
@@ -40,13 +38,10 @@ def data_sets(digits: Path) -> list[str]:
             "--set", f"data.val_manifest={digits / 'val' / 'manifest.json'}"]
 
 
-@pytest.fixture(scope="session")
-def pretrained(digits, tmp_path_factory) -> Path:
-    """vil_nano pretrained on the digits at 32 px for a few epochs on 2 ranks (the quickstart's job, shorter)."""
-    run_dir = tmp_path_factory.mktemp("pretrain") / "run"
-    vilscale("train", str(PRETRAIN), "--nproc", "2", "--set", f"run_dir={run_dir}", *data_sets(digits),
-             "--set", f"train.epochs={PRETRAIN_EPOCHS}", "--set", "eval.every_epochs=100")
-    return run_dir
+@pytest.fixture
+def pretrained(pretrained_digits) -> Path:
+    """The session's digits pretraining run (conftest: the quickstart's job for PRETRAIN_EPOCHS epochs)."""
+    return pretrained_digits
 
 
 def test_vil_nano_learns_the_digits(pretrained):
