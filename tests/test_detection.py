@@ -86,19 +86,6 @@ def test_retinanet_learns_the_digits_and_eval_reports_what_pycocotools_computes(
     assert evaluated["box_AP"] == summary["box_AP"]  # the trainer's own evaluation of the same weights
 
 
-def test_mask_rcnn_learns_boxes_and_masks(digits_coco, tmp_path):
-    run_dir = tmp_path / "run"
-    vilscale("train", str(MASK_RCNN), "--nproc", "2", "--set", f"run_dir={run_dir}", *data_sets(digits_coco),
-             "--set", f"train.epochs={MASK_RCNN_EPOCHS}", "--set", f"eval.every_epochs={MASK_RCNN_EPOCHS}")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["box_AP50"] >= MASK_RCNN_AP50_BAR and summary["mask_AP50"] >= MASK_RCNN_AP50_BAR, summary
-    result = vilscale("eval", str(run_dir))
-    for kind, label, name in (("bbox", "box", "bbox.json"), ("segm", "mask", "segm.json")):
-        stats = pycocotools_ap(digits_coco / "val" / "annotations.json", run_dir / "eval" / name, kind)
-        assert printed_ap(result.stdout, label) == round(100 * stats[0], 1)
-        assert json.loads(result.stdout.splitlines()[0])[f"{label}_AP"] == pytest.approx(stats[0], abs=1e-12)
-
-
 def test_the_backbone_starts_from_the_export_it_is_given(tmp_path):
     """model.init_weights into a detector: the ViL body holds the export's weights (position tables fitted to
     the detector's maps), the classifier's norm and head are dropped, and one line says so."""
@@ -199,18 +186,39 @@ def test_initial_weights_of_another_variant_are_refused(digits_coco, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# `vilscale demo --detection`, as a new user runs it (cut to a few steps)
+# `vilscale demo --detection` as a new user runs it, cut to Mask R-CNN's learning test's steps: one training run
+# serves the learning bars and the demo's own outputs
 # ----------------------------------------------------------------------------------------------------
 
-def test_the_detection_demo_prepares_trains_evaluates_and_draws_its_pictures(tmp_path):
-    """From an empty directory: the canvases are prepared, Mask R-CNN trains (cut to 2 steps), the report gets its
-    grid, eval prints box and mask AP, and the last line names the folder holding one picture per val canvas."""
-    result = vilscale("demo", "--detection", "--detection-job", str(MASK_RCNN), "--max-steps", "2",
-                      cwd=tmp_path)
-    run_dir = tmp_path / "runs" / "digits_mask_rcnn"
-    assert (tmp_path / "data" / "digits_coco" / "val" / "annotations.json").is_file()
+@pytest.fixture(scope="module")
+def detection_demo(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`vilscale demo --detection` from an empty directory, its Mask R-CNN cut to MASK_RCNN_EPOCHS epochs of steps
+    (--max-steps; the schedule then spans those steps, as `train.epochs` would): (that directory, its output)."""
+    root = tmp_path_factory.mktemp("demo")
+    steps = MASK_RCNN_EPOCHS * (600 // 16)
+    return root, vilscale("demo", "--detection", "--detection-job", str(MASK_RCNN), "--max-steps", str(steps), cwd=root)
+
+
+def test_mask_rcnn_learns_boxes_and_masks(detection_demo):
+    root, result = detection_demo
+    run_dir = root / "runs" / "digits_mask_rcnn"
+    annotations = root / "data" / "digits_coco" / "val" / "annotations.json"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["box_AP50"] >= MASK_RCNN_AP50_BAR and summary["mask_AP50"] >= MASK_RCNN_AP50_BAR, summary
+    for kind, label, name in (("bbox", "box", "bbox.json"), ("segm", "mask", "segm.json")):
+        stats = pycocotools_ap(annotations, run_dir / "eval" / name, kind)  # what the demo's `vilscale eval` saved
+        assert printed_ap(result.stdout, label) == round(100 * stats[0], 1)
+        assert summary[f"{label}_AP"] == pytest.approx(stats[0], abs=1e-12)  # the trainer's evaluation, the same
+
+
+def test_the_detection_demo_prepares_trains_evaluates_and_draws_its_pictures(detection_demo):
+    """From an empty directory: the canvases are prepared, Mask R-CNN trains, the report gets its grid, eval prints
+    box and mask AP, and the last line names the folder holding one picture per val canvas drawn."""
+    root, result = detection_demo
+    run_dir = root / "runs" / "digits_mask_rcnn"
+    assert (root / "data" / "digits_coco" / "val" / "annotations.json").is_file()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert max(r.get("step", 0) for r in records) == 2
+    assert max(r.get("step", 0) for r in records) == MASK_RCNN_EPOCHS * (600 // 16)
     printed = result.stdout.splitlines()
     assert any(line.startswith("box AP: ") for line in printed)
     assert any(line.startswith("mask AP: ") for line in printed)
