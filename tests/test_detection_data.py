@@ -261,3 +261,28 @@ def test_multi_scale_training_and_activation_checkpointing_reach_the_detector(on
     losses = model([torch.rand(3, 96, 96)], target)
     sum(losses.values()).backward()
     assert all(p.grad is not None for name, p in model.named_parameters() if ".body.stages." in name)
+
+
+def test_a_small_labelled_set_draws_its_training_canvases_from_few_digits(tmp_path):
+    from vilscale.data.coco import first_of_each_class
+
+    assert first_of_each_class([3, 1, 3, 3, 1, 2, 1], 2) == [0, 1, 2, 4, 5]
+    result = subprocess.run([sys.executable, "-m", "vilscale.cli", "prepare", "digits-coco", str(tmp_path / "out"),
+                             "--train-images", "6", "--val-images", "2", "--train-digits-per-class", "3"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    info = {split: json.loads((tmp_path / "out" / split / "annotations.json").read_text())["info"]["description"]
+            for split in ("train", "val")}
+    assert info == {"train": "vilscale digits-coco train (seed 0, from 30 digits)",
+                    "val": "vilscale digits-coco val (seed 0)"}
+    same = subprocess.run([sys.executable, "-m", "vilscale.cli", "prepare", "digits-coco", str(tmp_path / "all"),
+                           "--train-images", "6", "--val-images", "2"], capture_output=True, text=True, cwd=REPO)
+    assert same.returncode == 0, same.stderr
+    assert (tmp_path / "out" / "val" / "images" / "val_000000.jpg").read_bytes() == \
+        (tmp_path / "all" / "val" / "images" / "val_000000.jpg").read_bytes()
+    assert (tmp_path / "out" / "train" / "images" / "train_000000.jpg").read_bytes() != \
+        (tmp_path / "all" / "train" / "images" / "train_000000.jpg").read_bytes()
+    bad = subprocess.run([sys.executable, "-m", "vilscale.cli", "prepare", "digits-coco", str(tmp_path / "x"),
+                          "--train-digits-per-class", "0"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "--train-digits-per-class 0 must be >= 1" in bad.stderr
+    assert not (tmp_path / "x").exists()

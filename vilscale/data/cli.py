@@ -80,6 +80,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     coco.add_argument("--train-images", type=int, default=600, help="training canvases (default: 600)")
     coco.add_argument("--val-images", type=int, default=120, help="validation canvases (default: 120)")
     coco.add_argument("--seed", type=int, default=0, help="seed of the placements (default: 0)")
+    coco.add_argument("--train-digits-per-class", type=int, default=None, metavar="N",
+                      help="draw the training canvases from only N handwritten digits of each class (a small "
+                      "labelled set; the validation canvases keep every validation digit); default: all")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -174,8 +177,12 @@ def _prepare_digits_coco(args: argparse.Namespace) -> int:
         print("vilscale prepare digits-coco: error: --canvas must be >= 48 and --train-images/--val-images >= 1",
               file=sys.stderr)
         return EXIT_SPEC_ERROR
+    if args.train_digits_per_class is not None and args.train_digits_per_class < 1:
+        print(f"vilscale prepare digits-coco: error: --train-digits-per-class {args.train_digits_per_class} must be "
+              ">= 1 (leave it out to draw from every training digit)", file=sys.stderr)
+        return EXIT_SPEC_ERROR
     settings = DigitsCocoSettings(canvas=args.canvas, train_images=args.train_images, val_images=args.val_images,
-                                  seed=args.seed)
+                                  seed=args.seed, train_digits_per_class=args.train_digits_per_class)
     try:
         written = write_digits_coco(args.out, settings)
     except OSError as error:

@@ -355,6 +355,10 @@ class DigitsCocoSettings:
     train_images: int = 600
     val_images: int = 120
     seed: int = 0
+    train_digits_per_class: int | None = None
+    """Draw the training canvases from only this many training digits of each class (the first of the class in
+    the classification demo's training split): a small labelled set, whose writers the validation canvases
+    (drawn from every validation digit) never share. None: every training digit."""
 
 
 def _place_digits(rng: np.random.Generator, sources: list[np.ndarray], labels: list[int],
@@ -385,6 +389,17 @@ def _place_digits(rng: np.random.Generator, sources: list[np.ndarray], labels: l
     return canvas, objects
 
 
+def first_of_each_class(labels: list[int], per_class: int) -> list[int]:
+    """Indices of the first ``per_class`` samples of every class in ``labels``, in their order."""
+    seen: dict[int, int] = {}
+    kept = []
+    for index, label in enumerate(labels):
+        if seen.get(label, 0) < per_class:
+            seen[label] = seen.get(label, 0) + 1
+            kept.append(index)
+    return kept
+
+
 def write_digits_coco(out_dir: str | Path, settings: DigitsCocoSettings = DigitsCocoSettings()) -> dict[str, Path]:
     """``OUT/{train,val}/annotations.json`` and ``OUT/{train,val}/images/*.jpg``: canvases of the scikit-learn
     digits (train canvases from the classification demo's training digits, val canvases from its validation
@@ -406,6 +421,9 @@ def write_digits_coco(out_dir: str | Path, settings: DigitsCocoSettings = Digits
                                        ("val", val_plan, settings.val_images, 1)):
         sources = [np.asarray(ref[1])[:, :, 0] for ref in plan.refs]
         labels = plan.labels
+        if split == "train" and settings.train_digits_per_class is not None:
+            kept = first_of_each_class(labels, settings.train_digits_per_class)
+            sources, labels = [sources[i] for i in kept], [labels[i] for i in kept]
         rng = np.random.default_rng([settings.seed, offset])
         folder, label_folder = out / split / "images", out / split / "masks"
         folder.mkdir(parents=True, exist_ok=True)
@@ -429,7 +447,9 @@ def write_digits_coco(out_dir: str | Path, settings: DigitsCocoSettings = Digits
                                     "segmentation": {"size": [settings.canvas, settings.canvas],
                                                      "counts": rle["counts"].decode("ascii")}})
         path = out / split / "annotations.json"
-        path.write_text(json.dumps({"info": {"description": f"vilscale digits-coco {split} (seed {settings.seed})"},
+        drawn = f", from {len(sources)} digits" if len(sources) < len(plan.refs) else ""
+        description = f"vilscale digits-coco {split} (seed {settings.seed}{drawn})"
+        path.write_text(json.dumps({"info": {"description": description},
                                     "images": images, "annotations": annotations, "categories": categories}))
         written[split] = path
     return written
