@@ -2,7 +2,7 @@
 #   make setup   .venv with vilscale (editable) and its test extras, plus the system packages
 #   make demo    the digits demo on CPU (the main job on the embedded default)
 #   make test    the whole suite: unit tests and integration tests with real services
-#   make test-transfer  pretraining's worth on digits segmentation (about 6 min; not in make test)
+#   make test-transfer  pretraining's worth on digits segmentation and detection (about 20 min; not in make test)
 #   make lint    ruff
 
 # torch and torchvision as one matched pair: torchvision's C++ ops (nms, roi_align) must be built for the very
@@ -71,7 +71,8 @@ test: setup
 	$(VENV)/bin/ruff check vilscale tests benchmarks
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# the segmentation transfer test (six 12-epoch fine-tunes, about 6 min on 2 cores), left out of make test
+# the transfer tests (segmentation: six 12-epoch fine-tunes; detection: the 15-epoch demo and six 4-epoch
+# Mask R-CNN fine-tunes; about 20 min on 2 cores), left out of make test
 test-transfer: setup
 	$(VENV)/bin/pytest -m transfer tests/test_transfer.py -s
 

@@ -39,7 +39,7 @@ def pytest_collection_modifyitems(config, items):
             if "gpu" in item.keywords:
                 item.add_marker(skip_gpu)
     if "transfer" not in (config.getoption("markexpr") or ""):  # chosen only by name: `make test-transfer`
-        skip_transfer = pytest.mark.skip(reason="six 12-epoch fine-tunes (about 6 min): run make test-transfer")
+        skip_transfer = pytest.mark.skip(reason="twelve fine-tunes of about a minute: run make test-transfer")
         for item in items:
             if "transfer" in item.keywords:
                 item.add_marker(skip_transfer)
