@@ -2,7 +2,7 @@
 #   make setup   .venv with vilscale (editable) and its test extras, plus the system packages
 #   make demo    the digits demo on CPU (the main job on the embedded default)
 #   make test    the whole suite: unit tests and integration tests with real services
-#   make test-transfer  pretraining's worth on digits segmentation and detection (about 20 min; not in make test)
+#   make test-transfer  pretraining's worth on digits segmentation and detection (about 14 min; not in make test)
 #   make lint    ruff
 
 # torch and torchvision as one matched pair: torchvision's C++ ops (nms, roi_align) must be built for the very
@@ -72,7 +72,7 @@ test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # the transfer tests (segmentation: six 12-epoch fine-tunes; detection: the 15-epoch demo and six 4-epoch
-# Mask R-CNN fine-tunes; about 20 min on 2 cores), left out of make test
+# Mask R-CNN fine-tunes, 7m55; about 14 min on 2 cores), left out of make test
 test-transfer: setup
 	$(VENV)/bin/pytest -m transfer tests/test_transfer.py -s
 
