@@ -286,3 +286,36 @@ def test_a_small_labelled_set_draws_its_training_canvases_from_few_digits(tmp_pa
                           "--train-digits-per-class", "0"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "--train-digits-per-class 0 must be >= 1" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_an_unreadable_validation_image_is_left_out_of_evaluation_never_scored_twice(digits_coco, tmp_path):
+    """Before, the next image took its place, so that image's detections were counted twice (extra false positives).
+    Now the broken image is skipped, counted, and every other image is scored once."""
+    from vilscale.orchestration.config import load_spec
+    from vilscale.orchestration.training.distributed import RankContext
+    from vilscale.tasks import make_task
+
+    images = tmp_path / "images"
+    shutil.copytree(digits_coco / "val" / "images", images)
+    annotations = digits_coco / "val" / "annotations.json"
+    content = json.loads(annotations.read_text())
+    broken = content["images"][2]
+    (images / broken["file_name"]).write_bytes(b"not a jpeg")
+    spec = load_spec(REPO / "jobs" / "digits_retinanet.yaml", [
+        f"data.train_annotations={annotations}", f"data.train_images={images}", f"data.val_annotations={annotations}",
+        f"data.val_images={images}", "model.detections_per_image=5", "model.attn_backend=chunked",
+        f"run_dir={tmp_path / 'run'}"])
+    task = make_task(spec)
+    torch.manual_seed(0)
+    model = task.create_model()
+    model.detector.score_thresh = 0.0  # every image gets its 5 detections, so each scored pass shows
+    ctx = RankContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+    result = task.evaluate(model, task.val_loader(ctx, batch_size=8), ctx, out_dir=tmp_path / "eval")
+    per_image: dict[int, int] = {}
+    for detection in json.loads((tmp_path / "eval" / "bbox.json").read_text()):
+        per_image[detection["image_id"]] = per_image.get(detection["image_id"], 0) + 1
+    assert broken["id"] not in per_image
+    assert max(per_image.values()) <= 5, {i: n for i, n in per_image.items() if n > 5}  # one pass per image
+    assert len(per_image) == len(content["images"]) - 1
+    assert result["skipped_images"] == 1 and result["val_images"] == len(content["images"]) - 1
+    assert "1 validation image(s) could not be read and were left out" in "\n".join(task.report(result))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ import torch
 from PIL import Image
 
 from vilscale.data.ade import AdeData, AdeLoader, TrainAugment
+
+REPO = Path(__file__).resolve().parents[1]
 
 IGNORE = 255
 
@@ -152,3 +155,29 @@ def test_an_unreadable_file_is_replaced_counted_and_the_batch_count_kept(digits_
     assert len(batches) == len(loader) and all(len(images) == 4 for images, _, _ in batches)
     assert loader.decode_errors == 1
     assert 2 not in torch.cat([indices for _, _, indices in batches]).tolist()
+
+
+def test_an_unreadable_validation_image_is_left_out_of_the_confusion_matrix_never_counted_twice(digits_coco,
+                                                                                              tmp_path):
+    """Before, the next image took its place and its pixels entered the confusion matrix twice."""
+    from vilscale.orchestration.config import load_spec
+    from vilscale.orchestration.training.distributed import RankContext
+    from vilscale.tasks import make_task
+
+    shutil.copytree(digits_coco / "val", tmp_path / "val")
+    data = _data(tmp_path, "val", train=False)
+    name = data.files[2].stem
+    (tmp_path / "val" / "images" / f"{name}.jpg").write_bytes(b"not an image")
+    val = tmp_path / "val"
+    spec = load_spec(REPO / "jobs" / "digits_semfpn.yaml", [
+        f"data.train_images={val / 'images'}", f"data.train_masks={val / 'masks'}", f"data.val_images={val / 'images'}",
+        f"data.val_masks={val / 'masks'}", "model.attn_backend=chunked", f"run_dir={tmp_path / 'run'}"])
+    task = make_task(spec)
+    ctx = RankContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+    result = task.evaluate(task.create_model(), task.val_loader(ctx, batch_size=8), ctx, out_dir=tmp_path / "eval")
+    readable = [i for i in range(len(data)) if i != 2]
+    assert result["scored_pixels"] == sum(int(data.read(i)[1].numel()) for i in readable)  # no ignore in digits
+    assert result["skipped_images"] == 1 and result["val_images"] == len(data) - 1
+    assert sorted(p.stem for p in (tmp_path / "eval" / "predictions").glob("*.png")) == sorted(
+        data.files[i].stem for i in readable)
+    assert "1 validation image(s) could not be read" in "\n".join(task.report(result))

@@ -195,6 +195,12 @@ class AdeData:
     def name(self, position: int) -> str:
         return self.files[position].stem
 
+    def blank(self):
+        """(image, target) of a slot that holds no image (a filler, or an evaluation image that cannot be read):
+        a small black image whose pixels are all ``ignore_index`` (never scored; its index is negative anyway)."""
+        return torch.zeros(3, 32, 32, dtype=torch.uint8), {
+            "mask": torch.full((32, 32), self.ignore_index, dtype=torch.int64), "name": ""}
+
     def read(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(uint8 image (3, H, W), int64 class indices (H, W)) as stored, labels mapped; OSError when unreadable."""
         from PIL import Image

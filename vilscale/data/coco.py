@@ -148,6 +148,14 @@ class CocoData:
     def describe(self, position: int) -> str:
         return f"image {self.image_ids[self.usable[position]]} of {self.annotations_path}"
 
+    def blank(self):
+        """(image, target) of a slot that holds no image (a filler, or an evaluation image that cannot be read): a
+        small black image without objects, whose predictions are dropped (its index is negative)."""
+        target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "image_id": -1}
+        if self.masks:
+            target["masks"] = torch.zeros(0, 32, 32, dtype=torch.uint8)
+        return torch.zeros(3, 32, 32, dtype=torch.uint8), target
+
     def load(self, position: int, *, flip: bool):
         """(uint8 image (3, H, W), target) of the ``position``-th usable image."""
         from torchvision import tv_tensors
@@ -196,25 +204,33 @@ class ParsedCocoDetection(CocoDetection):
 
 
 FILLER = -1  # a validation slot that only evens out the ranks; its predictions are dropped
+SKIPPED = -2  # a validation image that could not be read: left out of the evaluation (and counted), never replaced
 
 
 class _Positions(torch.utils.data.Dataset):
     """The positions a rank reads this epoch (``positions[start:]``), each loaded by ``data.load(position,
-    **draws[i])`` (its random augmentation, drawn by the loader). An image that cannot be read is replaced by the
-    next readable one of the rank's list (the same replacement after a resume, and every rank keeps its number of
-    batches); the failures are returned."""
+    **draws[i])`` (its random augmentation, drawn by the loader). In training an image that cannot be read is
+    replaced by the next readable one of the rank's list (the same replacement after a resume, and every rank keeps
+    its number of batches); in evaluation (``replace`` False) it is skipped: its slot gets ``data.blank()`` as a
+    filler does, so the image is never scored twice. The failures are returned."""
 
-    def __init__(self, data, positions: list[int], draws: list[dict], start: int):
+    def __init__(self, data, positions: list[int], draws: list[dict], start: int, *, replace: bool = True):
         self.data, self.positions, self.draws, self.start = data, positions, draws, start
+        self.replace = replace
 
     def __len__(self) -> int:
         return len(self.positions) - self.start
 
     def __getitem__(self, item: int):
         failures = []
-        if self.positions[self.start + item] == FILLER:  # evens out the ranks' evaluation batches
-            first = self.positions[0] if self.positions[0] != FILLER else 0
-            return FILLER, self.data.load(first, **self.draws[self.start + item]), []
+        position = self.positions[self.start + item]
+        if position == FILLER:  # evens out the ranks' evaluation batches
+            return FILLER, self.data.blank(), []
+        if not self.replace:
+            try:
+                return position, self.data.load(position, **self.draws[self.start + item]), []
+            except OSError as error:  # PIL's unreadable or truncated images
+                return SKIPPED, self.data.blank(), [(position, f"{type(error).__name__}: {str(error)[:200]}")]
         for offset in range(len(self.positions)):
             index = (self.start + item + offset) % len(self.positions)
             position = self.positions[index]
@@ -263,6 +279,8 @@ class CocoLoader:
     epoch: int = 0
     batches_done: int = 0
     decode_errors: int = 0
+    skipped: int = 0
+    """Evaluation: images of this rank's part that could not be read in the latest pass (left out, not scored)."""
     _logged: set = field(default_factory=set)
 
     def __len__(self) -> int:
@@ -303,10 +321,10 @@ class CocoLoader:
 
     def __iter__(self):
         if not self.train:
-            self.batches_done = 0  # an evaluation always reads the whole split
+            self.batches_done, self.skipped = 0, 0  # an evaluation always reads the whole split
         positions = self.positions()
         dataset = _Positions(self.data, positions, [self._draw(p) for p in positions],
-                             start=self.batches_done * self.batch_size)
+                             start=self.batches_done * self.batch_size, replace=self.train)
         # The DataLoader draws its workers' base seed when an iterator starts. From the global stream that draw
         # would shift every later dropout mask and detector sampling by one, and a resumed run starts its
         # iterator at another point of that stream than the uninterrupted run did: its own generator instead.
@@ -321,7 +339,8 @@ class CocoLoader:
                     self._bad(failed, error)
                 images.append(image)
                 targets.append(target)
-                indices.append(self.data.dataset_index(position) if position != FILLER else -1)
+                indices.append(self.data.dataset_index(position) if position >= 0 else -1)
+                self.skipped += position == SKIPPED
             self.batches_done += 1
             yield images, targets, torch.as_tensor(indices, dtype=torch.int64)
 
@@ -330,8 +349,9 @@ class CocoLoader:
         what = self.data.describe(position)
         if what not in self._logged:
             self._logged.add(what)
-            print(f"[vilscale] {what} cannot be read ({error}); "
-                  "the next readable image of this rank takes its place", file=sys.stderr, flush=True)
+            instead = ("the next readable image of this rank takes its place" if self.train else
+                       "it is left out of the evaluation (counted in its report)")
+            print(f"[vilscale] {what} cannot be read ({error}); {instead}", file=sys.stderr, flush=True)
         if self.decode_errors > self.decode_error_limit:
             raise DataError(f"{self.decode_errors} images of {self.data.source} could not be read "
                             f"(data.decode_error_limit={self.decode_error_limit}); check the image folder")

@@ -9,7 +9,10 @@ images, labels or boxes. A task supplies, for a job spec:
   initial weights' report says of the head ("" to keep the adapter's own words);
 - ``train_loader(ctx)`` / ``val_loader(ctx)``: iterables with ``set_epoch``, ``state_dict`` and
   ``load_state_dict`` (exact resume), disjoint across ranks, and a ``decode_errors`` count;
-- ``setup(ctx)``, then ``losses(engine, batch, micro_step=..., dtype=...)``: ``({name: loss}, indices)``
+- ``engine_precision``: what DeepSpeed's own precision is (classification: ``train.precision``, DeepSpeed casts
+  the model; detection and segmentation: "fp32", their autocast islands compute in ``train.precision``, see
+  ``vilscale.tasks.precision``), and ``place(model, device, precision)``: the model ready to evaluate in a precision;
+- ``setup(ctx)``, then ``losses(engine, batch, micro_step=...)``: ``({name: fp32 loss}, indices)``
   for one micro-batch; the loop backpropagates their sum and logs each;
 - ``evaluate(model, loader, ctx, out_dir=...)``: a dict of metrics, the same on every rank, holding
   the task's ``headline`` (``val_top1``, ``box_ap``, ``mask_ap``, ``miou``), and ``report(result)``: the lines the

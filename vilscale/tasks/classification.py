@@ -11,7 +11,12 @@ from torch import nn
 
 
 class ClassificationTask:
-    """The ``task: classification`` side of the task protocol (see ``vilscale.tasks``)."""
+    """The ``task: classification`` side of the task protocol (see ``vilscale.tasks``).
+
+    Precision: DeepSpeed's own bf16/fp16 mode, which casts the model (fp32 master weights stay in the optimizer)
+    and halves the gradient all-reduce. A classifier has no coordinates to keep exact, and its loss and metrics are
+    computed from fp32 logits; the dense tasks instead compute in autocast islands (``vilscale.tasks.precision``).
+    """
 
     name = "classification"
     headline = "val_top1"
@@ -35,6 +40,18 @@ class ClassificationTask:
     @staticmethod
     def init_target(model: nn.Module) -> nn.Module:
         return model
+
+    @property
+    def engine_precision(self) -> str:
+        """DeepSpeed casts the classifier to ``train.precision`` (its bf16 or fp16 mode)."""
+        return self.spec.train.precision
+
+    @staticmethod
+    def place(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
+        """``model`` on ``device``, cast to ``precision`` as DeepSpeed casts it in training (for evaluation)."""
+        from vilscale.tasks.precision import COMPUTE_DTYPES
+
+        return model.to(device=device, dtype=COMPUTE_DTYPES[precision])
 
     def flops_per_image(self, model: nn.Module) -> dict[str, float]:
         """Forward + backward FLOPs of one training image (3 x forward, 2 FLOPs per multiply-add), for the
@@ -111,9 +128,12 @@ class ClassificationTask:
                                              label_smoothing=self.spec.augment.label_smoothing, device=device)
         return self._semantic
 
-    def losses(self, engine, batch, *, micro_step: int, dtype: torch.dtype):
+    def losses(self, engine, batch, *, micro_step: int):
         """({"loss": soft-target cross-entropy, or the semantic softmax}, indices) of one micro-batch."""
         from vilscale.data.augment import soft_target_cross_entropy
+        from vilscale.tasks.precision import COMPUTE_DTYPES
+
+        dtype = COMPUTE_DTYPES[self.spec.train.precision]  # the model's (DeepSpeed does not cast inputs)
 
         images, labels, indices = batch
         semantic = self.semantic(labels.device)

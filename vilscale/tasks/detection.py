@@ -2,11 +2,19 @@
 
 The detectors, anchors, box coding, NMS, RoIAlign, losses and the FPN are torchvision's; what is ours is
 the backbone (``create_model(..., backbone=True)``: ViL attention in every stage, one NCHW map per stage)
-and the glue. Levels follow the official detection configs (microsoft/VisionLongformerForObjectDetection):
-RetinaNet reads stages 2-4 (strides 8, 16, 32) plus P6/P7 (``LastLevelP6P7`` on P5), Mask R-CNN stages 1-4
-(strides 4-32) plus a max-pooled P6 for the RPN. A backbone with three stages (vil_nano) gives RetinaNet
-stages 1-3 and Mask R-CNN stages 1-3 plus the pooled level (the first four anchor sizes). Global tokens per
-stage are the variant's (1, 1, 1, 0), window 7, as the official configs.
+and the glue. Levels and details follow the official detection fork (microsoft/VisionLongformerForObjectDetection,
+detectron2): RetinaNet reads stages 2-4 (strides 8, 16, 32) plus P6/P7 made from C5, the last stage's own map
+(``LastLevelP6P7(768, 256)`` on ``layer4``), with three anchor scales per octave at their exact sizes (32, 40.3,
+50.8, ...); Mask R-CNN reads stages 1-4 (strides 4-32) plus a max-pooled P6 for the RPN, and its box and mask heads
+pool with detectron2's default ROIAlignV2 (``aligned=True``: pixel centres at +0.5, and an adaptive sampling ratio).
+A backbone with three stages (vil_nano) gives RetinaNet stages 1-3 and Mask R-CNN stages 1-3 plus the pooled level
+(the first four anchor sizes). Global tokens per stage are the variant's (1, 1, 1, 0), window 7, as the official
+configs.
+
+Precision (``vilscale.tasks.precision``): the weights stay fp32 and DeepSpeed runs in fp32; in bf16 runs the
+backbone with its FPN, the RPN head, RetinaNet's heads and the RoI box and mask heads compute under autocast, and
+each hands fp32 tensors on. Anchors, box coding and decoding, RoIAlign, the losses, NMS, mask pasting and the
+detections are fp32.
 
 Images reach the detector as ``uint8`` tensors scaled to [0, 1]; its ``GeneralizedRCNNTransform`` resizes
 (shorter side ``data.min_size``, one drawn per image from a tuple for multi-scale training, longer side at
@@ -26,18 +34,28 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.poolers import LevelMapper
+
+from vilscale.tasks.precision import COMPUTE_DTYPES, LowPrecision, set_compute_dtype
 
 HEADLINES = {"retinanet": "box_ap", "mask_rcnn": "mask_ap"}
 
 
-class ViLFPN(nn.Module):
-    """The ViL backbone's stage maps through torchvision's FPN: an OrderedDict of levels, ``out_channels`` each.
+class ViLFPN(LowPrecision, nn.Module):
+    """The ViL backbone's stage maps through torchvision's FPN: an OrderedDict of levels, ``out_channels`` each
+    (fp32; computed in the model's compute dtype).
 
     Args:
         body: a ``VisionLongformer`` built with ``backbone=True``.
         levels: which stages (0-based) feed the FPN.
         out_channels: channels of every FPN level.
-        extra_blocks: torchvision's ``LastLevelP6P7`` or ``LastLevelMaxPool``.
+        extra_blocks: torchvision's ``LastLevelP6P7`` (here ``P6P7FromC5``) or ``LastLevelMaxPool``.
     """
 
     def __init__(self, body: nn.Module, levels: list[int], out_channels: int, extra_blocks):
@@ -52,6 +70,75 @@ class ViLFPN(nn.Module):
     def forward(self, images: torch.Tensor) -> OrderedDict:
         maps = self.body.forward_intermediates(images)
         return self.fpn(OrderedDict((str(index), maps[level]) for index, level in enumerate(self.levels)))
+
+
+class P6P7FromC5(LastLevelP6P7):
+    """RetinaNet's P6 (a stride-2 3x3 conv) and P7 (ReLU, then another) from C5, the last stage's own map, as the
+    official fork's ``LastLevelP6P7(768, 256)``. torchvision's class reads P5 instead whenever the two widths happen
+    to be equal; this one always reads C5."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels)
+        self.use_P5 = False
+
+
+class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """torchvision's multi-scale RoIAlign with detectron2's ROIAlignV2: ``aligned=True`` (a box's pixel corners at
+    integer coordinates, so its sampling grid is shifted by half a pixel) and ``sampling_ratio=0`` (as many samples
+    per bin as the bin is wide). The level of each box follows the FPN paper's rule with 224 px at level 4 (both
+    libraries'). Features are pooled in their own dtype (fp32 here)."""
+
+    def __init__(self, featmap_names: list[str], output_size: int):
+        super().__init__(featmap_names, output_size, sampling_ratio=0)
+
+    def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        features = [x[name] for name in self.featmap_names]
+        if self.scales is None:
+            self.scales, self.map_levels = self._scales(features, image_shapes)
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], index), b], dim=1) for index, b in enumerate(boxes)])
+        levels = self.map_levels(boxes)
+        out = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size))
+        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+            chosen = torch.where(levels == level)[0]
+            out[chosen] = roi_align(feature, rois[chosen], self.output_size, spatial_scale=scale,
+                                    sampling_ratio=self.sampling_ratio, aligned=True).to(out.dtype)
+        return out
+
+    def _scales(self, features: list[torch.Tensor], image_shapes: list[tuple[int, int]]):
+        """Each level's scale (a power of two: feature side / padded image side) and the box -> level mapper."""
+        import math
+
+        height = max(shape[0] for shape in image_shapes)
+        scales = [2.0 ** round(math.log2(feature.shape[-2] / height)) for feature in features]
+        first, last = int(-math.log2(scales[0])), int(-math.log2(scales[-1]))
+        return scales, LevelMapper(first, last, canonical_scale=self.canonical_scale,
+                                   canonical_level=self.canonical_level)
+
+
+# The heads, each an autocast island (its convolutions and linears in the compute dtype, fp32 out).
+class RetinaNetHeads(LowPrecision, RetinaNetHead):
+    """torchvision's RetinaNet classification and box-regression heads."""
+
+
+class RPNHeads(LowPrecision, RPNHead):
+    """torchvision's RPN head (objectness and box deltas per anchor)."""
+
+
+class BoxHead(LowPrecision, TwoMLPHead):
+    """The RoI box head: two fully connected layers on the pooled 7x7 features."""
+
+
+class BoxPredictor(LowPrecision, FastRCNNPredictor):
+    """Class scores and per-class box deltas of each RoI."""
+
+
+class MaskHead(LowPrecision, MaskRCNNHeads):
+    """The RoI mask head: four 3x3 convolutions on the pooled 14x14 features."""
+
+
+class MaskPredictor(LowPrecision, MaskRCNNPredictor):
+    """The mask head's upsampling and per-class mask logits."""
 
 
 class ViLDetector(nn.Module):
@@ -93,30 +180,29 @@ class ViLDetector(nn.Module):
         return self.body.set_grad_checkpointing(enable)
 
     def no_weight_decay(self) -> set[str]:
-        """The ViL body's exclusions (LayerNorms, position tables, global tokens); FPN and heads are decayed,
-        as in the official detection recipe."""
+        """The ViL body's exclusions (LayerNorms, position tables, global tokens), as in its ImageNet training;
+        FPN and heads are decayed. The official detection fork decays every parameter (see the COCO jobs' headers
+        for why vilscale does not)."""
         return {f"detector.backbone.body.{name}" for name in self.body.no_weight_decay()}
 
 
 def anchor_generator(kind: str, base_sizes: tuple[int, ...]):
-    """RetinaNet: three scales per octave (x, x 2^(1/3), x 2^(2/3)) per level; Mask R-CNN's RPN: one size per
-    level; both with aspect ratios 0.5, 1, 2 (torchvision's and the official configs' defaults)."""
+    """RetinaNet: three scales per octave (x, x 2^(1/3), x 2^(2/3), not rounded: 32, 40.3, 50.8) per level; Mask
+    R-CNN's RPN: one size per level; both with aspect ratios 0.5, 1, 2 (the official configs' and torchvision's)."""
     from torchvision.models.detection.anchor_utils import AnchorGenerator
 
     if kind == "retinanet":
-        sizes = tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))) for x in base_sizes)
+        sizes = tuple((float(x), x * 2 ** (1 / 3), x * 2 ** (2 / 3)) for x in base_sizes)
     else:
-        sizes = tuple((x,) for x in base_sizes)
+        sizes = tuple((float(x),) for x in base_sizes)
     return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
 
 
 def build_detector(spec) -> ViLDetector:
-    """The spec's detector (``model.detector``) with ``model.num_classes`` object classes (+ background)."""
+    """The spec's detector (``model.detector``) with ``model.num_classes`` object classes (+ background), computing
+    in ``train.precision`` (see the module's docstring)."""
     from torchvision.models.detection import MaskRCNN, RetinaNet
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-    from torchvision.ops import MultiScaleRoIAlign
-    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
     from vilscale.model import create_model
 
@@ -127,32 +213,34 @@ def build_detector(spec) -> ViLDetector:
     stages = len(body.feature_dims)
     common = dict(min_size=tuple(data.min_size), max_size=data.max_size, image_mean=list(data.mean),
                   image_std=list(data.std), size_divisible=body.feature_strides[-1])
+    width = cfg.fpn_channels
     if cfg.detector == "retinanet":
         levels = list(range(max(0, stages - 3), stages))
-        backbone = ViLFPN(body, levels, cfg.fpn_channels, LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels))
-        detector = RetinaNet(backbone, num_classes=cfg.num_classes + 1,
-                             anchor_generator=anchor_generator("retinanet", cfg.anchor_sizes),
+        backbone = ViLFPN(body, levels, width, P6P7FromC5(body.feature_dims[-1], width))
+        anchors = anchor_generator("retinanet", cfg.anchor_sizes)
+        head = RetinaNetHeads(width, anchors.num_anchors_per_location()[0], cfg.num_classes + 1)
+        detector = RetinaNet(backbone, num_classes=cfg.num_classes + 1, anchor_generator=anchors, head=head,
                              detections_per_img=cfg.detections_per_image, **common)
     else:
-        backbone = ViLFPN(body, list(range(stages)), cfg.fpn_channels, LastLevelMaxPool())
+        backbone = ViLFPN(body, list(range(stages)), width, LastLevelMaxPool())
         proposals = cfg.proposals_per_image
         names = [str(index) for index in range(stages)]  # the RoI heads read the stage levels, not the pooled one
+        anchors = anchor_generator("mask_rcnn", cfg.anchor_sizes[:stages + 1])
         # heads sized by the FPN width as torchvision's defaults are for 256 channels: a 4 x width box
         # representation (1024) and a mask head of four width-wide convolutions (256)
-        width = cfg.fpn_channels
-        detector = MaskRCNN(backbone, num_classes=None,
-                            rpn_anchor_generator=anchor_generator("mask_rcnn", cfg.anchor_sizes[:stages + 1]),
-                            box_roi_pool=MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2),
-                            box_head=TwoMLPHead(width * 7 * 7, 4 * width),
-                            box_predictor=FastRCNNPredictor(4 * width, cfg.num_classes + 1),
-                            mask_roi_pool=MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2),
-                            mask_head=MaskRCNNHeads(width, [width] * 4, 1),
-                            mask_predictor=MaskRCNNPredictor(width, width, cfg.num_classes + 1),
+        detector = MaskRCNN(backbone, num_classes=None, rpn_anchor_generator=anchors,
+                            rpn_head=RPNHeads(width, anchors.num_anchors_per_location()[0]),
+                            box_roi_pool=AlignedMultiScaleRoIAlign(names, output_size=7),
+                            box_head=BoxHead(width * 7 * 7, 4 * width),
+                            box_predictor=BoxPredictor(4 * width, cfg.num_classes + 1),
+                            mask_roi_pool=AlignedMultiScaleRoIAlign(names, output_size=14),
+                            mask_head=MaskHead(width, [width] * 4, 1),
+                            mask_predictor=MaskPredictor(width, width, cfg.num_classes + 1),
                             box_batch_size_per_image=cfg.rois_per_image,
                             rpn_pre_nms_top_n_train=2 * proposals, rpn_pre_nms_top_n_test=proposals,
                             rpn_post_nms_top_n_train=proposals, rpn_post_nms_top_n_test=proposals,
                             box_detections_per_img=cfg.detections_per_image, **common)
-    return ViLDetector(detector, cfg.detector)
+    return set_compute_dtype(ViLDetector(detector, cfg.detector), COMPUTE_DTYPES[spec.train.precision])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,14 +309,13 @@ def gather_lists(items: list) -> list:
 def evaluate(model: nn.Module, loader, spec, ctx, *, out_dir: Path | None = None) -> dict:
     """Box AP (and mask AP for Mask R-CNN) over the whole validation split, every image once across ranks;
     the predictions are written in COCO's results format to ``out_dir/bbox.json`` (and ``segm.json``)."""
-    dtype = next(model.parameters()).dtype
     masks = spec.model.detector == "mask_rcnn"
     was_training = model.training
     model.eval()
     boxes, segms = [], []
     try:
         for images, targets, indices in loader:
-            inputs = [image.to(ctx.device, dtype) / 255 for image in images]
+            inputs = [image.to(ctx.device, torch.float32) / 255 for image in images]
             outputs = model(inputs)
             real = [i for i, index in enumerate(indices.tolist()) if index >= 0]  # fillers evening out the ranks
             batch_boxes, batch_segms = to_coco_results([outputs[i] for i in real],
@@ -239,6 +326,7 @@ def evaluate(model: nn.Module, loader, spec, ctx, *, out_dir: Path | None = None
     finally:
         model.train(was_training)
     boxes, segms = gather_lists(boxes), gather_lists(segms)
+    skipped = sum(gather_lists([loader.skipped]))
     result = {}
     if ctx.rank == 0:
         if out_dir is not None:
@@ -257,8 +345,17 @@ def evaluate(model: nn.Module, loader, spec, ctx, *, out_dir: Path | None = None
     result["box_ap"] = result["box_AP"]
     if masks:
         result["mask_ap"] = result["mask_AP"]
-    result["val_images"] = len(loader.data)
+    result["val_images"], result["skipped_images"] = len(loader.data) - skipped, skipped
     return result
+
+
+def skipped_line(result: dict) -> list[str]:
+    """The report's line about validation images that could not be read (none when all were scored)."""
+    skipped = result.get("skipped_images", 0)
+    if not skipped:
+        return []
+    return [f"{skipped} validation image(s) could not be read and were left out: the figures above score the other "
+            f"{result['val_images']}"]
 
 
 def headline_lines(result: dict, detector: str) -> list[str]:
@@ -270,7 +367,7 @@ def headline_lines(result: dict, detector: str) -> list[str]:
         lines.append(f"{label} AP: {100 * result[f'{prefix}_AP']:.1f}")
         lines.append(f"{label} " + "  ".join(f"{name} {100 * result[f'{prefix}_{name}']:.1f}"
                                             for name in AP_NAMES[1:]))
-    return lines
+    return lines + skipped_line(result)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -302,6 +399,17 @@ class DetectionTask:
     @staticmethod
     def init_target(model: nn.Module) -> nn.Module:
         return model.body
+
+    engine_precision = "fp32"
+    """DeepSpeed keeps fp32 weights; ``train.precision`` is the compute dtype of the detector's autocast islands
+    (``vilscale.tasks.precision``)."""
+
+    @staticmethod
+    def place(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
+        """``model`` (fp32 weights) on ``device``, its islands computing in ``precision`` (for evaluation)."""
+        from vilscale.tasks.precision import COMPUTE_DTYPES, set_compute_dtype
+
+        return set_compute_dtype(model.to(device=device, dtype=torch.float32), COMPUTE_DTYPES[precision])
 
     @staticmethod
     def flops_per_image(model: nn.Module) -> dict[str, float]:
@@ -367,10 +475,10 @@ class DetectionTask:
     def setup(self, ctx) -> None:
         self.device = ctx.device
 
-    def losses(self, engine, batch, *, micro_step: int, dtype: torch.dtype):
-        """(torchvision's dict of losses, indices) of one micro-batch."""
+    def losses(self, engine, batch, *, micro_step: int):
+        """(torchvision's dict of losses, fp32, indices) of one micro-batch."""
         images, targets, indices = batch
-        images = [image.to(self.device, dtype) / 255 for image in images]
+        images = [image.to(self.device, torch.float32) / 255 for image in images]
         targets = [{key: value.to(self.device) if isinstance(value, torch.Tensor) else value
                     for key, value in target.items()} for target in targets]
         return engine(images, targets), indices
@@ -388,6 +496,8 @@ class DetectionTask:
         line = f"box AP {100 * result['box_AP']:.1f} (AP50 {100 * result['box_AP50']:.1f})"
         if "mask_AP" in result:
             line += f", mask AP {100 * result['mask_AP']:.1f} (AP50 {100 * result['mask_AP50']:.1f})"
+        if result.get("skipped_images"):
+            line += f" ({result['skipped_images']} unreadable image(s) left out)"
         return line
 
     # ---- pre-flight ----------------------------------------------------------------------------------------

@@ -145,15 +145,16 @@ class Predictor:
 
     Args:
         task: the task object (``vilscale.tasks.make_task``).
-        model: the task's model, weights loaded, on ``device`` in ``dtype``.
+        model: the task's model, weights loaded, placed on ``device`` in its precision (``task.place``): its inputs
+            take its parameters' dtype.
         names: class names by label (detection: index 0 is the background, 1..K the run's categories).
         score_threshold: detection: the lowest score drawn (the detector's own floor is lowered to it).
     """
 
     def __init__(self, task, model: torch.nn.Module, *, names: list[str], device: torch.device,
-                 dtype: torch.dtype, score_threshold: float = DEFAULT_SCORE_THRESHOLD):
+                 score_threshold: float = DEFAULT_SCORE_THRESHOLD):
         self.task, self.spec, self.model = task, task.spec, model.eval()
-        self.names, self.device, self.dtype = names, device, dtype
+        self.names, self.device, self.dtype = names, device, next(model.parameters()).dtype
         self.score_threshold = score_threshold
         if self.spec.task == "detection":  # boxes under torchvision's 0.05 floor are otherwise never returned
             head = model.detector.roi_heads if hasattr(model.detector, "roi_heads") else model.detector

@@ -12,6 +12,10 @@ Images reach the model as float tensors in [0, 1] (uint8 / 255), as the detector
 with ``data.mean``/``data.std`` and pads them right and bottom to a multiple of the backbone's total stride (with
 the mean colour, 0 after normalising), and crops its logits back. The loss is the mean cross-entropy over the
 pixels that are not ``data.ignore_index`` (mmsegmentation's ``avg_non_ignore``).
+
+Precision (``vilscale.tasks.precision``): fp32 weights (DeepSpeed runs in fp32); in bf16 runs the backbone with its
+FPN and the per-level heads with the classifier compute under autocast, and the class scores' upsampling to the
+input, the loss and the argmax are fp32.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vilscale.tasks.detection import ViLFPN
+from vilscale.tasks.detection import ViLFPN, skipped_line
+from vilscale.tasks.precision import COMPUTE_DTYPES, island, set_compute_dtype
 
 
 class SemanticFPN(nn.Module):
@@ -81,21 +86,23 @@ class SemanticFPN(nn.Module):
         pad_h, pad_w = -height % self.stride, -width % self.stride
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
-        levels = list(self.backbone(x).values())
-        out = None
-        for level, (features, blocks) in enumerate(zip(levels, self.scale_heads)):
-            for block in blocks:
-                features = block(features)
-                if level > 0:
-                    features = F.interpolate(features, scale_factor=2.0, mode="bilinear", align_corners=False)
-            if out is None:
-                out = features
-            else:
-                if features.shape[-2:] != out.shape[-2:]:
-                    features = F.interpolate(features, size=out.shape[-2:], mode="bilinear", align_corners=False)
-                out = out + features
-        scores = self.classifier(self.dropout(out))
-        scores = F.interpolate(scores, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        levels = list(self.backbone(x).values())  # fp32, computed in the backbone's island
+        with island(self.backbone.compute_dtype, x.device.type):  # the heads: the same compute dtype
+            out = None
+            for level, (features, blocks) in enumerate(zip(levels, self.scale_heads)):
+                for block in blocks:
+                    features = block(features)
+                    if level > 0:
+                        features = F.interpolate(features, scale_factor=2.0, mode="bilinear", align_corners=False)
+                if out is None:
+                    out = features
+                else:
+                    if features.shape[-2:] != out.shape[-2:]:
+                        features = F.interpolate(features, size=out.shape[-2:], mode="bilinear", align_corners=False)
+                    out = out + features
+            scores = self.classifier(self.dropout(out))
+        # the scores' upsampling to the input, the loss and the argmax in fp32
+        scores = F.interpolate(scores.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)
         return scores[..., :height, :width]
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None):
@@ -135,8 +142,9 @@ def build_segmenter(spec) -> SemanticFPN:
     body = create_model(cfg.name, pos_embed=cfg.pos_embed, window_mode=cfg.window_mode, window=cfg.window,
                         img_size=cfg.img_size, num_classes=0, attn_backend=cfg.attn_backend,
                         shift_mode=cfg.shift_mode, drop_path_rate=cfg.drop_path_rate, backbone=True)
-    return SemanticFPN(body, num_classes=cfg.num_classes, fpn_channels=cfg.fpn_channels,
-                       head_channels=cfg.head_channels, ignore_index=data.ignore_index, mean=data.mean, std=data.std)
+    model = SemanticFPN(body, num_classes=cfg.num_classes, fpn_channels=cfg.fpn_channels,
+                        head_channels=cfg.head_channels, ignore_index=data.ignore_index, mean=data.mean, std=data.std)
+    return set_compute_dtype(model, COMPUTE_DTYPES[spec.train.precision])
 
 
 @torch.no_grad()
@@ -150,7 +158,7 @@ def class_maps(model: nn.Module, images: list[torch.Tensor], sizes: list[tuple[i
     for index, image in enumerate(images):
         groups.setdefault(tuple(image.shape), []).append(index)
     for members in groups.values():
-        batch = torch.stack([images[i] for i in members]).to(parameter.device, parameter.dtype) / 255
+        batch = torch.stack([images[i] for i in members]).to(parameter.device, torch.float32) / 255
         scores = model(batch).float()
         for row, index in enumerate(members):
             full = F.interpolate(scores[row:row + 1], size=tuple(sizes[index]), mode="bilinear", align_corners=False)
@@ -221,13 +229,15 @@ def evaluate(model: nn.Module, loader, spec, ctx, *, out_dir: Path | None = None
                     save_prediction(predictions / f"{target['name']}.png", prediction, offset)
     finally:
         model.train(was_training)
+    skipped = torch.tensor([loader.skipped], dtype=torch.int64, device=ctx.device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(confusion)
+        dist.all_reduce(skipped)
     matrix = confusion.cpu().numpy()
     scores = scores_of(matrix)
     result = {"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
-              "mean_accuracy": scores["mean_accuracy"], "val_images": len(loader.data),
-              "scored_pixels": int(matrix.sum())}
+              "mean_accuracy": scores["mean_accuracy"], "val_images": len(loader.data) - int(skipped),
+              "skipped_images": int(skipped), "scored_pixels": int(matrix.sum())}
     if out_dir is not None and ctx.rank == 0:
         (out_dir / "iou.json").write_text(json.dumps({
             **result, "iou": scores["iou"], "num_classes": classes, "ignore_index": data.ignore_index,
@@ -261,6 +271,17 @@ class SegmentationTask:
     @staticmethod
     def init_target(model: nn.Module) -> nn.Module:
         return model.body
+
+    engine_precision = "fp32"
+    """DeepSpeed keeps fp32 weights; ``train.precision`` is the compute dtype of the segmenter's autocast islands
+    (``vilscale.tasks.precision``)."""
+
+    @staticmethod
+    def place(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
+        """``model`` (fp32 weights) on ``device``, its islands computing in ``precision`` (for evaluation)."""
+        from vilscale.tasks.precision import COMPUTE_DTYPES, set_compute_dtype
+
+        return set_compute_dtype(model.to(device=device, dtype=torch.float32), COMPUTE_DTYPES[precision])
 
     @staticmethod
     def flops_per_image(model: nn.Module) -> dict[str, float]:
@@ -319,10 +340,10 @@ class SegmentationTask:
     def setup(self, ctx) -> None:
         self.device = ctx.device
 
-    def losses(self, engine, batch, *, micro_step: int, dtype: torch.dtype):
-        """({"loss_seg": cross-entropy}, indices) of one micro-batch of ``crop_size`` squares."""
+    def losses(self, engine, batch, *, micro_step: int):
+        """({"loss_seg": cross-entropy in fp32}, indices) of one micro-batch of ``crop_size`` squares."""
         images, targets, indices = batch
-        images = torch.stack(images).to(self.device, dtype) / 255
+        images = torch.stack(images).to(self.device, torch.float32) / 255
         masks = torch.stack([target["mask"] for target in targets]).to(self.device)
         return engine(images, masks), indices
 
@@ -362,11 +383,14 @@ class SegmentationTask:
     def report(result: dict) -> list[str]:
         return [f"mIoU: {100 * result['miou']:.1f}",
                 f"pixel accuracy: {100 * result['pixel_accuracy']:.1f}%  mean accuracy: "
-                f"{100 * result['mean_accuracy']:.1f}%"]
+                f"{100 * result['mean_accuracy']:.1f}%", *skipped_line(result)]
 
     @staticmethod
     def log_line(result: dict) -> str:
-        return f"mIoU {100 * result['miou']:.1f}, pixel accuracy {100 * result['pixel_accuracy']:.1f}%"
+        line = f"mIoU {100 * result['miou']:.1f}, pixel accuracy {100 * result['pixel_accuracy']:.1f}%"
+        if result.get("skipped_images"):
+            line += f" ({result['skipped_images']} unreadable image(s) left out)"
+        return line
 
     # ---- pre-flight ----------------------------------------------------------------------------------------
 

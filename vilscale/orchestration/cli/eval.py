@@ -210,11 +210,13 @@ def _load(model, spec, weights: Weights) -> None:
 
 def loaded_model(spec, run_dir: Path | None, args):
     """(model, weights, device, precision): the spec's model with what ``args`` choose (``--weights``, ``--tag``,
-    ``--ema``/``--live``) loaded and checked, in the run's attention mode, its attention backend settled; on the
-    CPU, not yet moved. Raises SpecError (the user's to fix), CheckpointError or OSError. `vilscale predict`
-    loads its model the same way."""
+    ``--ema``/``--live``) loaded and checked, in the run's attention mode, its attention backend settled, placed on
+    the device in the precision (``--precision``, else the spec's) as the task computes in it (``task.place``).
+    Raises SpecError (the user's to fix), CheckpointError or OSError. `vilscale predict` loads its model the same
+    way."""
     from vilscale.devices import resolve_device
     from vilscale.orchestration.training.engine import build_model, settle_attention_backend
+    from vilscale.tasks import make_task
 
     device = resolve_device(spec.train.device)
     model = build_model(spec)
@@ -225,7 +227,7 @@ def loaded_model(spec, run_dir: Path | None, args):
         _attention_mode_of_the_run(model, weights.run_dir, weights.tag)
     precision = args.precision or spec.train.precision
     settle_attention_backend(model, spec, device, precision=precision, log=lambda line: print(line, file=sys.stderr))
-    return model, weights, device, precision
+    return make_task(spec).place(model, device, precision), weights, device, precision
 
 
 def run(args) -> int:
@@ -233,7 +235,6 @@ def run(args) -> int:
     from vilscale.orchestration.config import SpecError
     from vilscale.orchestration.launch.exit_codes import EXIT_FAILED, EXIT_SPEC_ERROR
     from vilscale.orchestration.training.distributed import RankContext
-    from vilscale.orchestration.training.engine import COMPUTE_DTYPES
     from vilscale.tasks import make_task
 
     try:
@@ -254,7 +255,6 @@ def run(args) -> int:
         # a checkpoint that cannot be read may be read again (exit 1); everything else is the user's to fix
         print(f"vilscale eval: {error}", file=sys.stderr)
         return EXIT_FAILED if isinstance(error, CheckpointError | OSError) else EXIT_SPEC_ERROR
-    model.to(device=device, dtype=COMPUTE_DTYPES[precision])
     ctx = RankContext(rank=0, world_size=1, local_rank=0, local_world_size=1, device=device)
     out_dir = Path(args.out) if args.out else (run_dir / "eval" if run_dir is not None else None)
     result = task.evaluate(model, task.val_loader(ctx), ctx, out_dir=out_dir)

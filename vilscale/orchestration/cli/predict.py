@@ -59,18 +59,14 @@ def class_names(task, weights) -> list[str]:
 def load_predictor(spec, run_dir: Path | None, args, *, score_threshold: float):
     """The task's `Predictor` with the weights ``args`` choose, as `vilscale eval` loads them."""
     from vilscale.orchestration.cli.eval import loaded_model
-    from vilscale.orchestration.training.engine import COMPUTE_DTYPES
     from vilscale.tasks import make_task
     from vilscale.tasks.pictures import Predictor
 
     task = make_task(spec)
     if run_dir is not None and args.weights is None:
         _require_checkpoint(run_dir)
-    model, weights, device, precision = loaded_model(spec, run_dir, args)
-    dtype = COMPUTE_DTYPES[precision]
-    model.to(device=device, dtype=dtype)
-    return Predictor(task, model, names=class_names(task, weights), device=device, dtype=dtype,
-                     score_threshold=score_threshold)
+    model, weights, device, _ = loaded_model(spec, run_dir, args)
+    return Predictor(task, model, names=class_names(task, weights), device=device, score_threshold=score_threshold)
 
 
 def _require_checkpoint(run_dir: Path) -> None:

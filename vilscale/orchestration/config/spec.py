@@ -415,6 +415,10 @@ class JobSpec:
         if self.data.hierarchy and self.augment.loss != "semantic_softmax":
             raise SpecError(f"data.hierarchy={self.data.hierarchy!r} is read only by augment.loss='semantic_softmax'; "
                             "set that loss or remove data.hierarchy")
+        if self.task != "classification" and self.train.precision == "fp16":
+            raise SpecError(f"train.precision='fp16' is not supported for task={self.task!r}: its weights stay fp32 "
+                            "and it computes in bf16 autocast islands, which need no loss scaling; fp16 would. Use "
+                            "train.precision=bf16 (any GPU from Ampere on) or fp32")
         if self.data.img_size == 0:  # not set: the loader produces what the model is built for
             object.__setattr__(self, "data", dataclasses.replace(self.data, img_size=self.model.img_size))
         elif self.data.img_size != self.model.img_size:

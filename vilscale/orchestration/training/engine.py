@@ -15,8 +15,7 @@ import torch
 
 from vilscale.orchestration.config import JobSpec, SpecError
 from vilscale.orchestration.training.optim import build_optimizer
-
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from vilscale.tasks.precision import COMPUTE_DTYPES
 
 
 def use_environment_ninja() -> None:
@@ -31,6 +30,8 @@ def use_environment_ninja() -> None:
 
 
 def deepspeed_config(spec: JobSpec, world_size: int, device: torch.device) -> dict:
+    from vilscale.tasks import make_task
+
     accum = spec.grad_accum(world_size)
     config = {
         "train_micro_batch_size_per_gpu": spec.train.micro_batch,
@@ -46,9 +47,13 @@ def deepspeed_config(spec: JobSpec, world_size: int, device: torch.device) -> di
         config["zero_optimization"].update(overlap_comm=device.type == "cuda", contiguous_gradients=True)
     # Always written: DeepSpeed's default when the key is absent is 1.0, not "no clipping".
     config["gradient_clipping"] = spec.optim.clip_grad
-    if spec.train.precision == "bf16":
+    # The task decides what DeepSpeed's own precision is: classification casts the model to bf16 (DeepSpeed's mode,
+    # fp32 master weights in the optimizer); detection and segmentation keep fp32 weights and compute in autocast
+    # islands inside the model (``vilscale.tasks.precision``), so DeepSpeed runs them in fp32.
+    precision = make_task(spec).engine_precision
+    if precision == "bf16":
         config["bf16"] = {"enabled": True}
-    elif spec.train.precision == "fp16":
+    elif precision == "fp16":
         if device.type != "cuda":
             raise SpecError("train.precision='fp16' needs a GPU; use 'bf16' or 'fp32' on CPU")
         config["fp16"] = {"enabled": True, "initial_scale_power": 16}

@@ -32,7 +32,6 @@ from vilscale.orchestration.ranks import broadcast_object as _broadcast
 from vilscale.orchestration.training.distributed import RankContext, init_distributed
 from vilscale.orchestration.training.ema import ExponentialMovingAverage
 from vilscale.orchestration.training.engine import (
-    COMPUTE_DTYPES,
     build_engine,
     build_model,
     settle_attention_backend,
@@ -139,9 +138,8 @@ class TrainingRun:
         self.schedule = LrSchedule.for_run(spec, world_size=ctx.world_size, steps_per_epoch=self.steps_per_epoch,
                                            total_steps=self.total_steps)
         self.task.setup(ctx)
-        self.stepper = StepRunner(self.engine, self.optimizer, self.task, accum=self.accum,
-                                  dtype=COMPUTE_DTYPES[spec.train.precision], rank=ctx.rank, device=ctx.device,
-                                  run_dir=self.run_dir, fault_hook=fault_hook)
+        self.stepper = StepRunner(self.engine, self.optimizer, self.task, accum=self.accum, rank=ctx.rank,
+                                  device=ctx.device, run_dir=self.run_dir, fault_hook=fault_hook)
         self.nonfinite = NonFinitePolicy(spec.train.max_bad_steps, log=self.log)
 
         self.metrics = TrainingMetrics(self.run_dir, run_id=self.run_id, rank=ctx.rank, host=spec.metrics.host,

@@ -88,17 +88,16 @@ class StepRunner:
         optimizer: the torch optimizer inside it (its update is what a bad step suppresses).
         task: the task (``vilscale.tasks``): turns a batch into its named losses.
         accum: micro-batches per optimizer step.
-        dtype: the engine's compute dtype (DeepSpeed does not cast inputs).
         rank: this rank (fault injection points name ranks).
         device: where the non-finite flag is reduced.
         run_dir: where fault-injection markers live.
         fault_hook: ``(step, loss) -> loss``, for tests that replace a step's loss in-process.
     """
 
-    def __init__(self, engine, optimizer, task, *, accum: int, dtype: torch.dtype, rank: int,
-                 device: torch.device, run_dir: Path, fault_hook=None):
+    def __init__(self, engine, optimizer, task, *, accum: int, rank: int, device: torch.device, run_dir: Path,
+                 fault_hook=None):
         self.engine, self.optimizer, self.task = engine, optimizer, task
-        self.accum, self.dtype, self.rank, self.device = accum, dtype, rank, device
+        self.accum, self.rank, self.device = accum, rank, device
         self.run_dir, self.fault_hook = run_dir, fault_hook
         self.guard = UpdateGuard(optimizer, device)
 
@@ -110,8 +109,7 @@ class StepRunner:
             wait_start = time.perf_counter()
             batch = next(batches)
             result.data_wait += time.perf_counter() - wait_start
-            named, indices = self.task.losses(self.engine, batch, micro_step=step * self.accum + micro,
-                                              dtype=self.dtype)
+            named, indices = self.task.losses(self.engine, batch, micro_step=step * self.accum + micro)
             result.indices.append(indices)
             maybe_die("mid-step", step=step + 1, rank=self.rank, run_dir=self.run_dir)
             maybe_die("freeze", step=step + 1, rank=self.rank, run_dir=self.run_dir)
