@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device check: everything a session with a lent GPU runs, in one call, within about six minutes.
+# The device check: everything a session with a lent GPU runs, in one call, within about eight minutes.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh            # on a CUDA machine (the device tool sets OUT)
 #   OUT=/tmp/dry bash benchmarks/gpu_check.sh --dry-run   # here, on the CPU: same steps, tiny shapes,
@@ -11,6 +11,9 @@
 #           chunked, FlexAttention with the same mask and bias (compiled), NATTEN if importable  -> attention.json
 #   step    benchmarks/train.py: a ViL-Small training step (bf16, B=64, 224), triton vs chunked, plain
 #           torch + AdamW where DeepSpeed is absent; images/s and MFU against the measured bf16 matmul rate -> train.json
+#   jobs    benchmarks/jobs.py: every job in jobs/ for 2 steps at its own shapes and precision (its model, heads,
+#           optimizer, micro-batch), and one evaluation forward that keeps every detection (NMS on CUDA) -> jobs.json
+#           (the dry run: smoke and the digits detection and segmentation jobs, fp32, batch 1)
 #   tests   the quick `gpu` tests of the fused kernel at one fixed kernel configuration  -> gpu_tests.xml
 #           (VILSCALE_TRITON_CONFIG, no autotuning sweep), stopping after 5 failures
 #   slow    the slow `gpu` tests (every variant's stage shapes, the 1024 backbone)      -> gpu_tests_slow.xml
@@ -18,7 +21,7 @@
 #
 # GPU_CHECK_STEPS=env,tests,slow runs only the steps named (a rerun after a fix); the report always runs.
 #
-# Everything is written under $OUT (at most 8 files: what the device tool brings back). Nothing here
+# Everything is written under $OUT (at most 9 files: what the device tool brings back). Nothing here
 # imports deepspeed, ray, ffcv, kornia or submitit; the dry run makes them unimportable to prove it.
 # The commit is read from git, or from VILSCALE_COMMIT where the tree has no history.
 set -u
@@ -27,7 +30,7 @@ DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (valid: --dry-run, --help)" >&2; exit 2 ;;
   esac
 done
@@ -69,6 +72,7 @@ fi
 
 LIMIT_ATTN=${LIMIT_ATTN:-150}
 LIMIT_STEP=${LIMIT_STEP:-90}
+LIMIT_JOBS=${LIMIT_JOBS:-180}
 LIMIT_TESTS=${LIMIT_TESTS:-90}
 LIMIT_SLOW=${LIMIT_SLOW:-90}
 WORKERS=${WORKERS:-8}
@@ -133,6 +137,8 @@ if [ "$DRY_RUN" = 1 ]; then
   run_step step "$LIMIT_STEP" "$PY" "$REPO/benchmarks/train.py" --engine auto --device cpu --model vil_nano \
     --img-size 32 --window 2 --num-classes 10 --batch 2 --precision fp32 --backends triton,chunked \
     --warmup 1 --steps 1 --json "$OUT/train.json"
+  run_step jobs "$LIMIT_JOBS" "$PY" "$REPO/benchmarks/jobs.py" --device cpu --dry-run \
+    --only smoke,digits_retinanet,digits_mask_rcnn,digits_semfpn --json "$OUT/jobs.json"
 else
   # figures first (the deliverable of a short lease), then correctness at one fixed kernel configuration
   export TRITON_PRINT_AUTOTUNING=1  # the log says which configuration the autotuner chose per shape
@@ -140,6 +146,7 @@ else
     --backends triton,chunked,flex,natten --cases vil_small_stage1,vil_small_stage2 --out "$OUT/attention.json"
   run_step step "$LIMIT_STEP" "$PY" "$REPO/benchmarks/train.py" --engine auto --model vil_small --img-size 224 \
     --batch 64 --precision bf16 --backends triton,chunked --warmup 3 --steps 10 --json "$OUT/train.json"
+  run_step jobs "$LIMIT_JOBS" "$PY" "$REPO/benchmarks/jobs.py" --device cuda --steps 2 --json "$OUT/jobs.json"
   VILSCALE_TRITON_CONFIG=${VILSCALE_TRITON_CONFIG:-8x8x8} run_step tests "$LIMIT_TESTS" \
     "$PY" -m pytest "${pytest_args[@]}" --maxfail=5 -m "gpu and not slow" \
     --junitxml="$OUT/gpu_tests.xml" "$REPO/tests/test_kernels_triton_gpu.py"

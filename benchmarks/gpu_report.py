@@ -2,7 +2,8 @@
 
     python benchmarks/gpu_report.py --out OUT --steps STEPS_TSV [--dry-run]
 
-Reads ``attention.json`` (benchmarks/attention.py), ``train.json`` (benchmarks/train.py), the junit files of
+Reads ``attention.json`` (benchmarks/attention.py), ``train.json`` (benchmarks/train.py), ``jobs.json``
+(benchmarks/jobs.py: every shipped job for 2 steps), the junit files of
 the gpu tests and the step table (name, exit status, seconds, limit). Writes ``OUT/gpu_check.json`` with the
 device, driver, versions, commit, every figure and the ratios the GPU issue sets as targets (ViL-Small stage 1,
 bf16, B=64: fused fwd+bwd >= 2x FlexAttention and >= 4x chunked, forward <= 2.5x the HBM lower bound,
@@ -119,6 +120,16 @@ def train_figures(train: dict | None) -> dict:
     return out
 
 
+def job_figures(jobs: dict | None) -> dict:
+    """The shipped jobs' rows (benchmarks/jobs.py), and how many ran."""
+    if not jobs:
+        return {"missing": "jobs.json was not written (see the jobs step in gpu_check.log)"}
+    rows = [{key: row.get(key) for key in ("job", "ok", "error", "model", "precision", "shape", "micro_batch",
+                                           "step_s", "peak_mem_gib", "eval", "attention_backend")}
+            for row in jobs.get("jobs", [])]
+    return {"ran": len(rows), "ok": sum(bool(row["ok"]) for row in rows), "rows": rows}
+
+
 def verdicts(attn: dict, step: dict) -> dict:
     def met(value, target, at_most=False):
         if value is None:
@@ -166,6 +177,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     attention = _load(out / "attention.json")
     train = _load(out / "train.json")
+    jobs = _load(out / "jobs.json")
     case = TARGET_CASE
     if attention and not any(row["name"] == case for row in attention.get("cases", [])):
         case = attention["cases"][0]["name"] if attention.get("cases") else case
@@ -181,6 +193,7 @@ def main(argv=None) -> int:
         "gpu_tests_slow": junit_summary(out / "gpu_tests_slow.xml"),
         "attention_target_case": attn, "training_step": step,
         "targets_met": verdicts(attn, step),
+        "jobs": job_figures(jobs),
         "attention": attention, "train": train,
     }
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -197,6 +210,9 @@ def main(argv=None) -> int:
             print(f"  {failure['test']}: {failure['message']}")
     for key, value in {**attn, **{k: v for k, v in step.items() if k != "rows"}}.items():
         print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+    for row in report["jobs"].get("rows", []):
+        print(f"  job {row['job']}: {'ok' if row['ok'] else 'FAILED ' + row.get('error', '')} "
+              f"({row['shape']} x{row['micro_batch']}, {row['precision']}, {row.get('step_s')} s/step)")
     for target, ok in report["targets_met"].items():
         print(f"  target {target}: {'met' if ok else 'not met' if ok is not None else 'not measured'}")
     print(f"wrote {out / 'gpu_check.json'}")

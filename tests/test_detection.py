@@ -233,3 +233,18 @@ def test_the_detection_demo_prepares_trains_evaluates_and_draws_its_pictures(det
     for picture in pictures:
         with Image.open(picture) as image:
             assert image.size == (96, 96)  # drawn on the canvas at its own size
+
+
+def test_mask_rcnn_trained_in_bf16_scores_within_two_points_of_fp32(detection_demo, digits_coco, tmp_path):
+    """The same job, seed and steps as the demo's fp32 run, in bf16: the backbone, FPN and heads compute in bf16,
+    boxes, losses and NMS in fp32, so the box AP lands within 2 points of fp32's (both above the learning bar)."""
+    root, _ = detection_demo
+    fp32 = json.loads((root / "runs" / "digits_mask_rcnn" / "summary.json").read_text())
+    run_dir = tmp_path / "bf16"
+    vilscale("train", str(MASK_RCNN), "--nproc", "2", "--set", f"run_dir={run_dir}", *data_sets(digits_coco),
+             "--set", f"train.max_steps={MASK_RCNN_EPOCHS * (600 // 16)}", "--set", "train.precision=bf16")
+    bf16 = json.loads((run_dir / "summary.json").read_text())
+    assert bf16["step"] == fp32["step"]
+    assert bf16["box_AP50"] >= MASK_RCNN_AP50_BAR and fp32["box_AP50"] >= MASK_RCNN_AP50_BAR, (bf16, fp32)
+    assert abs(bf16["box_AP"] - fp32["box_AP"]) <= 0.02, (bf16["box_AP"], fp32["box_AP"])
+    assert abs(bf16["mask_AP"] - fp32["mask_AP"]) <= 0.02, (bf16["mask_AP"], fp32["mask_AP"])

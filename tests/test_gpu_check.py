@@ -30,7 +30,7 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
         assert f"{package} absent" in log  # as on the device image: nothing the check runs may need them
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [(step["step"], step["exit"]) for step in report["steps"]] == [
-        ("env", 0), ("tests", 0), ("attn", 0), ("step", 0)]
+        ("env", 0), ("tests", 0), ("attn", 0), ("step", 0), ("jobs", 0)]
     assert report["kind"].startswith("gpu_check dry run") and report["device"] == "cpu (dry run)"
     # the kernels ran (interpreted) at the benchmark's shape and agreed with chunked
     attention = report["attention_target_case"]
@@ -38,8 +38,12 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     rows = {row["backend"]: row for row in report["train"]["results"]}
     assert set(rows) == {"triton", "chunked"} and all("error" not in row for row in rows.values()), rows
     assert report["train"]["config"]["engine"] == "torch"  # deepspeed absent: the plain-torch step
+    jobs = {row["job"]: row for row in report["jobs"]["rows"]}  # each task's path ran without DeepSpeed & co.
+    assert set(jobs) == {"smoke", "digits_retinanet", "digits_mask_rcnn", "digits_semfpn"}
+    assert all(row["ok"] for row in jobs.values()), jobs
+    assert jobs["digits_mask_rcnn"]["eval"]["detections"] > 0  # NMS had candidates (score threshold 0)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["attention.json", "gpu_check.json",
-                                                                "gpu_check.log", "train.json"]
+                                                                "gpu_check.log", "jobs.json", "train.json"]
 
 
 def test_an_unknown_argument_is_refused_before_anything_runs(tmp_path):

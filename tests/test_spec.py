@@ -219,3 +219,26 @@ def test_a_run_dir_written_before_a_key_existed_resumes_while_the_key_keeps_its_
     assert spec_changes(older, changed.to_dict()) == [("model.window_mode", "chunk", "exact")]
     with pytest.raises(RunDirError, match="model.window_mode: 'chunk' -> 'exact'"):
         check_resume_compatible(changed)
+
+
+def test_one_key_for_decode_workers_and_the_old_detection_key_is_read_under_it(capsys):
+    dense = {"run_dir": "runs/x", "task": "detection", "data": {"loader_workers": 3}}
+    assert spec_from_dict(dense).data.num_workers == 3
+    assert "data.loader_workers is deprecated: the key is data.num_workers now" in capsys.readouterr().err
+    # an older classification spec.yaml holds the unread loader_workers default beside its num_workers
+    old = {**minimal(), "data": {"train_manifest": "m.json", "num_workers": 5, "loader_workers": 2}}
+    assert spec_from_dict(old).data.num_workers == 5
+    assert "loader_workers" not in spec_from_dict(old).to_dict()["data"]
+    with pytest.raises(SpecError, match="data.num_workers=0: classification decodes in FFCV's threads"):
+        spec_from_dict({**minimal(), "data": {"train_manifest": "m.json", "num_workers": 0}})
+    assert spec_from_dict({**dense, "data": {"num_workers": 0}}).data.num_workers == 0
+
+
+def test_decode_workers_sized_for_a_cluster_node_are_clamped_to_this_machine_with_one_line():
+    from vilscale.devices import clamp_workers, usable_cores
+
+    cores, lines = usable_cores(), []
+    assert clamp_workers(cores + 6, key="data.num_workers", log=lines.append) == cores
+    assert lines == [f"data.num_workers={cores + 6} is more than the {cores} CPU core(s) this process may use: "
+                     f"using {cores}"]
+    assert clamp_workers(cores, key="data.num_workers", log=lines.append) == cores and len(lines) == 1

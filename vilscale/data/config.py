@@ -36,7 +36,9 @@ class DataConfig:
     """Side of the square crops the loader produces (training and validation); 0 in a job spec means
     `model.img_size`, which it must equal when set."""
     num_workers: int = 2
-    """Decode threads per rank (numba threads of the FFCV pipeline)."""
+    """Workers per rank that decode images: FFCV's decode threads (classification, at least 1) or DataLoader
+    processes that read and decode images (detection, segmentation; 0 reads them in the rank's own process). Sized
+    for a cluster node: a rank clamps it to the CPU cores it may use, saying so in one line."""
     os_cache: bool = True
     """True: read shards through the OS page cache (mmap; shared by the ranks of a node). False: each process
     reads the pages it needs into its own memory (for datasets much larger than RAM)."""
@@ -100,8 +102,6 @@ class DataConfig:
     (multi-scale training, the 3x schedule's (640, 672, ..., 800)) and evaluation uses the last."""
     max_size: int = 1333
     """task=detection: longer image side at most (the shorter side gives way)."""
-    loader_workers: int = 2
-    """task=detection: processes per rank that read and decode images (0: in the rank's own process)."""
     verify_checksums: bool = True
     """Check every shard this rank reads against the manifest's sha256 before the first epoch. A verified
     shard is remembered (by path, size and mtime) under $VILSCALE_CACHE_DIR (default ~/.cache/vilscale), so a
@@ -114,8 +114,8 @@ class DataConfig:
     def __post_init__(self):
         _check(isinstance(self.img_size, int) and (self.img_size >= 8 or self.img_size == 0), "data.img_size",
                self.img_size, "use an integer >= 8 (or 0: the model's img_size)")
-        _check(isinstance(self.num_workers, int) and self.num_workers >= 1, "data.num_workers", self.num_workers,
-               "use an integer >= 1")
+        _check(isinstance(self.num_workers, int) and self.num_workers >= 0, "data.num_workers", self.num_workers,
+               "use an integer >= 0 (classification needs at least 1)")
         _check(0.0 < self.val_resize_ratio <= 1.0, "data.val_resize_ratio", self.val_resize_ratio,
                "use a ratio in (0, 1], e.g. 0.875 (224/256)")
         for name in ("mean", "std"):
@@ -133,8 +133,6 @@ class DataConfig:
                "data.min_size", self.min_size, "give one or more integers >= 16 (the shorter side after resizing)")
         _check(isinstance(self.max_size, int) and self.max_size >= max(self.min_size), "data.max_size",
                self.max_size, f"use an integer >= data.min_size ({max(self.min_size)})")
-        _check(isinstance(self.loader_workers, int) and self.loader_workers >= 0, "data.loader_workers",
-               self.loader_workers, "use an integer >= 0")
         _check(isinstance(self.decode_error_limit, int) and self.decode_error_limit >= 0, "data.decode_error_limit",
                self.decode_error_limit, "use an integer >= 0 (0: the first sample that fails to decode stops the run)")
         _check(isinstance(self.ignore_index, int) and 0 <= self.ignore_index <= 65535, "data.ignore_index",

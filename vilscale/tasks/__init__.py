@@ -45,4 +45,17 @@ def make_task(spec):
     raise ValueError(f"task={spec.task!r} is not valid; use one of {list(TASKS)}")
 
 
-__all__ = ["DETECTORS", "TASKS", "make_task"]
+def decode_workers(task, ctx) -> int:
+    """``data.num_workers`` of ``task``'s spec, clamped to the CPU cores this rank may use (worked out once per task
+    object; rank 0 says so in one line when it clamps)."""
+    if getattr(task, "_decode_workers", None) is None:
+        import sys
+
+        from vilscale.devices import clamp_workers
+
+        log = (lambda line: print(f"[vilscale] {line}", file=sys.stderr, flush=True)) if ctx.rank == 0 else None
+        task._decode_workers = clamp_workers(task.spec.data.num_workers, key="data.num_workers", log=log)
+    return task._decode_workers
+
+
+__all__ = ["DETECTORS", "TASKS", "decode_workers", "make_task"]

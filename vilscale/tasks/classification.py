@@ -84,12 +84,21 @@ class ClassificationTask:
         return steps_per_epoch(train_samples, world_size, self.spec.train.micro_batch, train=True,
                                drop_last=self.spec.data.drop_last)
 
+    def _data_config(self, ctx):
+        """``data`` with ``num_workers`` clamped to the cores this rank may use (numba refuses more threads)."""
+        import dataclasses
+
+        from vilscale.tasks import decode_workers
+
+        return dataclasses.replace(self.spec.data, num_workers=decode_workers(self, ctx))
+
     def train_loader(self, ctx):
         from vilscale.data.loader import ShardedLoader
 
         spec = self.spec
         return ShardedLoader(spec.data.train_manifest, rank=ctx.rank, world_size=ctx.world_size,
-                             batch_size=spec.train.micro_batch, seed=spec.train.seed, train=True, config=spec.data,
+                             batch_size=spec.train.micro_batch, seed=spec.train.seed, train=True,
+                             config=self._data_config(ctx),
                              augment=spec.augment, device=ctx.device, return_indices=True)
 
     def val_loader(self, ctx, *, batch_size: int | None = None):
@@ -101,7 +110,7 @@ class ClassificationTask:
             return None
         return ShardedLoader(spec.data.val_manifest, rank=ctx.rank, world_size=ctx.world_size,
                              batch_size=batch_size or spec.eval.batch_size, seed=spec.train.seed, train=False,
-                             config=spec.data, device=ctx.device)
+                             config=self._data_config(ctx), device=ctx.device)
 
     # ---- training ----------------------------------------------------------------------------------------
 

@@ -220,7 +220,7 @@ def build_detector(spec) -> ViLDetector:
         anchors = anchor_generator("retinanet", cfg.anchor_sizes)
         head = RetinaNetHeads(width, anchors.num_anchors_per_location()[0], cfg.num_classes + 1)
         detector = RetinaNet(backbone, num_classes=cfg.num_classes + 1, anchor_generator=anchors, head=head,
-                             detections_per_img=cfg.detections_per_image, **common)
+                             detections_per_img=cfg.detections_per_image, score_thresh=cfg.score_threshold, **common)
     else:
         backbone = ViLFPN(body, list(range(stages)), width, LastLevelMaxPool())
         proposals = cfg.proposals_per_image
@@ -239,7 +239,8 @@ def build_detector(spec) -> ViLDetector:
                             box_batch_size_per_image=cfg.rois_per_image,
                             rpn_pre_nms_top_n_train=2 * proposals, rpn_pre_nms_top_n_test=proposals,
                             rpn_post_nms_top_n_train=proposals, rpn_post_nms_top_n_test=proposals,
-                            box_detections_per_img=cfg.detections_per_image, **common)
+                            box_detections_per_img=cfg.detections_per_image, box_score_thresh=cfg.score_threshold,
+                            **common)
     return set_compute_dtype(ViLDetector(detector, cfg.detector), COMPUTE_DTYPES[spec.train.precision])
 
 
@@ -449,6 +450,7 @@ class DetectionTask:
 
     def _loader(self, ctx, *, train: bool, batch_size: int):
         from vilscale.data.coco import CocoData, CocoLoader
+        from vilscale.tasks import decode_workers
 
         data = self.spec.data
         images, annotations = ((data.train_images, data.train_annotations) if train
@@ -458,7 +460,7 @@ class DetectionTask:
         if train and ctx.rank == 0:
             print(f"[vilscale] {annotations}: {split.stats.line()}", flush=True)
         return CocoLoader(split, rank=ctx.rank, world_size=ctx.world_size, batch_size=batch_size,
-                          seed=self.spec.train.seed, train=train, num_workers=data.loader_workers,
+                          seed=self.spec.train.seed, train=train, num_workers=decode_workers(self, ctx),
                           hflip=self.spec.augment.hflip if train else 0.0,
                           decode_error_limit=data.decode_error_limit)
 

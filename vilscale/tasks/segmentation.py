@@ -321,9 +321,10 @@ class SegmentationTask:
 
     def _loader(self, ctx, *, train: bool, batch_size: int):
         from vilscale.data.ade import AdeLoader
+        from vilscale.tasks import decode_workers
 
         return AdeLoader(self._split(train=train), rank=ctx.rank, world_size=ctx.world_size, batch_size=batch_size,
-                         seed=self.spec.train.seed, train=train, num_workers=self.spec.data.loader_workers,
+                         seed=self.spec.train.seed, train=train, num_workers=decode_workers(self, ctx),
                          hflip=self.spec.augment.hflip if train else 0.0,
                          decode_error_limit=self.spec.data.decode_error_limit)
 

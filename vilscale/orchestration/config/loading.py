@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -130,7 +131,23 @@ def apply_override(raw: dict, assignment: str) -> None:
 def spec_from_dict(raw: Any) -> JobSpec:
     if not isinstance(raw, dict):
         raise SpecError(f"a job spec must be a YAML mapping of sections, got {type(raw).__name__}")
-    return _build("", JobSpec, raw)
+    return _build("", JobSpec, _renamed_keys(raw))
+
+
+def _renamed_keys(raw: dict) -> dict:
+    """Keys that have a new name, read under it. ``data.loader_workers`` (the detection and segmentation loaders'
+    processes until 0.1) is ``data.num_workers`` now, one key for every task: its value is used, with one line that
+    says so; a classification job never read it, so there it is dropped (spec.yaml files of older runs hold both)."""
+    data = raw.get("data")
+    if not isinstance(data, dict) or "loader_workers" not in data:
+        return raw
+    data = dict(data)
+    value = data.pop("loader_workers")
+    if raw.get("task", "classification") != "classification":
+        data["num_workers"] = value
+        print(f"[vilscale] data.loader_workers is deprecated: the key is data.num_workers now, for every task "
+              f"(using data.num_workers={value!r}); rename it in the job spec", file=sys.stderr, flush=True)
+    return {**raw, "data": data}
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:

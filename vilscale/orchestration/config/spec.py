@@ -67,6 +67,9 @@ class ModelConfig:
     training)."""
     detections_per_image: int = 100
     """task=detection: detections kept per image (COCO's AP counts up to 100)."""
+    score_threshold: float = 0.05
+    """task=detection: evaluation drops detections scoring below this before NMS (torchvision's and detectron2's
+    0.05); 0 keeps every candidate (up to RetinaNet's 1000 per level and `detections_per_image`)."""
     rois_per_image: int = 512
     """task=detection, mask_rcnn: proposals sampled per image to train the box and mask heads (a quarter positive
     at most; detectron2's and torchvision's 512)."""
@@ -91,6 +94,8 @@ class ModelConfig:
         if len(self.anchor_sizes) != 5 or not all(isinstance(v, int) and v > 0 for v in self.anchor_sizes):
             raise SpecError(f"model.anchor_sizes={list(self.anchor_sizes)!r} must be five positive integers, one "
                             "per FPN level (e.g. [32, 64, 128, 256, 512])")
+        if not 0.0 <= self.score_threshold < 1.0:
+            raise SpecError(f"model.score_threshold={self.score_threshold!r} must be in [0, 1) (0.05: the recipes')")
         for name in ("fpn_channels", "proposals_per_image", "detections_per_image", "rois_per_image", "head_channels"):
             _positive(f"model.{name}", getattr(self, name))
 
@@ -415,6 +420,9 @@ class JobSpec:
         if self.data.hierarchy and self.augment.loss != "semantic_softmax":
             raise SpecError(f"data.hierarchy={self.data.hierarchy!r} is read only by augment.loss='semantic_softmax'; "
                             "set that loss or remove data.hierarchy")
+        if self.task == "classification" and self.data.num_workers < 1:
+            raise SpecError("data.num_workers=0: classification decodes in FFCV's threads, at least 1 per rank; use "
+                            "data.num_workers=1 or more (detection and segmentation take 0: no worker processes)")
         if self.task != "classification" and self.train.precision == "fp16":
             raise SpecError(f"train.precision='fp16' is not supported for task={self.task!r}: its weights stay fp32 "
                             "and it computes in bf16 autocast islands, which need no loss scaling; fp16 would. Use "
@@ -486,9 +494,9 @@ EXECUTION_KEYS = (
     "train.ckpt_every", "train.keep_checkpoints", "train.exit_after_steps", "train.log_every",
     "train.record_samples", "train.max_bad_steps", "train.collective_timeout_s", "train.device",
     "train.activation_checkpointing",
-    "train.compile", "model.attn_backend",
+    "train.compile", "model.attn_backend", "model.score_threshold",
     "data.num_workers", "data.batches_ahead", "data.os_cache", "data.verify_checksums", "data.decode_error_limit",
-    "data.loader_workers",
+    "data.loader_workers",  # the old name of data.num_workers in detection/segmentation: older spec.yaml files hold it
 )
 # Keys a resumed run may change only when the user says so (`--allow-spec-change`): the checkpoint still
 # loads, and the change is a deliberate decision about the rest of the run (train longer, moved shards,
