@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         split_imagenet21k,
         summarize_skipped,
     )
-    from vilscale.orchestration.launch.exit_codes import EXIT_SPEC_ERROR
+    from vilscale.errors import EXIT_SPEC_ERROR
 
     if args.source_kind == "digits-coco":
         return _prepare_digits_coco(args)
@@ -171,7 +171,7 @@ def _shard_counts(splits: dict, num_shards: int | None) -> dict:
 
 def _prepare_digits_coco(args: argparse.Namespace) -> int:
     from vilscale.data.coco import DigitsCocoSettings, write_digits_coco
-    from vilscale.orchestration.launch.exit_codes import EXIT_SPEC_ERROR
+    from vilscale.errors import EXIT_SPEC_ERROR
 
     if args.canvas < 48 or args.train_images < 1 or args.val_images < 1:
         print("vilscale prepare digits-coco: error: --canvas must be >= 48 and --train-images/--val-images >= 1",

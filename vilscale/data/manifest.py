@@ -29,13 +29,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from vilscale.errors import DataError  # noqa: F401  (its home is vilscale.errors; imported from here too)
 from vilscale.files import retry_transient, sha256_of
 
 FORMAT = "vilscale-shards/1"
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file and says how to fix it."""
 
 
 @dataclass(frozen=True, slots=True)

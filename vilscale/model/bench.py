@@ -33,8 +33,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import torch
 
+    from vilscale.errors import EXIT_SPEC_ERROR
     from vilscale.model import count_flops, create_model, list_models
-    from vilscale.orchestration.launch.exit_codes import EXIT_SPEC_ERROR
 
     names = args.model or list_models()
     unknown = [name for name in names if name not in list_models()]

@@ -33,9 +33,9 @@ def run(args) -> int:
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    from vilscale.errors import EXIT_SPEC_ERROR
     from vilscale.model import adapt_state_dict, create_model, read_official
     from vilscale.model.official import translate_official
-    from vilscale.orchestration.launch.exit_codes import EXIT_SPEC_ERROR
 
     create_kwargs = dict(pos_embed=args.pos_embed, window_mode=args.window_mode, num_classes=args.num_classes,
                          backbone=args.backbone)

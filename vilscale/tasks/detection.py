@@ -28,7 +28,6 @@ import contextlib
 import copy
 import io
 import json
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -42,34 +41,10 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.poolers import LevelMapper
 
+from vilscale.tasks.backbone import OnViLBody, ViLFPN
 from vilscale.tasks.precision import COMPUTE_DTYPES, LowPrecision, set_compute_dtype
 
 HEADLINES = {"retinanet": "box_ap", "mask_rcnn": "mask_ap"}
-
-
-class ViLFPN(LowPrecision, nn.Module):
-    """The ViL backbone's stage maps through torchvision's FPN: an OrderedDict of levels, ``out_channels`` each
-    (fp32; computed in the model's compute dtype).
-
-    Args:
-        body: a ``VisionLongformer`` built with ``backbone=True``.
-        levels: which stages (0-based) feed the FPN.
-        out_channels: channels of every FPN level.
-        extra_blocks: torchvision's ``LastLevelP6P7`` (here ``P6P7FromC5``) or ``LastLevelMaxPool``.
-    """
-
-    def __init__(self, body: nn.Module, levels: list[int], out_channels: int, extra_blocks):
-        from torchvision.ops import FeaturePyramidNetwork
-
-        super().__init__()
-        self.body, self.levels = body, list(levels)
-        self.fpn = FeaturePyramidNetwork([body.feature_dims[level] for level in self.levels], out_channels,
-                                         extra_blocks=extra_blocks)
-        self.out_channels = out_channels
-
-    def forward(self, images: torch.Tensor) -> OrderedDict:
-        maps = self.body.forward_intermediates(images)
-        return self.fpn(OrderedDict((str(index), maps[level]) for index, level in enumerate(self.levels)))
 
 
 class P6P7FromC5(LastLevelP6P7):
@@ -141,49 +116,24 @@ class MaskPredictor(LowPrecision, MaskRCNNPredictor):
     """The mask head's upsampling and per-class mask logits."""
 
 
-class ViLDetector(nn.Module):
+class ViLDetector(OnViLBody, nn.Module):
     """A torchvision detector on a ViL backbone. ``forward(images, targets)`` returns torchvision's dict of
     losses in training and its list of detections in evaluation; the ViL body's switches (shift mode,
-    attention backend) and weight-decay exclusions are reachable from here as on a classifier.
+    attention backend) and weight-decay exclusions are reachable from here as on a classifier (``OnViLBody``).
 
     Args:
         detector: torchvision's ``RetinaNet`` or ``MaskRCNN`` whose ``backbone`` is a ``ViLFPN``.
         kind: "retinanet" or "mask_rcnn".
     """
 
+    body_path = "detector.backbone"
+
     def __init__(self, detector: nn.Module, kind: str):
         super().__init__()
         self.detector, self.kind = detector, kind
 
-    @property
-    def body(self) -> nn.Module:
-        return self.detector.backbone.body
-
-    @property
-    def config(self):
-        return self.body.config
-
     def forward(self, images, targets=None):
         return self.detector(images, targets)
-
-    @property
-    def shift_mode(self) -> str:
-        return self.body.shift_mode
-
-    def set_shift_mode(self, shift_mode: str) -> None:
-        self.body.set_shift_mode(shift_mode)
-
-    def set_attn_backend(self, backend: str) -> None:
-        self.body.set_attn_backend(backend)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> int:
-        return self.body.set_grad_checkpointing(enable)
-
-    def no_weight_decay(self) -> set[str]:
-        """The ViL body's exclusions (LayerNorms, position tables, global tokens), as in its ImageNet training;
-        FPN and heads are decayed. The official detection fork decays every parameter (see the COCO jobs' headers
-        for why vilscale does not)."""
-        return {f"detector.backbone.body.{name}" for name in self.body.no_weight_decay()}
 
 
 def anchor_generator(kind: str, base_sizes: tuple[int, ...]):

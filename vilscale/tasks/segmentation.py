@@ -30,11 +30,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vilscale.tasks.detection import ViLFPN, skipped_line
+from vilscale.tasks.backbone import OnViLBody, ViLFPN
+from vilscale.tasks.detection import skipped_line
 from vilscale.tasks.precision import COMPUTE_DTYPES, island, set_compute_dtype
 
 
-class SemanticFPN(nn.Module):
+class SemanticFPN(OnViLBody, nn.Module):
     """Semantic FPN on a ViL backbone. ``forward(images)`` returns logits ``(B, K, H, W)`` at the input's size;
     ``forward(images, masks)`` in training returns ``{"loss_seg": cross-entropy}``.
 
@@ -68,14 +69,6 @@ class SemanticFPN(nn.Module):
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.mean, self.std = tuple(mean), tuple(std)
         self.stride = body.feature_strides[-1]
-
-    @property
-    def body(self) -> nn.Module:
-        return self.backbone.body
-
-    @property
-    def config(self):
-        return self.body.config
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, K, H, W) class scores of [0, 1] images (B, 3, H, W)."""
@@ -111,22 +104,6 @@ class SemanticFPN(nn.Module):
             return scores
         return {"loss_seg": cross_entropy(scores, masks, self.ignore_index)}
 
-    @property
-    def shift_mode(self) -> str:
-        return self.body.shift_mode
-
-    def set_shift_mode(self, shift_mode: str) -> None:
-        self.body.set_shift_mode(shift_mode)
-
-    def set_attn_backend(self, backend: str) -> None:
-        self.body.set_attn_backend(backend)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> int:
-        return self.body.set_grad_checkpointing(enable)
-
-    def no_weight_decay(self) -> set[str]:
-        """The ViL body's exclusions (LayerNorms, position tables, global tokens); FPN and heads are decayed."""
-        return {f"backbone.body.{name}" for name in self.body.no_weight_decay()}
 
 
 def cross_entropy(scores: torch.Tensor, masks: torch.Tensor, ignore_index: int) -> torch.Tensor:

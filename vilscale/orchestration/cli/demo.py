@@ -34,8 +34,8 @@ def run(args) -> int:
     import shutil
 
     from vilscale.cli import main as vilscale
+    from vilscale.errors import EXIT_SPEC_ERROR
     from vilscale.orchestration.config import SpecError, load_spec
-    from vilscale.orchestration.launch.exit_codes import EXIT_SPEC_ERROR
 
     started = time.perf_counter()
     if args.detection:
@@ -88,8 +88,8 @@ def _detection(args, started: float) -> int:
     import shutil
 
     from vilscale.cli import main as vilscale
+    from vilscale.errors import EXIT_SPEC_ERROR
     from vilscale.orchestration.config import SpecError, load_spec
-    from vilscale.orchestration.launch.exit_codes import EXIT_SPEC_ERROR
 
     data = Path(args.detection_data)
     data_sets = [f"data.{split}_{what}={data / split / ('annotations.json' if what == 'annotations' else 'images')}"

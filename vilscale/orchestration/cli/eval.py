@@ -27,19 +27,25 @@ def add_parser(parser) -> None:
     parser.add_argument("target", metavar="RUN_DIR|JOB.yaml",
                         help="a run directory (its spec.yaml says the model and the data), or a job spec (YAML) "
                              "whose model and validation data evaluate --weights; no run dir is made")
-    parser.add_argument("--weights", default=None,
-                        help="what to evaluate (required with a job spec): a vilscale export (.safetensors), an "
-                             "official ViL checkpoint (.pth) or a run directory (its newest verified checkpoint)")
-    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest verified one)")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
-    which.add_argument("--live", action="store_true", help="evaluate the live (non-EMA) weights")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-                        help="compute precision (default: the spec's train.precision, as the trainer evaluates)")
+    add_weights_arguments(parser, verb="evaluate")
     parser.add_argument("--out", default=None,
                         help="folder for predictions (detection: bbox.json, segm.json; segmentation: iou.json and "
                              "predictions/*.png); default: RUN_DIR/eval for "
                              "a run dir, none for a job spec")
+
+
+def add_weights_arguments(parser, *, verb: str) -> None:
+    """Which weights and how they compute, as `vilscale eval` and `vilscale predict` both choose them: --weights,
+    --tag, --ema/--live, --precision, and --set for the spec."""
+    parser.add_argument("--weights", default=None,
+                        help=f"what to {verb} with (required with a job spec): a vilscale export (.safetensors), an "
+                             "official ViL checkpoint (.pth) or a run directory (its newest verified checkpoint)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest verified one)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights")
+    which.add_argument("--live", action="store_true", help="the live (non-EMA) weights")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                        help="compute precision (default: the spec's train.precision, as the trainer evaluates)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the spec, e.g. --set data.val_manifest=other.json")
 
@@ -231,9 +237,9 @@ def loaded_model(spec, run_dir: Path | None, args):
 
 
 def run(args) -> int:
+    from vilscale.errors import EXIT_FAILED, EXIT_SPEC_ERROR
     from vilscale.orchestration.checkpoint import CheckpointError
     from vilscale.orchestration.config import SpecError
-    from vilscale.orchestration.launch.exit_codes import EXIT_FAILED, EXIT_SPEC_ERROR
     from vilscale.orchestration.training.distributed import RankContext
     from vilscale.tasks import make_task
 

@@ -63,11 +63,11 @@ def run(args) -> int:
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    from vilscale.errors import EXIT_FAILED, EXIT_SPEC_ERROR
     from vilscale.orchestration.checkpoint import CheckpointError
     from vilscale.orchestration.checkpoint.consolidate import consolidated_state_dict
     from vilscale.orchestration.checkpoint.rundir import load_run_spec
     from vilscale.orchestration.config import SpecError
-    from vilscale.orchestration.launch.exit_codes import EXIT_FAILED, EXIT_SPEC_ERROR
 
     out = Path(args.out)
     try:

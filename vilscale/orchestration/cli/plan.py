@@ -33,9 +33,9 @@ def add_parser(parser) -> None:
 
 
 def run(args) -> int:
+    from vilscale.errors import EXIT_SPEC_ERROR
     from vilscale.orchestration import plan as planning
     from vilscale.orchestration.config import SpecError, load_spec
-    from vilscale.orchestration.launch.exit_codes import EXIT_SPEC_ERROR
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 
 def add_parser(parser) -> None:
+    from vilscale.orchestration.cli.eval import add_weights_arguments
     from vilscale.tasks.pictures import DEFAULT_SCORE_THRESHOLD
 
     parser.add_argument("target", metavar="RUN_DIR|JOB.yaml",
@@ -26,17 +27,7 @@ def add_parser(parser) -> None:
                         help="folder for the pictures (IMAGE's name, .png) and predictions.json")
     parser.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD,
                         help=f"detection: draw boxes scoring at least this (default {DEFAULT_SCORE_THRESHOLD})")
-    parser.add_argument("--weights", default=None,
-                        help="what predicts (required with a job spec): a vilscale export (.safetensors), an official "
-                             "ViL checkpoint (.pth) or a run directory (its newest verified checkpoint)")
-    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest verified one)")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights")
-    which.add_argument("--live", action="store_true", help="the live (non-EMA) weights")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-                        help="compute precision (default: the spec's train.precision, as the trainer evaluates)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of the spec")
+    add_weights_arguments(parser, verb="predict")
 
 
 def class_names(task, weights) -> list[str]:
@@ -92,10 +83,10 @@ def _picture_names(paths: list[Path]) -> list[str]:
 
 
 def run(args) -> int:
+    from vilscale.errors import EXIT_FAILED, EXIT_SPEC_ERROR
     from vilscale.orchestration.checkpoint import CheckpointError
     from vilscale.orchestration.cli.eval import _spec
     from vilscale.orchestration.config import SpecError
-    from vilscale.orchestration.launch.exit_codes import EXIT_FAILED, EXIT_SPEC_ERROR
     from vilscale.tasks.pictures import read_image
 
     out = Path(args.out)

@@ -15,7 +15,7 @@ def add_parser(parser) -> None:
 
 
 def run(args) -> int:
-    from vilscale.orchestration.launch.exit_codes import EXIT_FAILED, EXIT_SPEC_ERROR
+    from vilscale.errors import EXIT_FAILED, EXIT_SPEC_ERROR
 
     run_dir = Path(args.run_dir)
     metrics = run_dir / "metrics.jsonl"

@@ -21,7 +21,7 @@ def add_parser(parser) -> None:
 
 
 def run(args) -> int:
-    from vilscale.orchestration.launch.exit_codes import EXIT_FAILED, EXIT_SPEC_ERROR
+    from vilscale.errors import EXIT_FAILED, EXIT_SPEC_ERROR
     from vilscale.orchestration.launch.session import LaunchRefused, prepare_local_launch
 
     if args.launcher == "ray" and args.nproc is not None:

@@ -17,13 +17,10 @@ from typing import Any
 
 from vilscale.data.config import AugmentConfig, DataConfig
 from vilscale.devices import DEVICE_CHOICES
+from vilscale.errors import SpecError  # noqa: F401  (its home is vilscale.errors; imported from here too)
 from vilscale.kernels import BACKEND_NAMES, WINDOW_MODES
 from vilscale.model.config import POS_EMBEDS, SHIFT_MODES
 from vilscale.tasks import DETECTORS, TASKS
-
-
-class SpecError(ValueError):
-    """A job spec is invalid; the message names the key path, the value and what is valid."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
