@@ -1,9 +1,9 @@
-"""Every `vilscale` command in the README's bash blocks is one a user can type: its arguments parse, and the job
-it trains, submits or plans passes the spec and world-size checks with its `--set` overrides, on the ranks the
-command would start; `export`/`eval --ema` name a run that keeps an EMA. (The blocks that run here at
-smoke scale are run by their own tests: the quickstart by test_journey and the demo, the smoke commands by
-test_trainer, digits detection by test_detection. Cluster-sized ones need ImageNet and GPUs: they are checked,
-not run.)"""
+"""Every `vilscale` command in the bash blocks of the README and of the docs pages (docs/*.md) is one a user
+can type: its arguments parse, and the job it trains, submits or plans passes the spec and world-size checks with
+its `--set` overrides, on the ranks the command would start; `export`/`eval --ema` name a run that keeps an EMA.
+(The blocks that run here at smoke scale are run by their own tests: the quickstart by test_journey and the demo,
+the smoke commands by test_trainer, digits detection by test_detection. Cluster-sized ones need ImageNet and GPUs:
+they are checked, not run.) The README links every docs page, and every link between them leads to a file."""
 
 from __future__ import annotations
 
@@ -20,21 +20,26 @@ from vilscale.orchestration.config import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+DOCS = sorted((REPO / "docs").glob("*.md"))
+PAGES = [README, *DOCS]
 
 
-def readme_commands() -> list[tuple[int, list[str], Path]]:
-    """(block number, the vilscale arguments, the folder job paths are relative to) of every command in the
-    README's bash blocks, continuation lines joined and comments dropped."""
+def readme_commands(pages: list[Path] | None = None) -> list[tuple[tuple[str, int], list[str], Path]]:
+    """((file, block number in that file), the vilscale arguments, the folder job paths are relative to) of every
+    command in the bash blocks of the README and the docs pages, continuation lines joined and comments dropped.
+    Commands are typed from the repository root, whichever page shows them."""
     commands = []
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
-    for number, block in enumerate(blocks):
-        for line in block.replace("\\\n", " ").splitlines():
-            words = shlex.split(line, comments=True)
-            if words[:1] == ["vilscale"]:
-                commands.append((number, words[1:], REPO))
-            elif "vilscale.cli" in words:  # `ray job submit --working-dir jobs -- PYTHON -m vilscale.cli ...`
-                working_dir = words[words.index("--working-dir") + 1] if "--working-dir" in words else "."
-                commands.append((number, words[words.index("vilscale.cli") + 1:], REPO / working_dir))
+    for page in PAGES if pages is None else pages:
+        name = str(page.relative_to(REPO))
+        blocks = re.findall(r"```bash\n(.*?)```", page.read_text(), re.S)
+        for number, block in enumerate(blocks):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                if words[:1] == ["vilscale"]:
+                    commands.append(((name, number), words[1:], REPO))
+                elif "vilscale.cli" in words:  # `ray job submit --working-dir jobs -- PYTHON -m vilscale.cli ...`
+                    working_dir = words[words.index("--working-dir") + 1] if "--working-dir" in words else "."
+                    commands.append(((name, number), words[words.index("vilscale.cli") + 1:], REPO / working_dir))
     return commands
 
 
@@ -53,12 +58,38 @@ def parse(words: list[str]) -> argparse.Namespace:
 
 
 def test_the_readme_has_the_commands_this_test_reads():
+    """Over the README and every docs page: each subcommand the pages showed before they were split, and at least
+    the 42 commands the README's bash blocks held then (a move that loses a block fails here)."""
     names = {words[0] for _, words, _ in COMMANDS}
-    assert {"prepare", "train", "plan", "submit", "eval", "export", "report"} <= names, names
-    assert len(COMMANDS) >= 25
+    assert {"prepare", "train", "plan", "submit", "eval", "export", "report", "predict", "demo"} <= names, names
+    assert {page for (page, _), _, _ in COMMANDS} >= {"README.md", "docs/data.md", "docs/training.md"}
+    assert len(COMMANDS) >= 42, len(COMMANDS)
 
 
-@pytest.mark.parametrize("block, words, base", COMMANDS, ids=[" ".join(w)[:90] for _, w, _ in COMMANDS])
+def doc_links(page: Path) -> list[str]:
+    """Relative targets of a page's markdown links and image sources (no URLs, no in-page anchors), anchors cut."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", page.read_text()) + re.findall(r'src="([^"]+)"', page.read_text())
+    return [target.split("#")[0] for target in targets if not re.match(r"[a-z]+:|#", target)]
+
+
+def test_the_readme_links_every_docs_page_and_every_link_leads_to_a_file():
+    readme_links = {(REPO / target).resolve() for target in doc_links(README)}
+    assert DOCS, "no docs pages"
+    assert [page.name for page in DOCS if page.resolve() not in readme_links] == []
+    assert [target for target in doc_links(README) if target.startswith("docs/") and not (REPO / target).exists()] \
+        == []
+
+
+@pytest.mark.parametrize("page", DOCS, ids=[page.name for page in DOCS])
+def test_a_docs_page_links_back_and_its_links_lead_to_files(page):
+    lines = page.read_text().splitlines()
+    assert lines[0].startswith("# ") and "[back to the README](../README.md)" in lines[:4], lines[:4]
+    assert [target for target in doc_links(page) if not (page.parent / target).exists()] == []
+    assert "../shared" not in page.read_text()
+
+
+@pytest.mark.parametrize("block, words, base", COMMANDS,
+                         ids=[f"{page}:{number} {' '.join(w)[:90]}" for (page, number), w, _ in COMMANDS])
 def test_a_readme_command_parses_and_its_job_passes_the_checks(block, words, base):
     args = parse(words)
     if words[0] not in ("train", "submit", "plan"):
