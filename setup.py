@@ -41,6 +41,9 @@ setup(
     version="0.1.0",
     description="Multi-Scale Vision Longformer pretraining with DeepSpeed, Ray, SLURM and FFCV",
     packages=find_packages(include=["vilscale", "vilscale.*"]),
+    # the job specs and their monitoring configuration travel with the package (`vilscale jobs`)
+    package_data={"vilscale": ["jobs/*.yaml", "jobs/monitoring/*.yml", "jobs/monitoring/*.json",
+                               "jobs/monitoring/targets/*"]},
     ext_modules=[CROP_DECODER],
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,

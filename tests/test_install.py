@@ -1,5 +1,6 @@
 """Installing vilscale without root: a wheel built and installed by an unprivileged user into a fresh
-environment, with the test services' programs absent, trains the smoke job; and `make setup`'s system check
+environment, with the test services' programs absent, runs the demo (cut short) from a directory outside any
+checkout, its job found by name among the specs the wheel ships; and `make setup`'s system check
 goes on without the services when not root, but stops with the commands to run when the build's headers are
 missing.
 
@@ -69,9 +70,8 @@ env/bin/python -m pip install --quiet --no-deps --no-index wheels/vilscale-*.whl
 for name in {' '.join(SERVICE_PROGRAMS)}; do if command -v $name; then echo "$name is visible"; exit 1; fi; done
 mkdir work && cd work
 python -c "import vilscale; print(vilscale.__file__)" > where.txt
-vilscale prepare digits data
-vilscale train ../src/jobs/smoke.yaml --nproc 1 --set run_dir=runs/smoke \
-    --set data.train_manifest=data/train/manifest.json --set data.val_manifest=data/val/manifest.json > train.out
+vilscale jobs > jobs.txt
+vilscale demo --max-steps 12 > demo.out
 """
     result = as_nobody(script, public_dir, {"HOME": str(public_dir), "PATH": f"{public_dir}/env/bin:/usr/bin:/bin",
                                             "TORCH_EXTENSIONS_DIR": str(public_dir / "ops")})
@@ -81,10 +81,14 @@ vilscale train ../src/jobs/smoke.yaml --nproc 1 --set run_dir=runs/smoke \
         f"{sys.version_info.minor}/site-packages/vilscale/__init__.py"  # the wheel's, not this checkout's
     wheel = next((public_dir / "wheels").glob("vilscale-*.whl"))
     assert "linux" in wheel.name, f"{wheel.name}: the crop decoder's C extension is missing from the wheel"
-    summary = json.loads((work / "train.out").read_text().splitlines()[-1])  # the summary is the last line
-    assert summary == json.loads((work / "runs" / "smoke" / "summary.json").read_text())
-    assert summary["step"] == 8 and summary["val_samples"] == 360, summary
-    owners = {path.stat().st_uid for path in (work / "runs" / "smoke").rglob("*")}
+    shipped = [line.split()[0] for line in (work / "jobs.txt").read_text().splitlines()]
+    assert shipped == sorted(path.stem for path in (REPO / "vilscale" / "jobs").glob("*.yaml"))
+    printed = (work / "demo.out").read_text().splitlines()
+    summary = json.loads((work / "runs" / "demo_digits" / "summary.json").read_text())
+    assert summary["step"] == 12 and summary["val_samples"] == 360, summary
+    assert printed[-1] == f"val top-1: {100 * summary['val_top1']:.1f}%", printed[-3:]  # eval of the demo's run
+    assert (work / "runs" / "demo_digits" / "report").is_dir()
+    owners = {path.stat().st_uid for path in (work / "runs" / "demo_digits").rglob("*")}
     assert owners == {65534}, owners
 
 

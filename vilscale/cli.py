@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "report": ("vilscale.orchestration.cli.report", "plot a run's metrics.jsonl and a grid of val predictions to PNGs"),
     "bench": ("vilscale.model.bench", "measure FLOPs and parameters of the model variants"),
     "demo": ("vilscale.orchestration.cli.demo", "the quickstart: digits shards, training, eval, report"),
+    "jobs": ("vilscale.orchestration.cli.jobs", "the job specs shipped with vilscale: list, show, copy one out"),
 }
 
 

@@ -1,10 +1,11 @@
 """`vilscale demo [--journey | --detection]` (what `make demo` runs): the digits shards, vil_nano trained with
 ZeRO-2 on 2 CPU processes with metrics served while it runs, evaluation of the final weights, and the report.
 With ``--journey`` it goes on as a lab would: export the pretrained weights, fine-tune them at twice the
-resolution (jobs/journey_digits.yaml) and evaluate the fine-tuned model. The last line printed is
+resolution (the shipped job journey_digits) and evaluate the fine-tuned model. The last line printed is
 ``val top-1: NN.N%`` of the last model trained. With ``--detection``: digits-coco canvases, Mask R-CNN
-(jobs/digits_mask_rcnn.yaml), the report, eval (box and mask AP) and `vilscale predict` on four val canvases;
-the last line says where the pictures are."""
+(the shipped job digits_mask_rcnn), the report, eval (box and mask AP) and `vilscale predict` on four val canvases;
+the last line says where the pictures are. The jobs are the shipped ones (by name), so the demo runs from any
+directory: data and runs are written under the current one."""
 
 from __future__ import annotations
 
@@ -14,17 +15,17 @@ from pathlib import Path
 
 
 def add_parser(parser) -> None:
-    parser.add_argument("--job", default="jobs/demo_digits.yaml", help="job spec of the demo")
+    parser.add_argument("--job", default="demo_digits", help="job spec of the demo (a shipped job's name or a file)")
     parser.add_argument("--data", default="data/digits", help="where the digits shards are written")
     parser.add_argument("--nproc", type=int, default=2, help="local ranks")
     parser.add_argument("--fresh", action="store_true", help="delete earlier demo runs first")
     parser.add_argument("--journey", action="store_true",
-                        help="then export, fine-tune at 64 px (jobs/journey_digits.yaml) and evaluate that")
-    parser.add_argument("--journey-job", default="jobs/journey_digits.yaml", help="job spec of the fine-tune")
+                        help="then export, fine-tune at 64 px (journey_digits) and evaluate that")
+    parser.add_argument("--journey-job", default="journey_digits", help="job spec of the fine-tune")
     parser.add_argument("--detection", action="store_true",
-                        help="instead: digits-coco canvases, Mask R-CNN (jobs/digits_mask_rcnn.yaml), eval, and "
+                        help="instead: digits-coco canvases, Mask R-CNN (digits_mask_rcnn), eval, and "
                              "pictures of its predictions on a few val canvases (vilscale predict)")
-    parser.add_argument("--detection-job", default="jobs/digits_mask_rcnn.yaml", help="job spec of --detection")
+    parser.add_argument("--detection-job", default="digits_mask_rcnn", help="job spec of --detection")
     parser.add_argument("--detection-data", default="data/digits_coco", help="where the digits-coco canvases go")
     parser.add_argument("--max-steps", type=int, default=0,
                         help="train at most this many steps (0: the job's schedule); for a quick look")
@@ -43,6 +44,8 @@ def run(args) -> int:
     data = Path(args.data)
     data_sets = [f"data.train_manifest={data / 'train' / 'manifest.json'}",
                  f"data.val_manifest={data / 'val' / 'manifest.json'}"]
+    if args.max_steps:
+        data_sets.append(f"train.max_steps={args.max_steps}")
     try:
         spec = load_spec(args.job, data_sets)
         if args.journey:

@@ -10,7 +10,8 @@ import sys
 
 
 def add_parser(parser) -> None:
-    parser.add_argument("job", help="job spec (YAML), e.g. jobs/pretrain_21k.yaml")
+    parser.add_argument("job", help="job spec: a YAML file, or a shipped job's name (`vilscale jobs`), e.g. "
+                                     "pretrain_21k")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any key of the spec, as `vilscale train` does (repeatable)")
     where = parser.add_mutually_exclusive_group()

@@ -20,7 +20,7 @@ EXIT_NOT_SUBMITTED = 2
 
 
 def add_parser(parser) -> None:
-    parser.add_argument("job", help="job spec (YAML), e.g. jobs/smoke.yaml")
+    parser.add_argument("job", help="job spec: a YAML file, or a shipped job's name (`vilscale jobs`), e.g. smoke")
     parser.add_argument("--backend", choices=("local", "ray", "slurm"), default=None,
                         help="where to run (default: the spec's launcher.backend)")
     parser.add_argument("--address", default=None,

@@ -7,7 +7,7 @@ import sys
 
 
 def add_parser(parser) -> None:
-    parser.add_argument("job", help="job spec (YAML), e.g. jobs/smoke.yaml")
+    parser.add_argument("job", help="job spec: a YAML file, or a shipped job's name (`vilscale jobs`), e.g. smoke")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any key of the spec, e.g. --set train.max_steps=100 (repeatable)")
     parser.add_argument("--nproc", type=int, default=None,

@@ -151,10 +151,14 @@ def _renamed_keys(raw: dict) -> dict:
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
-    """Read, override and validate a job spec. Raises SpecError (exit code 2 in the CLI)."""
-    path = Path(path)
+    """Read, override and validate a job spec: a YAML file, or the name of a job shipped with vilscale
+    (``vilscale.orchestration.config.shipped``). Raises SpecError (exit code 2 in the CLI)."""
+    from vilscale.orchestration.config import shipped
+
+    path = shipped.resolve(path)
     if not path.is_file():
-        raise SpecError(f"job spec {path} does not exist; give the path of a YAML file such as jobs/smoke.yaml")
+        raise SpecError(f"job spec {path} does not exist; give the path of a YAML file, or the name of a shipped job "
+                        f"({', '.join(shipped.names())}; `vilscale jobs` lists them)")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
