@@ -163,3 +163,32 @@ def baseline_run(smoke, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("baseline") / "run"
     smoke.train(run_dir, *smoke.BASELINE)
     return run_dir
+
+
+@pytest.fixture
+def refused(monkeypatch, capsys):
+    """``refused(*args) -> line``: `vilscale ARGS` through its entry point in this process (no interpreter start-up
+    per case), where starting a rank or submitting a job fails the test at once, so a refusal is proven to come
+    before any rank; asserts exit code 2, one line on stderr and no traceback, and returns that line."""
+    from vilscale.cli import main
+
+    def started(*args, **kwargs):
+        raise AssertionError("a rank was started (or a job submitted) for a launch that should have been refused")
+
+    monkeypatch.setattr("vilscale.orchestration.launch.local.train_local", started)
+    monkeypatch.setattr("vilscale.orchestration.launch.slurm.submit_submitit", started)
+    monkeypatch.setattr("vilscale.orchestration.launch.ray.submit_ray", started)
+
+    def run(*args: str) -> str:
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse's own refusals
+            code = exit_.code
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2, (code, err[-3000:])
+        assert len(lines) == 1 and "Traceback" not in err and "restarting" not in err, err[-3000:]
+        return lines[0]
+
+    return run

@@ -60,7 +60,7 @@ def test_a_peer_silent_in_deepspeeds_own_group_times_out_after_collective_timeou
     report = json.loads(out.strip().splitlines()[-1])
     assert report["outcome"] != "returned", report
     assert "Timed out" in report["outcome"] or "timeout" in report["outcome"].lower(), (report, err[-2000:])
-    assert timeout_s - 0.5 <= report["waited_s"] <= timeout_s + 10, report
+    assert timeout_s - 0.5 <= report["waited_s"] <= timeout_s + 2, report  # the timeout, not 30 minutes or 13 s
 
 
 # A group made before vilscale's start-up with another timeout (as Ray Train makes it: 1800 s unless told), then a

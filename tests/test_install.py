@@ -104,7 +104,8 @@ def test_setup_without_root_goes_on_without_the_services_but_not_without_the_bui
     assert "only the tests use" in result.stdout and "setup goes on without them" in result.stdout, result.stdout
     result = make_system_packages(public_dir, FFCV_SYSTEM_PACKAGES="vilscale-absent-headers",
                                   BUILD_PKGCONFIG="vilscale-absent-headers")
-    assert result.returncode != 0
+    assert result.returncode == 2, result.returncode  # make's code for a recipe that failed ("Error 1" below)
+    assert "Error 1" in result.stderr, result.stderr
     for words in ("needs headers pkg-config does not find (vilscale-absent-headers)",
                   "sudo apt-get install -y vilscale-absent-headers", "sudo dnf install",
                   "conda install -c conda-forge pkg-config opencv libjpeg-turbo"):

@@ -132,10 +132,10 @@ def test_drawn_boxes_sit_at_the_predicted_coordinates_of_the_original_image(dete
     assert (picture[untouched] == np.asarray(original)[untouched]).all()
 
 
-def test_classification_writes_the_top5_on_the_image_at_its_size(baseline_run, digits, tmp_path):
+def test_classification_writes_the_top5_on_the_image_at_its_size(baseline_run, digits, smoke, tmp_path):
     """The smoke run's classifier on a 160 x 120 picture: the PNG has the picture's size, differs from it where
     the top-5 lines are written (top left) and not in the bottom-right corner; the printed classes are the
-    run's manifest's."""
+    run's manifest's, with the probabilities the exported EMA weights give the evaluation's crop of it."""
     rng = np.random.default_rng(0)
     original = (rng.random((120, 160, 3)) * 80 + 100).astype(np.uint8)
     image_path = tmp_path / "photo.png"
@@ -150,8 +150,22 @@ def test_classification_writes_the_top5_on_the_image_at_its_size(baseline_run, d
     classes = json.loads((digits / "train" / "manifest.json").read_text())["classes"]
     top5 = json.loads((out / "predictions.json").read_text())["photo.png"]
     assert len(top5) == 5 and all(entry["label"] in classes for entry in top5)
-    assert sum(entry["probability"] for entry in top5) <= 1 + 1e-6
-    assert [e["probability"] for e in top5] == sorted((e["probability"] for e in top5), reverse=True)
+    # the same image through the run's exported EMA weights (what predict, like eval, uses for this run)
+    from vilscale.data.augment import normalize
+    from vilscale.model import create_model
+    from vilscale.orchestration.checkpoint.rundir import load_run_spec
+    from vilscale.tasks.pictures import evaluation_crop
+
+    spec = load_run_spec(baseline_run)
+    model = create_model("vil_nano", img_size=32, window=2, num_classes=10, attn_backend="chunked").eval()
+    model.load_state_dict(smoke.export(baseline_run, tmp_path / "ema.safetensors", "--ema"))
+    crop = evaluation_crop(torch.from_numpy(original).permute(2, 0, 1).contiguous(), spec)
+    with torch.no_grad():
+        probabilities = model(normalize(crop[None], spec.data.mean, spec.data.std)).softmax(-1)[0]
+    expected = probabilities.topk(5)
+    assert [entry["index"] for entry in top5] == expected.indices.tolist()
+    assert [entry["label"] for entry in top5] == [classes[i] for i in expected.indices.tolist()]
+    assert [entry["probability"] for entry in top5] == pytest.approx(expected.values.tolist(), abs=1e-4)
 
 
 def test_the_report_shows_a_grid_of_validation_predictions(detection_run, digits_coco, tmp_path):

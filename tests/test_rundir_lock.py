@@ -43,6 +43,8 @@ def _launcher(run_dir: str, env: dict, record_locks: bool, stderr_path: str, go_
     os.environ.update(env)
     if not record_locks:
         fcntl.lockf = no_record_locks
+    if go_file:
+        Path(f"{go_file}.ready-{os.getpid()}").touch()  # forked and about to spin: the test waits for all of them
     while go_file and not os.path.exists(go_file):
         time.sleep(0.001)
     try:
@@ -255,7 +257,10 @@ def test_launchers_racing_for_an_expired_lease_take_it_once(run_dir, launch, tmp
     time.sleep(LEASE_S + 0.2)
     go = tmp_path / "go"
     racers = [launch(record_locks=record_locks, go_file=go, wait=False) for _ in range(6)]
-    time.sleep(0.3)  # all forked and spinning on the go file
+    deadline = time.monotonic() + 30
+    while not all(Path(f"{go}.ready-{racer.pid}").exists() for racer in racers):  # all forked and spinning
+        assert time.monotonic() < deadline, "the racers did not start"
+        time.sleep(0.01)
     go.touch()
     outcomes = {racer.pid: racer.outcome() for racer in racers}
     winners = [pid for pid, outcome in outcomes.items() if outcome == "held"]

@@ -240,6 +240,7 @@ def test_the_model_gives_logits_at_any_size_and_ignores_the_ignore_label(one_tor
     nothing = model(images, torch.full_like(masks, 255))["loss_seg"]
     nothing.backward()  # an all-ignore batch: loss 0, gradients defined (every rank still joins the reduction)
     assert nothing.item() == 0.0 and model.classifier.weight.grad is not None
+    assert torch.count_nonzero(model.classifier.weight.grad) == 0  # defined, and nothing to learn from
     assert model.no_weight_decay() == {f"backbone.body.{name}" for name in model.body.no_weight_decay()}
 
 

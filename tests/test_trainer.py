@@ -34,8 +34,9 @@ def test_a_two_rank_run_writes_checkpoints_metrics_and_loadable_weights(smoke, b
     # top-1 and top-5 are counts of correct samples out of val_samples (every sample once over both ranks)
     top1, top5 = (round(summary[key] * summary["val_samples"]) for key in ("val_top1", "val_top5"))
     assert (summary["val_top1"], summary["val_top5"]) == (top1 / summary["val_samples"], top5 / summary["val_samples"])
-    # 8 steps of 32 digits: far from trained (28.3% top-1 when this was written), but above chance (10%, 50%)
-    assert 0.15 < summary["val_top1"] <= summary["val_top5"] and summary["val_top5"] > 0.6, summary
+    # 8 steps of 32 digits: far from trained (28.3% top-1, 78.6% top-5 measured), but above chance (10%, 50%); the
+    # bars keep about half of the measured margin over chance
+    assert 0.19 < summary["val_top1"] <= summary["val_top5"] and summary["val_top5"] > 0.64, summary
     assert Checkpointer(run_dir, keep=2, spec_digest="").complete_tags() == ["step_00000004", "step_00000008"]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000008"
     manifest = json.loads((run_dir / "checkpoints" / "step_00000008" / "manifest.json").read_text())

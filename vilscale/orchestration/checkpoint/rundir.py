@@ -99,7 +99,10 @@ def stored_spec(run_dir: Path) -> dict | None:
     try:
         raw = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise RunDirError(f"{path} is unreadable ({error}); restore it or start a new run_dir") from None
+        from vilscale.orchestration.config.loading import yaml_problem
+
+        problem = yaml_problem(error) if isinstance(error, yaml.YAMLError) else str(error)
+        raise RunDirError(f"{path} is unreadable ({problem}); restore it or start a new run_dir") from None
     if not isinstance(raw, dict):
         raise RunDirError(f"{path} is not a job spec; restore it or start a new run_dir")
     return raw

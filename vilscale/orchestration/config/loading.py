@@ -118,7 +118,7 @@ def apply_override(raw: dict, assignment: str) -> None:
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError as error:
-        raise SpecError(f"--set {path}: value {text!r} is not valid YAML: {error}") from None
+        raise SpecError(f"--set {path}: value {text!r} is not valid YAML: {yaml_problem(error)}") from None
     node = raw
     for key in keys[:-1]:
         child = node.setdefault(key, {})
@@ -126,6 +126,15 @@ def apply_override(raw: dict, assignment: str) -> None:
             raise SpecError(f"--set {path}: {key} is not a section")
         node = child
     node[keys[-1]] = value
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own message spans lines and quotes the text)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(error, "context", None)
+    return f"{problem}{where}" + (f" ({context})" if context else "")
 
 
 def spec_from_dict(raw: Any) -> JobSpec:
@@ -162,7 +171,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise SpecError(f"{path} is not valid YAML: {error}") from None
+        raise SpecError(f"{path} is not valid YAML: {yaml_problem(error)}") from None
     except UnicodeDecodeError:
         raise SpecError(f"{path} is not a text file") from None
     raw = {} if raw is None else raw
