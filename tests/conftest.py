@@ -192,3 +192,25 @@ def refused(monkeypatch, capsys):
         return lines[0]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def killed_mid_step_run(smoke, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The baseline's job with rank 1 SIGKILLed in the middle of step 6 (restarted from the step-4 checkpoint by
+    the local launcher), logging every step to metrics.jsonl and TensorBoard: (its run dir, the launch's output).
+    Shared by the fault test (samples and weights equal the uninterrupted run's) and the TensorBoard test (one run
+    with steps 1-8 after the restart); the logging keys change nothing that is trained."""
+    run_dir = tmp_path_factory.mktemp("killed") / "run"
+    result = smoke.train(run_dir, *smoke.BASELINE, "--set", "metrics.tensorboard=true", "--set", "train.log_every=1",
+                         env={"VILSCALE_INJECT_FAULT": "mid-step:6:1"})
+    return run_dir, result
+
+
+@pytest.fixture(scope="session")
+def baseline_eval(baseline_run) -> subprocess.CompletedProcess:
+    """`vilscale eval` of the baseline run, once per session (what the trainer reported is compared with it, and
+    evaluations of its exported weights on the job spec)."""
+    result = subprocess.run([sys.executable, "-m", "vilscale.cli", "eval", str(baseline_run)], capture_output=True,
+                            text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -66,7 +66,9 @@ RETINANET_EPOCHS, RETINANET_AP50_BAR = 4, 0.05
 MASK_RCNN_EPOCHS, MASK_RCNN_AP50_BAR = 2, 0.20
 
 
-def test_retinanet_learns_the_digits_and_eval_reports_what_pycocotools_computes(digits_coco, tmp_path):
+def test_retinanet_learns_the_digits(digits_coco, tmp_path):
+    """RetinaNet's AP50 bar and its two losses falling. (That `vilscale eval` prints what pycocotools computes from
+    the saved predictions, and equals the trainer's own evaluation, is checked once, on the Mask R-CNN demo run.)"""
     run_dir = tmp_path / "run"
     trained = vilscale("train", str(RETINANET), "--nproc", "2", "--set", f"run_dir={run_dir}", *data_sets(digits_coco),
                        "--set", f"train.epochs={RETINANET_EPOCHS}", "--set", f"eval.every_epochs={RETINANET_EPOCHS}")
@@ -77,13 +79,7 @@ def test_retinanet_learns_the_digits_and_eval_reports_what_pycocotools_computes(
     components = [r["loss_components"] for r in metrics if "loss_components" in r]
     assert components and set(components[-1]) == {"classification", "bbox_regression"}
     assert components[-1]["classification"] < components[0]["classification"]
-
-    result = vilscale("eval", str(run_dir))
-    evaluated = json.loads(result.stdout.splitlines()[0])
-    stats = pycocotools_ap(digits_coco / "val" / "annotations.json", run_dir / "eval" / "bbox.json", "bbox")
-    assert evaluated["box_AP"] == pytest.approx(stats[0], abs=1e-12) and evaluated["box_AP50"] == stats[1]
-    assert printed_ap(result.stdout, "box") == round(100 * stats[0], 1)
-    assert evaluated["box_AP"] == summary["box_AP"]  # the trainer's own evaluation of the same weights
+    assert components[-1]["bbox_regression"] < components[0]["bbox_regression"]
 
 
 def test_the_backbone_starts_from_the_export_it_is_given(tmp_path):
@@ -226,11 +222,30 @@ def test_the_detection_demo_prepares_trains_evaluates_and_draws_its_pictures(det
     assert printed[-1].endswith(f"pictures of predictions in {Path('runs') / 'digits_mask_rcnn' / 'pictures'}")
     pictures = sorted((run_dir / "pictures").glob("*.png"))
     assert [p.stem for p in pictures] == ["val_000000", "val_000001", "val_000002", "val_000003"]
+    import numpy as np
     from PIL import Image
 
+    from vilscale.tasks.pictures import color_of
+
+    drawn = json.loads((run_dir / "pictures" / "predictions.json").read_text())
+    assert sum(len(boxes) for boxes in drawn.values()) > 0  # 2 epochs of Mask R-CNN find digits above 0.3
     for picture in pictures:
         with Image.open(picture) as image:
             assert image.size == (96, 96)  # drawn on the canvas at its own size
+            pixels = np.asarray(image.convert("RGB"))
+        canvas = np.asarray(Image.open(root / "data" / "digits_coco" / "val" / "images" / f"{picture.stem}.jpg")
+                            .convert("RGB"))
+        boxes = drawn[f"{picture.stem}.jpg"]
+        untouched = np.ones((96, 96), dtype=bool)  # away from every box and its label, the canvas itself
+        for box in boxes:
+            x1, y1, x2, y2 = (int(v) for v in box["box"])
+            untouched[max(y1 - 2, 0):max(y2, y1 + 16) + 3, max(x1 - 2, 0):max(x2, x1 + 80) + 3] = False
+        assert (pixels[untouched] == canvas[untouched]).all(), picture.name
+        if boxes:  # the best box is drawn last: its bottom edge is whole, in its category's colour
+            best = max(boxes, key=lambda b: b["score"])
+            x1, y1, x2, y2 = (int(v) for v in best["box"])
+            edge = pixels[min(y2, 95), x1:min(x2, 95) + 1]
+            assert (edge == np.array(color_of(best["label_index"]), dtype=np.uint8)).all(axis=-1).all(), best
 
 
 def test_mask_rcnn_trained_in_bf16_scores_within_two_points_of_fp32(detection_demo, digits_coco, tmp_path):

@@ -73,8 +73,8 @@ def ema_export(smoke, baseline_run, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run_eval(baseline_run) -> tuple[dict, str]:
-    return evaluated(vilscale("eval", str(baseline_run)))
+def run_eval(baseline_eval) -> tuple[dict, str]:
+    return evaluated(baseline_eval)
 
 
 def test_eval_of_an_export_on_the_job_spec_equals_eval_of_the_run(smoke, baseline_run, ema_export, run_eval,

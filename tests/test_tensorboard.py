@@ -31,13 +31,12 @@ def _scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def test_tensorboard_shows_what_metrics_jsonl_says_after_a_restart(smoke, tmp_path):
+def test_tensorboard_shows_what_metrics_jsonl_says_after_a_restart(killed_mid_step_run):
     """Rank 1 is SIGKILLed in the middle of step 6; the run restarts from the step-4 checkpoint and trains steps 5-8
     again. metrics.jsonl holds steps 1-5 and then 5-8; TensorBoard shows one run with steps 1-8, each step's value
-    the last one metrics.jsonl recorded for it (the first attempt's step 5 is replaced)."""
-    run_dir = tmp_path / "run"
-    result = smoke.train(run_dir, "--set", "metrics.tensorboard=true", "--set", "train.log_every=1",
-                         env={"VILSCALE_INJECT_FAULT": "mid-step:6:1"})
+    the last one metrics.jsonl recorded for it (the first attempt's step 5 is replaced). (The run is shared with the
+    fault test that checks its samples and weights.)"""
+    run_dir, result = killed_mid_step_run
     assert "resumed from step_00000004" in result.stderr
     records = _records(run_dir)
     training = [record for record in records if "loss" in record]

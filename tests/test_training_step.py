@@ -105,43 +105,29 @@ def _train(smoke, run_dir: Path, *extra: str, env: dict) -> subprocess.Completed
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
-def test_a_nonfinite_micro_batch_skips_the_whole_step_on_every_rank(smoke, tmp_path, zero_stage):
-    """Fault: with grad_accum=2 the loss of the second (boundary) micro-batch of step 2 is NaN on rank 1
-    only. Outcome, under every ZeRO stage: step 2 is skipped on both ranks (its weights equal step 1's, the
-    ranks stay identical, which every checkpoint checks), and step 3 trains again."""
+def test_nonfinite_losses_and_gradients_skip_the_whole_step_on_every_rank(smoke, tmp_path, zero_stage):
+    """Two faults in one run per ZeRO stage, grad_accum=2: the loss of step 2's second (boundary) micro-batch is NaN
+    on rank 1 only; in step 4 the loss of rank 0's second micro-batch is finite but its gradients are NaN.
+    Outcome: steps 2 and 4 are skipped on both ranks (their weights equal the step before's, the ranks stay
+    identical, which every checkpoint checks, and every value stays finite), steps 3 and 5 train again."""
     from vilscale.orchestration.checkpoint.consolidate import consolidated_state_dict
 
     run_dir = tmp_path / "run"
     result = _train(smoke, run_dir, "--set", "train.grad_accum=2", "--set", f"train.zero_stage={zero_stage}",
-                    "--set", "train.max_steps=3", "--set", "train.ckpt_every=1", "--set", "train.keep_checkpoints=3",
-                    "--set", "launcher.max_restarts=0", env={"VILSCALE_INJECT_NONFINITE": "2:1:1"})
+                    "--set", "train.max_steps=5", "--set", "train.ckpt_every=1", "--set", "train.keep_checkpoints=5",
+                    "--set", "launcher.max_restarts=0", env={"VILSCALE_INJECT_NONFINITE": "2:1:1,4:1:0:grad"})
     assert result.returncode == 0, result.stderr[-4000:]
     assert "step 1: non-finite loss, step skipped on every rank" in result.stderr  # 0-based step index 1 = step 2
+    assert "step 3: non-finite gradients (the loss was finite), step skipped on every rank" in result.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["nonfinite_steps"] == 2
     weights = {step: consolidated_state_dict(run_dir, zero_stage=zero_stage, tag=f"step_{step:08d}")[0]
-               for step in (1, 2, 3)}
-    assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[1]), "the skipped step changed weights"
-    assert any(not torch.equal(weights[2][k], weights[3][k]) for k in weights[2]), "step 3 did not train"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [0, 2])
-def test_nonfinite_gradients_with_a_finite_loss_skip_the_step_on_every_rank(smoke, tmp_path, zero_stage):
-    """Fault: the loss of step 2 on rank 1 is finite but its gradients are NaN. Outcome: step 2 is skipped on both
-    ranks (weights equal step 1's, every value finite), and the run goes on to its end."""
-    from vilscale.orchestration.checkpoint.consolidate import consolidated_state_dict
-
-    run_dir = tmp_path / "run"
-    result = _train(smoke, run_dir, "--set", f"train.zero_stage={zero_stage}", "--set", "train.max_steps=3",
-                    "--set", "train.ckpt_every=1", "--set", "train.keep_checkpoints=3",
-                    "--set", "launcher.max_restarts=0", env={"VILSCALE_INJECT_NONFINITE": "2:0:1:grad"})
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "step 1: non-finite gradients (the loss was finite), step skipped on every rank" in result.stderr
-    assert json.loads((run_dir / "summary.json").read_text())["nonfinite_steps"] == 1
-    weights = {step: consolidated_state_dict(run_dir, zero_stage=zero_stage, tag=f"step_{step:08d}")[0]
-               for step in (1, 2, 3)}
-    assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[1]), "the skipped step changed weights"
-    assert all(bool(torch.isfinite(w).all()) for w in weights[3].values())
-    assert any(not torch.equal(weights[2][k], weights[3][k]) for k in weights[2]), "step 3 did not train"
+               for step in range(1, 6)}
+    for skipped in (2, 4):
+        assert all(torch.equal(weights[skipped - 1][k], weights[skipped][k]) for k in weights[1]), \
+            f"the skipped step {skipped} changed weights"
+        assert any(not torch.equal(weights[skipped][k], weights[skipped + 1][k]) for k in weights[1]), \
+            f"step {skipped + 1} did not train"
+    assert all(bool(torch.isfinite(w).all()) for w in weights[5].values())
 
 
 def test_qhm_takes_the_official_first_and_second_steps():

@@ -20,13 +20,13 @@ from vilscale.orchestration.checkpoint import Checkpointer
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 
-def test_rank_sigkilled_mid_step_restarts_from_latest_and_sees_every_sample_once(smoke, baseline_run, tmp_path):
+def test_rank_sigkilled_mid_step_restarts_from_latest_and_sees_every_sample_once(smoke, baseline_run,
+                                                                                killed_mid_step_run, tmp_path):
     """Fault: rank 1 is SIGKILLed in the middle of step 6 (after its forward, before its backward).
     Outcome: the local launcher stops the group, restarts it (launcher.max_restarts), the run resumes from
     the step-4 checkpoint and finishes; the samples of every step, and the final weights, equal those of
-    the uninterrupted run: none repeated, none skipped."""
-    run_dir = tmp_path / "run"
-    result = smoke.train(run_dir, *smoke.BASELINE, env={"VILSCALE_INJECT_FAULT": "mid-step:6:1"})
+    the uninterrupted run: none repeated, none skipped. (The run is shared with the TensorBoard test.)"""
+    run_dir, result = killed_mid_step_run
     assert "a rank failed (exit code -9); restarting from the latest checkpoint" in result.stderr
     assert "resumed from step_00000004" in result.stderr
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 8

@@ -98,16 +98,3 @@ def test_an_error_no_retry_can_fix_ends_the_ray_run_at_once(ray_head, digits, tm
     assert "no CUDA device is visible" in result.stdout  # the trainer's error, streamed from the job's log
     assert "(not restarting)" in result.stdout and "restarting from the latest checkpoint" not in result.stdout
     assert "ended FAILED" in result.stderr
-
-
-@pytest.mark.slow
-def test_a_detection_job_trains_and_evaluates_through_ray(ray_head, digits_coco, tmp_path):
-    from test_launch_slurm import detection_overrides
-
-    run_dir = tmp_path / "run"
-    result = vilscale("submit", str(services.REPO / "jobs" / "digits_retinanet.yaml"), "--backend", "ray", "--wait",
-                      "--address", ray_head.dashboard_url, *detection_overrides(digits_coco, run_dir))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["step"] == 4 and "box_AP" in summary and summary["val_images"] == 120
-    assert (run_dir / "eval" / "bbox.json").is_file()
