@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,12 +159,12 @@ def test_numbers_must_be_finite(tmp_path, value):
 def test_slurm_site_options_load_from_yaml_and_set(tmp_path):
     raw = {**minimal(), "launcher": {"slurm": {"constraint": "a100&ib", "exclusive": True,
                                                "additional": {"mail-type": "END"}}}}
-    spec = load_spec(write(tmp_path, raw), ["launcher.slurm.qos=high", "launcher.slurm.additional.comment=campaign 7",
+    spec = load_spec(write(tmp_path, raw), ["launcher.slurm.qos=high", "launcher.slurm.additional.comment=campaign-7",
                                             "launcher.slurm.exclude=node[01-03]"])
     site = spec.launcher.slurm
     assert (site.qos, site.constraint, site.exclusive, site.reservation, site.exclude) == \
         ("high", "a100&ib", True, "", "node[01-03]")
-    assert site.additional == {"mail-type": "END", "comment": "campaign 7"}
+    assert site.additional == {"mail-type": "END", "comment": "campaign-7"}
 
 
 @pytest.mark.parametrize("launcher,pattern", [
@@ -242,3 +243,32 @@ def test_decode_workers_sized_for_a_cluster_node_are_clamped_to_this_machine_wit
     assert lines == [f"data.num_workers={cores + 6} is more than the {cores} CPU core(s) this process may use: "
                      f"using {cores}"]
     assert clamp_workers(cores, key="data.num_workers", log=lines.append) == cores and len(lines) == 1
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("launcher.slurm.additional.mail-user", "me@lab\necho INJECTED #"),
+    ("launcher.slurm.qos", "high\n#SBATCH --time=1"),
+    ("launcher.slurm.constraint", "a100\rrm -rf ~"),
+    ("launcher.slurm.exclude", "node01 node02"),
+    ("launcher.slurm.reservation", "maint'; touch x; '"),
+    ("launcher.partition", "gpu\x00"),
+    ("launcher.account", "lab\tteam"),
+])
+def test_a_slurm_value_that_sbatch_would_not_read_as_one_directive_value_is_refused(tmp_path, key, value):
+    """A newline in a site option ends the #SBATCH directives of the batch script there (sbatch stops reading them:
+    --requeue, --signal, --time and --nodes after it are dropped) and puts the rest in the script as a command."""
+    raw = minimal()
+    node = raw
+    path = key.split(".")
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+    with pytest.raises(SpecError, match=rf"{re.escape(key)}=.*one sbatch directive value"):
+        spec_from_dict(raw)
+
+
+def test_a_run_dir_name_becomes_a_job_name_sbatch_reads_as_one_value(tmp_path):
+    from vilscale.orchestration.launch.slurm import job_name
+
+    assert job_name(spec_from_dict({**minimal(), "run_dir": "runs/a b\n#SBATCH --x"})) == "vilscale-a_b__SBATCH_--x"
+    assert job_name(spec_from_dict({**minimal(), "run_dir": "runs/pretrain_21k"})) == "vilscale-pretrain_21k"

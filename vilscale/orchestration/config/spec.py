@@ -292,6 +292,23 @@ SBATCH_OPTIONS_WITH_A_KEY = {
     "array": "",
 }
 _SBATCH_OPTION = re.compile(r"[a-z][a-z0-9-]*")
+# What a value of an sbatch directive may hold: submitit writes `#SBATCH --OPTION=VALUE` lines unquoted, sbatch splits
+# them at white space, and a newline ends the directives there (the rest of the value becomes a command of the batch
+# script, and every directive after it is dropped). Letters, digits and the punctuation of node lists, constraints,
+# mail addresses and times: `gpu[01-04]`, `h100&ib|a100`, `me@lab.org`, `1-00:00:00`, `END,FAIL`.
+_SBATCH_VALUE = re.compile(r"[A-Za-z0-9_.,:;@%+=/&|!*^~()\[\]{}<>?-]*")
+
+
+def check_sbatch_value(path: str, value: str) -> None:
+    """SpecError unless ``value`` reads as one sbatch directive value (see ``_SBATCH_VALUE``)."""
+    if not _SBATCH_VALUE.fullmatch(value):
+        bad = next(c for c in value if not _SBATCH_VALUE.fullmatch(c))
+        what = "a newline" if bad in "\n\r" else "a control character" if ord(bad) < 32 or ord(bad) == 127 else \
+            "white space" if bad.isspace() else f"{bad!r}"
+        raise SpecError(f"{path}={value!r} holds {what}, so it is not one sbatch directive value: in the batch "
+                        "script a newline would end the #SBATCH lines there (dropping --requeue, --signal, --time) and "
+                        "run the rest as a command, and white space or quotes would split it. Give the value without "
+                        "them")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -312,6 +329,10 @@ class SlurmConfig:
     qos, ...) and those vilscale sets (output, error, signal, requeue) are refused."""
 
     def __post_init__(self):
+        for name in ("qos", "constraint", "reservation", "exclude"):
+            check_sbatch_value(f"launcher.slurm.{name}", getattr(self, name))
+        for option, value in self.additional.items():
+            check_sbatch_value(f"launcher.slurm.additional.{option}", value or "")
         for option in self.additional:
             name = option.replace("_", "-")
             if option.startswith("-"):
@@ -363,6 +384,8 @@ class LauncherConfig:
 
     def __post_init__(self):
         _one_of("launcher.backend", self.backend, ("local", "ray", "slurm"))
+        for name in ("partition", "account"):
+            check_sbatch_value(f"launcher.{name}", getattr(self, name))
         for name in ("nodes", "cpu_workers_per_node", "cpus_per_task", "time_min"):
             _positive(f"launcher.{name}", getattr(self, name))
         for name in ("gpus_per_node", "mem_gb", "max_restarts"):

@@ -205,6 +205,12 @@ def check_slurm_fits(spec: JobSpec, nodes: list[SlurmNode]) -> None:
                       "or cpus_per_task, or choose another launcher.partition")
 
 
+def job_name(spec: JobSpec) -> str:
+    """The SLURM job name of a run: ``vilscale-`` and the run dir's name, with anything sbatch would not read as one
+    directive value (white space, newlines, quotes) replaced by ``_``."""
+    return "vilscale-" + re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(spec.run_dir).name)
+
+
 def make_executor(spec: JobSpec, backend: str):
     """A submitit executor configured from the spec's launcher section (``backend``: "slurm" or "local")."""
     launcher = spec.launcher
@@ -216,7 +222,7 @@ def make_executor(spec: JobSpec, backend: str):
                   f"--max-restarts {launcher.max_restarts} -- {shlex.quote(sys.executable)}")
     executor = submitit.AutoExecutor(folder=folder, cluster=backend, slurm_max_num_timeout=MAX_TIME_LIMIT_REQUEUES,
                                      slurm_python=supervisor)
-    parameters = dict(name=f"vilscale-{Path(spec.run_dir).name}", nodes=launcher.nodes,
+    parameters = dict(name=job_name(spec), nodes=launcher.nodes,
                       tasks_per_node=launcher.ranks_per_node, gpus_per_node=launcher.gpus_per_node,
                       cpus_per_task=launcher.cpus_per_task, timeout_min=launcher.time_min)
     if backend == "slurm":
