@@ -8,11 +8,13 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 import real_services as services
@@ -399,3 +401,50 @@ def test_the_supervisor_relaunches_restartable_failures_within_the_job_budget(tm
     assert log.count("[vilscale] restart ") == max(0, restarts_after - used_before), log
     counter = folder / "7_failure_restarts"
     assert (int(counter.read_text()) if counter.exists() else 0) == restarts_after
+
+
+def _supervisor_child(folder: Path) -> int | None:
+    """The pid of the supervisor (the guard's child) of the job whose submitit folder is ``folder``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"vilscale.orchestration.launch.slurm" in command and str(folder).encode() in command \
+                and b"VILSCALE_SUPERVISOR_CHILD=1" in environ:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_supervisor_killed_mid_job_requeues_the_job_instead_of_failing_it(slurm, digits, tmp_path):
+    """#36 scenario 8: the supervisor (the batch step that runs and relaunches the tasks) is SIGKILLed while the
+    ranks train (the OOM killer's choice on a crowded node, a stray kill -9). Before, the batch script ended with
+    it and the job ended FAILED; now its guard requeues the job, the next allocation resumes from the latest
+    checkpoint, the job completes, and no failure restart is used."""
+    run_dir, gate = tmp_path / "run", tmp_path / "release"
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "vilscale.cli", "submit", str(SMOKE), "--backend", "slurm", "--wait",
+         *smoke_overrides(digits, run_dir, {**held_before(4, gate), "launcher.max_restarts": 0}, ckpt_every=2)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=services.REPO, env={**os.environ, **slurm.env})
+    try:
+        services.wait_until(lambda: _latest_step(run_dir) >= 2, timeout_s=180, what="the step-2 checkpoint")
+        supervisor = services.wait_until(lambda: _supervisor_child(run_dir / "submitit"), timeout_s=30,
+                                         what="the supervisor's process")
+        os.kill(supervisor, signal.SIGKILL)
+        gate.touch()
+        out, err = submit.communicate(timeout=300)
+    finally:
+        gate.touch()
+        if submit.poll() is None:
+            submit.kill()
+    assert submit.returncode == 0, out[-3000:] + err[-3000:]
+    job_id = _job_id(out)
+    log = "".join(p.read_text() for p in sorted((run_dir / "submitit").glob(f"{job_id}_0_log.err")))
+    assert "the supervisor was killed by SIGKILL; requeueing job" in log, log[-3000:]
+    assert "Restarts=1" in slurm.command("scontrol", "show", "job", job_id)
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 8
+    assert not (run_dir / "submitit" / f"{job_id}_failure_restarts").exists()  # no failure restart was used

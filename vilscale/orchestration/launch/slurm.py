@@ -37,6 +37,7 @@ from pathlib import Path
 import submitit
 from submitit.core.utils import JobPaths, pickle_load
 
+from vilscale.files import atomic_write_text
 from vilscale.orchestration.checkpoint.rundir import write_spec
 from vilscale.orchestration.config import JobSpec, spec_from_dict
 from vilscale.orchestration.launch.common import LaunchError, LogFollower, with_absolute_paths
@@ -413,13 +414,27 @@ def supervise(task_command: list[str], *, folder: Path, max_restarts: int) -> in
                  "train.micro_batch, data.num_workers or data.batches_ahead, run fewer ranks per node, or ask for "
                  "more memory (launcher.mem_gb)")
             return EXIT_OUT_OF_MEMORY
-        used = int(counter.read_text()) if counter.exists() else 0
+        used = restarts_used(counter)
         if used >= max_restarts:
             _say(f"{_cause(step)}; giving up after {max_restarts} restart(s) (launcher.max_restarts)")
             return EXIT_FAILED
-        counter.write_text(f"{used + 1}\n")
+        atomic_write_text(counter, f"{used + 1}\n")  # a crash mid-write leaves the old count, never a torn file
         _say(f"restart {used + 1}/{max_restarts} after {_cause(step)}: launching the ranks again, "
              "from the latest checkpoint")
+
+
+def restarts_used(counter: Path) -> int:
+    """Relaunches after a failure this job has used (its counter file; 0 when there is none). A counter that cannot
+    be read as a count (damaged by something else: vilscale writes it atomically) is said and counted as 0, rather
+    than ending the job."""
+    try:
+        text = counter.read_text().strip()
+    except FileNotFoundError:
+        return 0
+    if text.isdigit():
+        return int(text)
+    _say(f"the restart counter {counter} holds {text[:40]!r}, not a count; counting the restarts used as 0")
+    return 0
 
 
 def _say(message: str) -> None:
@@ -483,6 +498,38 @@ def wait_for_submitit(job, *, backend: str, out=None, poll_s: float = 2.0) -> in
     return 1
 
 
+SUPERVISOR_CHILD_ENV = "VILSCALE_SUPERVISOR_CHILD"
+
+
+def guard(argv: list[str]) -> int:
+    """Run the supervisor (this program again, as a child) and outlive it: a supervisor killed by a signal while its
+    job still runs (the kernel's OOM killer picked it, a stray ``kill -9``) would end the job FAILED with nobody to
+    requeue it; the guard requeues the job instead, and the next allocation resumes from the latest checkpoint
+    without using a restart. A job that is being cancelled or requeued already is left to SLURM. The guard imports
+    nothing heavy and holds no state, so the OOM killer has nothing to pick in it."""
+    child = subprocess.Popen([sys.executable, "-u", "-m", SUPERVISOR_MODULE, *argv],
+                             env={**os.environ, SUPERVISOR_CHILD_ENV: "1"})
+    code = child.wait()
+    if code >= 0:
+        return code
+    name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+    job_id = os.environ["SLURM_JOB_ID"]
+    try:
+        record = _job_record(job_id)
+    except ControllerUnreachable:
+        record = None
+    if record is not None and record.state != "RUNNING":
+        _say(f"the supervisor ended by {name} while the job is {record.state.lower()}: leaving it to SLURM")
+        return 128 - code
+    _say(f"the supervisor was killed by {name}; requeueing job {job_id}: the next allocation resumes from the latest "
+         "checkpoint (not counted as a restart)")
+    requeued = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    if requeued.returncode != 0:
+        _say(f"scontrol requeue {job_id} failed: {requeued.stderr.strip()}")
+        return 128 - code
+    return 0
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {SUPERVISOR_MODULE}",
                                      description="The batch step of a vilscale SLURM job (see `supervise`).")
@@ -490,6 +537,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-restarts", type=int, required=True, help="relaunches after a failure, per job")
     parser.add_argument("task_command", nargs=argparse.REMAINDER, help="-- the command srun runs in every task")
     args = parser.parse_args(argv)
+    if not os.environ.get(SUPERVISOR_CHILD_ENV) and os.environ.get("SLURM_JOB_ID"):
+        return guard(argv)
     command = args.task_command[1:] if args.task_command[:1] == ["--"] else args.task_command
     return supervise(command, folder=args.folder, max_restarts=args.max_restarts)
 
