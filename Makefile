@@ -1,7 +1,10 @@
 # vilscale: every target does its own setup on a fresh Debian/Ubuntu machine and is idempotent.
 #   make setup   .venv with vilscale (editable) and its test extras, plus the system packages
 #   make demo    the digits demo on CPU (the main job on the embedded default)
-#   make test    the whole suite: unit tests and integration tests with real services
+#   make test    the quick tier a newcomer runs (minutes): unit tests, one shared run, one resume, a detection and a
+#                segmentation step, refusals, the kernels through Triton's interpreter
+#   make test-full  everything (what CI runs): real Ray/SLURM/Prometheus services, multinode hosts, fault launches,
+#                every shipped job, learning runs
 #   make test-transfer  pretraining's worth on digits segmentation and detection (about 14 min; not in make test)
 #   make lint    ruff
 
@@ -27,7 +30,11 @@ PYTEST_ARGS ?=
 export PATH := $(VENV)/bin:$(PATH)
 export RAY_TRAIN_ENABLE_PRINT_PATCH := 0
 
-.PHONY: setup system-packages demo test test-transfer lint clean
+.PHONY: setup system-packages demo test test-full test-transfer lint clean
+
+# The quick tier: what is not slow (nor needs services, hosts or injected faults), plus the slow tests given a budget
+# (tests/conftest.py fails a quick-tier test that overruns its budget).
+QUICK_TIER := not (slow or integration or multinode or faults) or budget
 
 setup: $(STAMP)
 
@@ -68,6 +75,10 @@ demo: setup
 	$(PY) -m vilscale.cli demo
 
 test: setup
+	$(VENV)/bin/ruff check vilscale tests benchmarks
+	VILSCALE_TEST_TIER=quick $(VENV)/bin/pytest -m "$(QUICK_TIER)" $(PYTEST_ARGS)
+
+test-full: setup
 	$(VENV)/bin/ruff check vilscale tests benchmarks
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 

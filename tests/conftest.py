@@ -32,6 +32,48 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+# The quick tier (`make test`, VILSCALE_TEST_TIER=quick) runs the tests marked neither slow, integration, multinode
+# nor faults, plus the slow ones given a `budget` (QUICK_TIER_MARKERS, what the Makefile passes to -m), and fails any
+# test whose call takes longer than its budget: 10 s unless `@pytest.mark.budget(S)` says more, and 150 s for a
+# test's setup (the session's shared runs). So a slow test cannot slip into the tier a newcomer runs unnoticed: mark
+# it slow (the full tier, make test-full), or give it a budget and say why it belongs in make test.
+QUICK_TIER = os.environ.get("VILSCALE_TEST_TIER") == "quick"
+QUICK_CALL_BUDGET_S = 10.0
+QUICK_SETUP_BUDGET_S = 150.0
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not QUICK_TIER or call.when not in ("setup", "call") or report.outcome != "passed":
+        return
+    marker = item.get_closest_marker("budget")
+    limit = QUICK_SETUP_BUDGET_S if call.when == "setup" else (marker.args[0] if marker else QUICK_CALL_BUDGET_S)
+    if report.duration > limit:
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid}: its {call.when} took {report.duration:.1f} s in the quick tier, over its "
+                           f"budget of {limit:.0f} s; mark it slow (make test-full only) or give it "
+                           "@pytest.mark.budget(SECONDS) with the reason it belongs in make test")
+
+
+_STARTED = {}
+
+
+def pytest_sessionstart(session):
+    import time
+
+    _STARTED["at"] = time.monotonic()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    import time
+
+    if QUICK_TIER:
+        took = time.monotonic() - _STARTED.get("at", time.monotonic())
+        terminalreporter.write_line(f"quick tier (make test): {took:.0f} s; the full suite is make test-full")
+
+
 def pytest_collection_modifyitems(config, items):
     if any("gpu" in item.keywords for item in items) and not _cuda_available():
         skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none on this machine")

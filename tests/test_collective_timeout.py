@@ -14,7 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # real processes waiting out real timeouts
 
 # One rank of a two-rank group: rank 1 stays silent (alive, never joins the collective); rank 0 all-reduces in
 # a group made as DeepSpeed makes its data-parallel group, and reports how long it waited and what it raised.

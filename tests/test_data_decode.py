@@ -101,6 +101,7 @@ def big_photo(photo):
 
 @pytest.mark.parametrize("box", [(0, 0, 427, 640), (100, 37, 300, 301), (13, 250, 90, 70), (426, 639, 1, 1),
                                  (5, 3, 223, 224), (211, 402, 216, 238)])
+@pytest.mark.budget(20)  # the crop decoder against the whole-image decode
 def test_crop_decode_equals_the_same_resampling_of_the_whole_image(photo, box):
     """At scale 1 the only difference from decoding everything is libjpeg's chroma upsampling at the crop's left
     and right edges (it has no neighbour column there): every output pixel that reads neither the box's first nor

@@ -57,6 +57,7 @@ def _clone(batches):
     return [tuple(t.clone() for t in batch) for batch in batches]
 
 
+@pytest.mark.budget(60)  # the quick tier's touch of the sharded loader (one numba compilation per process)
 def test_exact_mid_epoch_resume(digits):
     manifest = digits / "train" / "manifest.json"
     reference = _loader(manifest, rank=1, world_size=2)

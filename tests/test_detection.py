@@ -139,6 +139,7 @@ def test_a_detection_run_stopped_and_resumed_equals_the_uninterrupted_run(digits
 # bad input: one line, exit 2, before any rank
 # ----------------------------------------------------------------------------------------------------
 
+@pytest.mark.budget(60)  # in-process refusals of the detection task's pre-flight
 def test_bad_detection_input_is_refused_before_any_rank_starts(digits_coco, tmp_path, refused):
     not_json = tmp_path / "not_coco.json"
     not_json.write_text("{this is not json")

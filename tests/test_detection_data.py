@@ -232,6 +232,7 @@ def test_the_backbone_runs_at_detection_resolution(one_torch_thread):
                                              (1, 384, 25, 42)]
 
 
+@pytest.mark.slow
 def test_prepare_digits_coco_command(tmp_path):
     result = subprocess.run([sys.executable, "-m", "vilscale.cli", "prepare", "digits-coco", str(tmp_path / "out"),
                              "--train-images", "4", "--val-images", "2"], capture_output=True, text=True, cwd=REPO)
@@ -267,6 +268,7 @@ def test_multi_scale_training_and_activation_checkpointing_reach_the_detector(on
         [name for name, grad in stages if grad is None or not grad.abs().sum() > 0]
 
 
+@pytest.mark.slow
 def test_a_small_labelled_set_draws_its_training_canvases_from_few_digits(tmp_path):
     from vilscale.data.coco import first_of_each_class
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # `vilscale eval` and `convert` in their own processes, tens of seconds each
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "jobs" / "smoke.yaml"
 NANO = dict(img_size=32, window=2, num_classes=10, drop_path_rate=0.0)  # the smoke job's model

@@ -183,6 +183,7 @@ def _train_args(run_dir, out, tree) -> list[str]:
         [word for assignment in overrides for word in ("--set", assignment)]
 
 
+@pytest.mark.slow
 def test_the_21k_job_validates_on_the_held_out_split_with_the_semantic_softmax(processed, tmp_path,
                                                                               private_checksum_cache):
     """jobs/pretrain_21k.yaml, shrunk to vil_nano and 3 steps on one CPU rank, trains the processed tree with the

@@ -120,6 +120,7 @@ def test_a_refused_relaunch_leaves_a_finished_run_untouched(smoke, baseline_run,
     assert snapshot(run_dir) == before  # not one file changed (eval of such a run: tests/test_trainer.py)
 
 
+@pytest.mark.slow
 def test_a_second_launch_into_a_live_run_is_refused_naming_the_owner(smoke, tmp_path):
     """The first run's rank waits before step 1 until the test releases it (VILSCALE_INJECT_HOLD), so the second
     launch surely meets a live run, however fast or slow the machine; once released, the first run finishes."""

@@ -167,6 +167,7 @@ def test_spec_mistakes_name_the_key(sections, words):
     assert words in str(error.value)
 
 
+@pytest.mark.slow
 def test_learns_digits_with_a_parity_then_digit_tree(one_torch_thread):
     """vil_nano on scikit-learn's real handwritten digits at 32 px, classes 0-9 under "even" and "odd" (two classes
     with no images of their own), trained with the semantic softmax through `BatchAugment` with mixup and label

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow
 SMOKE_JOB = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
 
 
+@pytest.mark.budget(30)  # the quick tier's one shared run (its setup) and its checks
 def test_a_two_rank_run_writes_checkpoints_metrics_and_loadable_weights(smoke, baseline_run, tmp_path):
     run_dir = baseline_run
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -63,6 +64,7 @@ def test_a_two_rank_run_writes_checkpoints_metrics_and_loadable_weights(smoke, b
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
+@pytest.mark.budget(200)  # the quick tier's one resume: two launches of the smoke job
 def test_resume_is_bit_exact_with_zero2_on_two_processes(smoke, baseline_run, tmp_path):
     """Stopped after step 3 and resumed to 8 equals the uninterrupted run to 8, bit for bit (fp32, CPU):
     the samples of every step, the weights, the EMA of the weights and the final evaluation."""

@@ -38,6 +38,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_compile_keeps_the_weight_decay_groups(tmp_path):
     """train.compile=true must not change which parameters are decayed (compiling first renames every
     parameter to _orig_mod.*, and then no_weight_decay() matches none of them). A process of its own: a

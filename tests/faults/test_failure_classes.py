@@ -97,6 +97,7 @@ def test_transient_file_system_errors_are_retried_then_counted_as_restartable(mo
     assert len(calls) == 1  # a missing file is not waited for
 
 
+@pytest.mark.slow
 def test_a_shard_whose_file_system_fails_transiently_is_opened_after_the_retries(digits, monkeypatch):
     """The real shard reader, its open failing twice with ESTALE (a stale NFS handle) before the server is back."""
     import ffcv.reader
