@@ -27,7 +27,7 @@ LEASE_S = 2.0
 LEASE_PATH = LOCK_FILE + ".lease"
 HOST = socket.gethostname()
 FORK = multiprocessing.get_context("fork")
-SCHEDULER_ENV = ("SLURM_JOB_ID", "RAY_JOB_ID", "RAY_JOB_CONFIG_JSON_ENV_VAR")
+SCHEDULER_ENV = ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_STEP_ID", "RAY_JOB_ID", "RAY_JOB_CONFIG_JSON_ENV_VAR")
 RAY_SUBMISSION = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"metadata": {"job_submission_id": "raysubmit_7"}})}
 
 
@@ -165,6 +165,8 @@ def test_the_same_scheduler_job_takes_over_a_live_holder_at_once(run_dir, launch
     assert previous.outcome() == "held", previous.stderr()
     for name, value in job_env.items():
         monkeypatch.setenv(name, value)
+    if "SLURM_JOB_ID" in job_env:  # the requeued incarnation (a live one of the same incarnation is refused)
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     if not record_locks:
         monkeypatch.setattr(fcntl, "lockf", no_record_locks)
     started = time.monotonic()

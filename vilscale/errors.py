@@ -23,9 +23,16 @@ EXIT_DATA_ERROR = 4
 """The data is missing or corrupt: rewrite the shards."""
 EXIT_OUT_OF_MEMORY = 5
 """A rank ran out of device or host memory: the same batch on the same machine would again."""
+EXIT_RUN_DIR_LOST = 6
+"""Another launch took the run dir over while this one was paused or cut off: the run goes on there."""
+EXIT_NO_CHECKPOINT = 7
+"""The run dir holds checkpoints and none of them verifies: resuming is impossible and starting over is the user's
+decision (`--start-over`), never a restart's."""
 
 NOT_RESTARTABLE = {EXIT_SPEC_ERROR: "invalid job spec", EXIT_NONFINITE: "repeated non-finite losses",
-                   EXIT_DATA_ERROR: "bad data", EXIT_OUT_OF_MEMORY: "out of memory"}
+                   EXIT_DATA_ERROR: "bad data", EXIT_OUT_OF_MEMORY: "out of memory",
+                   EXIT_RUN_DIR_LOST: "the run dir was taken over by another launch",
+                   EXIT_NO_CHECKPOINT: "no usable checkpoint in the run dir"}
 
 
 def is_restartable(code: int) -> bool:
@@ -41,5 +48,5 @@ class DataError(ValueError):
     """Bad input data: the message names the file and says how to fix it. Exit code 4 in a rank."""
 
 
-__all__ = ["EXIT_DATA_ERROR", "EXIT_FAILED", "EXIT_NONFINITE", "EXIT_OK", "EXIT_OUT_OF_MEMORY", "EXIT_SPEC_ERROR",
-           "NOT_RESTARTABLE", "DataError", "SpecError", "is_restartable"]
+__all__ = ["EXIT_DATA_ERROR", "EXIT_FAILED", "EXIT_NONFINITE", "EXIT_NO_CHECKPOINT", "EXIT_OK", "EXIT_OUT_OF_MEMORY",
+           "EXIT_RUN_DIR_LOST", "EXIT_SPEC_ERROR", "NOT_RESTARTABLE", "DataError", "SpecError", "is_restartable"]

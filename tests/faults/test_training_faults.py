@@ -58,19 +58,23 @@ def test_a_rank_that_falls_silent_mid_collective_times_out_its_peer_and_the_run_
 def test_killed_while_writing_a_checkpoint_keeps_latest_on_the_previous_one(smoke, tmp_path):
     """Fault: rank 0 is SIGKILLed after every rank wrote the step-8 checkpoint files but before the
     manifest and `latest` were written. Outcome: the launch, allowed no restart, ends with exit code 1 (a
-    restartable failure); `latest` still names step 4, the next launch resumes from step 4 (the incomplete step-8
-    directory is never loaded) and the run finishes with a complete step 8."""
+    restartable failure); `latest` still names step 4 and no step-8 directory exists (the files sit under a partial
+    name that no resume reads), the next launch resumes from step 4, removes the partial directory and finishes
+    with a complete step 8."""
     run_dir = tmp_path / "run"
     result = smoke.train(run_dir, "--set", "launcher.max_restarts=0", check=False,
                          env={"VILSCALE_INJECT_FAULT": "checkpoint-files-written:8:0"})
     assert result.returncode == 1, result.stderr[-3000:]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
-    assert (run_dir / "checkpoints" / "step_00000008").is_dir()
-    assert not (run_dir / "checkpoints" / "step_00000008" / "manifest.json").exists()
+    assert not (run_dir / "checkpoints" / "step_00000008").exists()
+    partial = list((run_dir / "checkpoints").glob(".partial-step_00000008-*"))
+    assert len(partial) == 1 and (partial[0] / "mp_rank_00_model_states.pt").is_file()
+    assert not (partial[0] / "manifest.json").exists()
     result = smoke.train(run_dir)
     assert "resumed from step_00000004" in result.stderr
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000008"
     assert Checkpointer(run_dir, keep=2, spec_digest="").verify("step_00000008") is None
+    assert not list((run_dir / "checkpoints").glob(".partial-*"))
 
 
 def test_truncated_checkpoint_is_detected_named_and_the_previous_one_used(smoke, baseline_run, tmp_path):
@@ -168,3 +172,93 @@ def test_metrics_endpoint_is_not_reachable_from_other_interfaces_by_default(tmp_
             socket.create_connection((address, port), timeout=2).close()
     finally:
         metrics.close()
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (relative path -> sha256)."""
+    return {str(path.relative_to(folder)): sha256_of(path) for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_a_launch_woken_after_another_took_its_run_dir_stops_before_touching_it(smoke, tmp_path):
+    """#36 scenario 1 end to end. A run (launcher and ranks) is stopped with SIGSTOP at step 6 for longer than its
+    lease (2 s here); a second launch of the same job takes the run dir over, resumes from step 4 and finishes
+    (checkpoint 8, `latest`, summary). Then the first is woken and trains on to its own step-8 save. Before, it
+    wrote over the step-8 checkpoint and moved `latest` under the second; now its save is fenced: it stops with
+    exit code 6 (not restarted) and every file of the second run's checkpoints is as the second left it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir, gate = tmp_path / "run", tmp_path / "release"
+    lease = {"VILSCALE_LOCK_LEASE_S": "2"}
+    args = ["train", str(smoke_job()), "--nproc", "1", *smoke.args(run_dir, "--set", "train.log_every=1")]
+    first = subprocess.Popen([sys.executable, "-m", "vilscale.cli", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             env={**os.environ, **lease, "VILSCALE_INJECT_HOLD": f"6:{gate}"})
+    try:
+        deadline = time.monotonic() + 300
+        while not _held_at(run_dir, 5) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None and _held_at(run_dir, 5), "the first run never reached its hold before step 6"
+        os.killpg(first.pid, signal.SIGSTOP)  # launcher and rank: heartbeat and training frozen
+        second = smoke.train(run_dir, "--set", "train.log_every=1", nproc=1, env=lease)
+        assert "took over its lock" in second.stderr and "resumed from step_00000004" in second.stderr
+        assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+        checkpoints, summary = _tree(run_dir / "checkpoints"), (run_dir / "summary.json").read_text()
+        os.killpg(first.pid, signal.SIGCONT)
+        gate.touch()
+        _, err = first.communicate(timeout=300)
+    finally:
+        gate.touch()
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGCONT)
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 6, err[-3000:]
+    assert "was taken over by another launch" in err and "stops before declaring checkpoint step_00000008" in err, \
+        err[-3000:]
+    assert "not restarting" in err and "restarting from the latest checkpoint" not in err
+    after = {name: digest for name, digest in _tree(run_dir / "checkpoints").items() if not name.startswith(".partial")}
+    assert after == checkpoints  # its own step-8 files stayed under a partial name, which no resume reads
+    assert (run_dir / "summary.json").read_text() == summary
+
+
+def _held_at(run_dir: Path, step: int) -> bool:
+    path = run_dir / "metrics.jsonl"
+    return path.exists() and any(json.loads(line).get("step") == step for line in path.read_text().splitlines()
+                                 if '"loss"' in line)
+
+
+def smoke_job() -> Path:
+    return Path(__file__).resolve().parents[2] / "jobs" / "smoke.yaml"
+
+
+def test_a_run_dir_whose_checkpoints_all_fail_stops_and_start_over_is_the_users_choice(smoke, baseline_run,
+                                                                                        tmp_path):
+    """#36 scenario 4 end to end. Every checkpoint of a finished run is damaged; a relaunch that extends it stops at
+    once with exit code 7 (never restarted), naming each checkpoint and `--start-over`, and writes nothing. Before,
+    the run trained from step 0 with its initial weights, and pruning then deleted its new checkpoint while keeping
+    the broken old ones. With --start-over it trains from step 0 and the old checkpoints sit in discarded-*/."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(baseline_run, run_dir)
+    for tag in ("step_00000004", "step_00000008"):
+        target = run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt"
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        target.write_bytes(bytes(data))
+    before = _tree(run_dir)
+    extend = [*smoke.BASELINE, "--set", "train.max_steps=10", "--allow-spec-change"]
+    stopped = smoke.train(run_dir, *extend, check=False)
+    assert stopped.returncode == 7, stopped.stderr[-3000:]
+    for tag in ("step_00000008", "step_00000004"):
+        assert f"{tag}: {run_dir / 'checkpoints' / tag / 'mp_rank_00_model_states.pt'} does not match its sha256" \
+            in stopped.stderr, stopped.stderr[-3000:]
+    assert "--start-over" in stopped.stderr and "not restarting" in stopped.stderr
+    changed = {name for name, digest in _tree(run_dir).items() if before.get(name) != digest}
+    assert changed <= {"spec.yaml"}, changed  # the accepted max_steps change only
+    fresh = smoke.train(run_dir, *extend, "--start-over")
+    assert "--start-over: moved the checkpoints aside into" in fresh.stderr and "resumed from" not in fresh.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 10
+    discarded = next(run_dir.glob("discarded-*"))
+    assert {"latest", "step_00000004", "step_00000008"} <= {p.name for p in (discarded / "checkpoints").iterdir()}

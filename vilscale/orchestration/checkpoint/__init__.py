@@ -8,7 +8,10 @@ from vilscale.orchestration.checkpoint.store import (
     MANIFEST,
     Checkpointer,
     CheckpointError,
+    NoUsableCheckpoint,
+    discard_checkpoints,
     tag_for,
 )
 
-__all__ = ["EMA_FILE", "LATEST", "MANIFEST", "CheckpointError", "Checkpointer", "tag_for"]
+__all__ = ["EMA_FILE", "LATEST", "MANIFEST", "CheckpointError", "Checkpointer", "NoUsableCheckpoint",
+           "discard_checkpoints", "tag_for"]

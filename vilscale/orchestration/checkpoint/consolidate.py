@@ -22,7 +22,12 @@ def consolidated_state_dict(run_dir: Path, *, zero_stage: int, tag: str | None =
 
     checkpointer = Checkpointer(Path(run_dir), keep=1 << 30, spec_digest="")
     if tag is None:
-        manifest = checkpointer.find_resumable()
+        from vilscale.orchestration.checkpoint.store import NoUsableCheckpoint
+
+        try:
+            manifest = checkpointer.find_resumable(log=lambda line: None)
+        except NoUsableCheckpoint as error:
+            raise CheckpointError(str(error)) from None
         if manifest is None:
             raise CheckpointError(f"{checkpointer.root} has no complete, verified checkpoint")
         tag = manifest["tag"]

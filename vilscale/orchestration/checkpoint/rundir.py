@@ -9,10 +9,16 @@ trustworthy:
   start time and a heartbeat that a daemon thread rewrites (and fsyncs) every ``lease / 6`` s. A second
   launch is refused naming that owner, unless the owner is gone, which it tells by one of:
 
-  - the heartbeat is older than the owner's lease (``LEASE_S``, or ``VILSCALE_LOCK_LEASE_S``): it died,
-    or its node was lost;
-  - the owner is the same scheduler job (a requeued SLURM job keeps its ``SLURM_JOB_ID``; a Ray job its
-    submission id): it is the job's previous incarnation, gone or on its way out;
+  - its heartbeat stopped: the value did not change for ``LEASE_S`` (or ``VILSCALE_LOCK_LEASE_S``) seconds as
+    measured on the launcher's own monotonic clock (it died, or its node was lost). The writer's timestamp is
+    never compared with this machine's clock to declare it dead (clocks of two nodes may disagree by more than a
+    lease); it only decides whether the launcher starts watching, so a lease that looks fresh by its writer's
+    clock is refused at once;
+  - the owner is an older incarnation of the same scheduler job: a requeued SLURM job keeps its
+    ``SLURM_JOB_ID`` with a higher ``SLURM_RESTART_COUNT``, and a supervisor's relaunch inside the allocation runs
+    a later ``SLURM_STEP_ID``; the owner is gone or on its way out. Two live launches of one job (two `vilscale
+    train` in one salloc) are of one incarnation: the second is refused. A Ray job is the same job as its own
+    submission id;
   - the owner ran on this host and held the POSIX record lock (``fcntl.lockf``) on ``RUN_DIR/.lock``,
     which every owner also takes where the filesystem has record locks, and that lock is now free: the
     kernel dropped it, so the owner died. A crash on one machine is taken over at once.
@@ -27,9 +33,11 @@ trustworthy:
   run dirs (Lustre without ``flock`` fails with ENOSYS or ENOLCK), and on NFSv3 a lost node's lock
   outlives the node until it reboots. A kernel or NFS lock cannot be broken, so a requeued job that
   waited for one would never run; the lease works wherever hard links do, and is broken as above
-  (the lost node's record lock stays behind, ignored). Assumptions: the nodes' clocks agree to well
-  under the lease; an owner frozen longer than its lease loses the run dir; two launches of one scheduler
-  job into one run dir are not told apart (the later one takes over).
+  (the lost node's record lock stays behind, ignored). An owner frozen longer than its lease (``scontrol suspend``,
+  Ctrl-Z, an NFS client hung) loses the run dir, and it is fenced when it wakes: every write that changes what a
+  resume would read (``fence``: checkpoint directories, manifest, ``latest``, pruning, ``spec.yaml``, ``run_id``,
+  ``summary.json``) first checks that the lease is still this launch's, and stops the process with
+  ``RunDirLost`` (exit 6, never restarted) when it is not.
 - **One spec.** Relaunching into a run dir resumes it, so the new spec may differ from ``spec.yaml``
   only in execution keys (where and how it runs); keys that change what is trained are refused, unless
   they are adjustable and the user passes ``--allow-spec-change`` (see ``config.spec.key_kind``).
@@ -67,16 +75,47 @@ LEASE_ENV = "VILSCALE_LOCK_LEASE_S"
 HEARTBEATS_PER_LEASE = 6
 _NO_RECORD_LOCKS = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL})
 _LEASE_BYTES = 1024
-_HELD_HERE: dict[str, int] = {}  # run dir -> pid of the process holding its lock here (a forked child holds none)
+# run dir -> (pid of the process holding its lock here, its lease token); a forked child holds none
+_HELD_HERE: dict[str, tuple[int, str]] = {}
 RUN_ID_FILE = "run_id"
-# Set by a launcher that holds the lock for its ranks (local processes, a Ray driver): rank 0 then does
-# not try to take it again.
+# Set by a launcher that holds the lock for its ranks (local processes, a Ray driver) to its lease's token: rank 0 then
+# does not try to take it again, and fences its writes on that token.
 LOCK_HELD_ENV = "VILSCALE_RUN_LOCK_HELD"
 
 
 class RunDirError(SpecError):
     """The run dir cannot be used as asked (owned by another run, a file, a changed spec); nothing was
     written. A user's mistake: exit code 2, never restarted."""
+
+
+class RunDirLost(RuntimeError):
+    """Another launch took the run dir over while this process held it (it was paused, suspended or cut off longer
+    than its lease): this process must not write to it again. Exit code 6, never restarted."""
+
+
+def fence(run_dir: Path, doing: str) -> None:
+    """RunDirLost unless the run dir's lease is still the one this process's launch holds; call it right before
+    every write that changes what a resume reads. A process that holds no lease for ``run_dir`` (a tool, a test)
+    is not fenced."""
+    token = _our_token(Path(run_dir))
+    if token is None:
+        return
+    current = _read_lease(Path(run_dir) / LEASE_FILE)
+    if current is not None and current.get("token") == token:
+        return
+    now = f"now {_describe(current)}" if current is not None else "its lease is gone"
+    raise RunDirLost(f"run dir {run_dir} was taken over by another launch ({now}) while this one was paused, "
+                     "suspended or cut off for longer than its lease; this process stops before "
+                     f"{doing}, so nothing it writes replaces the new owner's work")
+
+
+def _our_token(run_dir: Path) -> str | None:
+    """The lease token this process writes under: its own lock's, or the one its launcher passed in LOCK_HELD_ENV."""
+    held = _HELD_HERE.get(str(run_dir.resolve()))
+    if held is not None and held[0] == os.getpid():
+        return held[1]
+    token = os.environ.get(LOCK_HELD_ENV, "")
+    return token if len(token) == 32 else None  # "1": a launcher of an older vilscale, which passed no token
 
 
 def check_usable(run_dir: Path) -> None:
@@ -145,12 +184,27 @@ def check_resume_compatible(spec: JobSpec, *, allow_change: bool = False) -> lis
 def write_spec(spec: JobSpec) -> Path:
     """Write the resolved spec into its run dir (atomically)."""
     run_dir = Path(spec.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_run_dir(run_dir, spec.launcher.run_dir_mode)
     target = run_dir / SPEC_FILE
     text = yaml.safe_dump(spec.to_dict(), sort_keys=False)
     if not target.is_file() or target.read_text() != text:  # an unchanged spec is left as it is
+        fence(run_dir, "rewriting spec.yaml")
         atomic_write_text(target, text, durable=False)
     return target
+
+
+def make_run_dir(run_dir: Path, mode: str = "0700") -> None:
+    """Create ``run_dir`` (and missing parents) with ``mode`` (``launcher.run_dir_mode``; owner-only by default: the
+    supervisor and `submit --wait` unpickle files from it). An existing directory keeps its mode."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir():
+        return
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(mode=int(mode, 8))
+    except FileExistsError:  # another launcher made it meanwhile
+        return
+    os.chmod(run_dir, int(mode, 8))  # mkdir's mode is filtered by the umask
 
 
 def read_or_create_run_id(run_dir: Path) -> str:
@@ -159,6 +213,7 @@ def read_or_create_run_id(run_dir: Path) -> str:
     if path.is_file():
         return path.read_text().strip()
     value = f"{Path(run_dir).name}-{uuid.uuid4().hex[:8]}"
+    fence(Path(run_dir), "writing the run's id")
     atomic_write_text(path, value + "\n", durable=False)
     return value
 
@@ -173,12 +228,15 @@ class RunLock:
     Args:
         run_dir: the run directory (created by ``acquire``).
         lease_s: how long a heartbeat stays valid; default ``VILSCALE_LOCK_LEASE_S``, else ``LEASE_S``.
+        mode: the mode a run dir that does not exist yet is created with (``launcher.run_dir_mode``).
     """
 
-    def __init__(self, run_dir: Path, *, lease_s: float | None = None):
+    def __init__(self, run_dir: Path, *, lease_s: float | None = None, mode: str = "0700"):
         self.path = Path(run_dir) / LOCK_FILE
         self.lease_path = Path(run_dir) / LEASE_FILE
         self.lease_s = _lease_seconds(lease_s)
+        self.mode = mode
+        self._watched: dict[str, tuple[float, float]] = {}  # lease token -> (heartbeat seen, monotonic time seen)
         self._record_fd: int | None = None
         self._lease_fd: int | None = None
         self._lease: dict = {}
@@ -187,22 +245,31 @@ class RunLock:
         self._lost_said = False
         self._held_key: str | None = None
 
+    @property
+    def token(self) -> str:
+        """This holder's lease token (what its ranks fence their writes on, through LOCK_HELD_ENV)."""
+        return self._lease["token"]
+
     def acquire(self, *, wait_s: float = 0.0, what: str = "") -> RunLock:
         """Take the run dir (creating it), waiting up to ``wait_s`` for a previous owner to end.
 
-        Raises RunDirError naming the owner while it is alive and not this scheduler job.
+        Raises RunDirError naming the owner while it is alive and not an older incarnation of this scheduler job. A
+        lease whose heartbeat looks old by its writer's clock is watched (up to the lease) before it is taken: its
+        value must stop changing on this machine's monotonic clock, so a writer whose clock lags is not declared
+        dead while it beats.
         """
         if _held_here(self.path.parent):
             raise RuntimeError(f"this process already holds the lock of run dir {self.path.parent}; take it once "
                                "and keep that RunLock (a second one would drop the first's record lock)")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_run_dir(self.path.parent, self.mode)
         deadline = time.monotonic() + wait_s
         while (owner := self._try_acquire(what)) is not None:
-            if time.monotonic() >= deadline:
-                raise RunDirError(f"run dir {self.path.parent} is in use by another run ({owner}); wait for it to end "
-                                  f"(or stop it; a run that died is taken over {self.lease_s:g} s after its last "
-                                  "heartbeat), or give this launch another run_dir")
-            time.sleep(0.5)
+            description, alive = owner
+            if alive and time.monotonic() >= deadline:
+                raise RunDirError(f"run dir {self.path.parent} is in use by another run ({description}); wait for it "
+                                  f"to end (or stop it; a run that died is taken over once its heartbeat has not "
+                                  f"changed for {self.lease_s:g} s), or give this launch another run_dir")
+            time.sleep(min(0.5, self.lease_s / HEARTBEATS_PER_LEASE / 2))
         return self
 
     def release(self) -> None:
@@ -234,15 +301,16 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    def _try_acquire(self, what: str) -> str | None:
-        """One attempt: None when the run dir is now ours, else its owner's description."""
+    def _try_acquire(self, what: str) -> tuple[str, bool] | None:
+        """One attempt: None when the run dir is now ours, else (its owner's description, whether the owner is known
+        to be alive: False while its heartbeat is being watched)."""
         record_fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         record_lock = _try_record_lock(record_fd)
         if not record_lock:
             os.close(record_fd)
             record_fd = None
         mine = _new_lease(what, self.lease_s, record_lock=record_lock)
-        owner, taken_over = "owner unknown", ""
+        owner, alive, taken_over = "owner unknown", True, ""
         for _ in range(10):  # the lease may change while we look (a launcher racing us): look again
             lease_fd = _create_lease(self.lease_path, mine)
             if lease_fd is not None:
@@ -256,6 +324,8 @@ class RunLock:
             owner = _describe(current)
             reason = _takeover_reason(current, mine, record_lock_free=record_lock)
             if reason is None:
+                alive, reason = self._watch(current)
+            if reason is None:
                 break
             if _remove_lease(self.lease_path, current):
                 taken_over = f"{owner}: {reason}"
@@ -263,13 +333,30 @@ class RunLock:
                 time.sleep(0.05)  # another launcher is judging or replacing this lease
         if record_fd is not None:
             os.close(record_fd)
-        return owner
+        return owner, alive
+
+    def _watch(self, lease: dict) -> tuple[bool, str | None]:
+        """(alive, takeover reason) of a lease no instant rule settles, from watching its heartbeat on this machine's
+        monotonic clock: dead once the value has not changed for the lease; alive as soon as it changes, or while
+        it is fresh by its writer's clock (a lease that looks old by it is watched before anything is decided, so a
+        live writer whose clock lags this machine's is not declared dead)."""
+        lease_s = lease.get("lease_s") or self.lease_s
+        key = lease.get("token") or f"inode{lease['inode']}"
+        seen = self._watched.get(key)
+        now = time.monotonic()
+        if seen is None or seen[0] != lease["heartbeat"]:
+            self._watched[key] = (lease["heartbeat"], now)
+            if seen is not None:  # it changed while watched: the owner beats
+                return True, None
+        elif now - seen[1] >= lease_s:
+            return False, f"its heartbeat stopped (unchanged for {now - seen[1]:.0f} s here; lease {lease_s:g} s)"
+        return time.time() - lease["heartbeat"] <= lease_s, None
 
     def _hold(self, record_fd: int | None, lease_fd: int, lease: dict) -> None:
         self._record_fd, self._lease_fd, self._lease = record_fd, lease_fd, lease
         self._stop, self._lost_said = threading.Event(), False
         self._held_key = str(self.path.parent.resolve())
-        _HELD_HERE[self._held_key] = os.getpid()
+        _HELD_HERE[self._held_key] = (os.getpid(), lease["token"])
         self._heartbeat = threading.Thread(target=self._beat, name="vilscale-run-dir-heartbeat", daemon=True)
         self._heartbeat.start()
 
@@ -316,12 +403,18 @@ def lock_holder(run_dir: Path) -> str | None:
             record_lock_free = _try_record_lock(fd)
         finally:
             os.close(fd)  # drops the probe's record lock at once
-    mine = {"job": _scheduler_job(), "host": socket.gethostname(), "lease_s": _lease_seconds(None)}
-    return None if _takeover_reason(current, mine, record_lock_free=record_lock_free) else _describe(current)
+    mine = {"job": _scheduler_job(), "incarnation": _incarnation(), "host": socket.gethostname(),
+            "lease_s": _lease_seconds(None)}
+    if _takeover_reason(current, mine, record_lock_free=record_lock_free):
+        return None
+    lease_s = current.get("lease_s") or mine["lease_s"]
+    # fresh by its writer's clock: held; else a launch watches it (RunLock.acquire) and decides then
+    return _describe(current) if time.time() - current["heartbeat"] <= lease_s else None
 
 
 def _held_here(run_dir: Path) -> bool:
-    return _HELD_HERE.get(str(Path(run_dir).resolve())) == os.getpid()
+    held = _HELD_HERE.get(str(Path(run_dir).resolve()))
+    return held is not None and held[0] == os.getpid()
 
 
 def _lease_seconds(lease_s: float | None) -> float:
@@ -360,6 +453,20 @@ def _scheduler_job() -> str | None:
     return f"Ray job {ray_job}" if ray_job else None
 
 
+def _incarnation() -> list[int] | None:
+    """Which incarnation of its SLURM job this process is: [SLURM_RESTART_COUNT, SLURM_STEP_ID] (-1 for no step, as
+    in a batch script or a shell of salloc); None outside SLURM."""
+    env = os.environ
+    if not env.get("SLURM_JOB_ID"):
+        return None
+
+    def number(name: str) -> int:
+        value = env.get(name, "")
+        return int(value) if value.isdigit() else -1
+
+    return [max(0, number("SLURM_RESTART_COUNT")), number("SLURM_STEP_ID")]
+
+
 def _try_record_lock(fd: int) -> bool:
     """Take the record lock on ``fd`` without waiting; False when another process (or a lost NFS node) keeps it,
     or when the filesystem has no record locks."""
@@ -375,7 +482,8 @@ def _try_record_lock(fd: int) -> bool:
 def _new_lease(what: str, lease_s: float, *, record_lock: bool) -> dict:
     now = time.time()
     return {"what": (what or "vilscale")[:200], "host": socket.gethostname(), "pid": os.getpid(),
-            "job": _scheduler_job(), "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
+            "job": _scheduler_job(), "incarnation": _incarnation(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
             "heartbeat": now, "lease_s": lease_s, "record_lock": record_lock, "token": uuid.uuid4().hex}
 
 
@@ -439,14 +547,17 @@ def _read_lease(path: Path) -> dict | None:
 
 
 def _takeover_reason(lease: dict, mine: dict, *, record_lock_free: bool) -> str | None:
-    """Why the owner of ``lease`` is gone (so that ``mine`` may replace it), None while it may be alive."""
+    """Why the owner of ``lease`` is gone without watching it (so that ``mine`` may replace it at once): an older
+    incarnation of the same scheduler job, or a record lock the kernel dropped on this host; None otherwise."""
     if mine["job"] and lease.get("job") == mine["job"]:
-        return f"the same {mine['job']} (a requeued job keeps its id)"
+        theirs, ours = lease.get("incarnation"), mine.get("incarnation")
+        if ours is None or theirs is None:  # a Ray job, or a lease written by a vilscale that recorded none
+            return f"the same {mine['job']} (a requeued job keeps its id)"
+        if list(theirs) < list(ours):
+            return (f"an older incarnation of the same {mine['job']} (requeue {theirs[0]}, step {theirs[1]}; this "
+                    f"is requeue {ours[0]}, step {ours[1]})")
     if record_lock_free and lease.get("record_lock") and lease.get("host") == mine["host"]:
         return "it ended without releasing (its record lock is free)"
-    lease_s = lease.get("lease_s") or mine["lease_s"]
-    if time.time() - lease["heartbeat"] > lease_s:
-        return f"its heartbeat stopped (lease {lease_s:g} s)"
     return None
 
 

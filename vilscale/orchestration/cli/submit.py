@@ -33,6 +33,9 @@ def add_parser(parser) -> None:
     parser.add_argument("--python", default=None,
                         help="Ray: the interpreter the job runs on the cluster (default: this one, "
                              f"{sys.executable}); the entrypoint runs under /bin/sh with the head's PATH")
+    parser.add_argument("--start-over", action="store_true",
+                        help="train this run dir from step 0: its checkpoints (and TensorBoard events) are moved aside "
+                             "into RUN_DIR/discarded-TIME/, nothing is deleted (what to do when none of them verifies)")
     parser.add_argument("--allow-spec-change", action="store_true",
                         help="resume a run dir whose spec differs in adjustable keys (max_steps, epochs, lr, ...)")
     parser.add_argument("--skip-resource-check", action="store_true",
@@ -55,6 +58,10 @@ def run(args) -> int:
         prefix = "" if isinstance(error, RunDirError) else "invalid job spec: "
         print(f"vilscale submit: nothing submitted: {prefix}{error}", file=sys.stderr)
         return EXIT_NOT_SUBMITTED
+    if args.start_over:
+        from vilscale.orchestration.launch.session import start_from_scratch
+
+        start_from_scratch(Path(with_absolute_paths(spec, Path.cwd()).run_dir))
     try:
         if backend == "ray":
             from vilscale.orchestration.launch.ray import submit_ray

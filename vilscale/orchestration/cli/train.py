@@ -1,4 +1,5 @@
-"""`vilscale train JOB.yaml [--set key=value ...] [--nproc N] [--launcher local|ray] [--allow-spec-change]`."""
+"""`vilscale train JOB.yaml [--set key=value ...] [--nproc N] [--launcher local|ray] [--allow-spec-change]
+[--start-over]`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ def add_parser(parser) -> None:
     parser.add_argument("--launcher", choices=("local", "ray"), default="local",
                         help="local: processes on this machine (torchrun); ray: a Ray Train TorchTrainer (inside a "
                              "Ray job)")
+    parser.add_argument("--start-over", action="store_true",
+                        help="train this run dir from step 0: its checkpoints (and TensorBoard events) are moved aside "
+                             "into RUN_DIR/discarded-TIME/, nothing is deleted (what to do when none of them verifies)")
     parser.add_argument("--allow-spec-change", action="store_true",
                         help="resume a run dir whose spec differs in adjustable keys (max_steps, epochs, lr, "
                              "schedule, augmentation, data paths, ...)")
@@ -30,7 +34,7 @@ def run(args) -> int:
         return EXIT_SPEC_ERROR
     try:
         session = prepare_local_launch(args.job, args.overrides, nproc=args.nproc, ray=args.launcher == "ray",
-                                       allow_spec_change=args.allow_spec_change)
+                                       allow_spec_change=args.allow_spec_change, start_over=args.start_over)
     except LaunchRefused as refused:
         print(f"vilscale train: {refused}", file=sys.stderr)
         return EXIT_SPEC_ERROR

@@ -381,9 +381,17 @@ class LauncherConfig:
     """Working directory shipped to the Ray cluster (relative to the spec's current directory)."""
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables for every rank."""
+    run_dir_mode: str = "0700"
+    """Permissions a new run dir is created with (octal): owner-only by default, because the SLURM supervisor and
+    `vilscale submit --wait` read pickled task results from it (whoever can write there could run code as you);
+    e.g. "0750" lets the group read it. Group or others may never write to it."""
 
     def __post_init__(self):
         _one_of("launcher.backend", self.backend, ("local", "ray", "slurm"))
+        if not re.fullmatch(r"0?[0-7]{3}", self.run_dir_mode) or int(self.run_dir_mode, 8) & 0o022 or \
+                not int(self.run_dir_mode, 8) & 0o700 == 0o700:
+            raise SpecError(f"launcher.run_dir_mode={self.run_dir_mode!r} must be an octal mode that gives its owner "
+                            "rwx and nobody else write, e.g. '0700' (the default) or '0750'")
         for name in ("partition", "account"):
             check_sbatch_value(f"launcher.{name}", getattr(self, name))
         for name in ("nodes", "cpu_workers_per_node", "cpus_per_task", "time_min"):

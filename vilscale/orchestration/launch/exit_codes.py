@@ -5,9 +5,11 @@ from __future__ import annotations
 from vilscale.errors import (  # noqa: F401  (re-exported: the launchers' one import)
     EXIT_DATA_ERROR,
     EXIT_FAILED,
+    EXIT_NO_CHECKPOINT,
     EXIT_NONFINITE,
     EXIT_OK,
     EXIT_OUT_OF_MEMORY,
+    EXIT_RUN_DIR_LOST,
     EXIT_SPEC_ERROR,
     NOT_RESTARTABLE,
     is_restartable,
@@ -26,11 +28,16 @@ def classify(error: BaseException) -> tuple[int, str]:
 
     from vilscale.data.manifest import DataError
     from vilscale.files import TransientIOError
-    from vilscale.orchestration.checkpoint import CheckpointError
+    from vilscale.orchestration.checkpoint import CheckpointError, NoUsableCheckpoint
+    from vilscale.orchestration.checkpoint.rundir import RunDirLost
     from vilscale.orchestration.config import SpecError
     from vilscale.orchestration.training.distributed import RendezvousError
     from vilscale.orchestration.training.step import NonFiniteLossError, OutOfMemory
 
+    if isinstance(error, RunDirLost):
+        return EXIT_RUN_DIR_LOST, f"run dir lost: {error}"
+    if isinstance(error, NoUsableCheckpoint):
+        return EXIT_NO_CHECKPOINT, str(error)
     if isinstance(error, SpecError | RendezvousError):
         return EXIT_SPEC_ERROR, f"invalid job spec: {error}"
     if isinstance(error, DataError):

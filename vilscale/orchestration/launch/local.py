@@ -38,10 +38,12 @@ class LocalResult:
     """0, or the exit code the failed run ends with (a rank's own code when no restart could fix it)."""
 
 
-def train_local(spec: JobSpec, spec_path: Path, nproc: int, *, max_restarts: int | None = None) -> LocalResult:
-    """Run the job (its resolved spec at ``spec_path``) on ``nproc`` local processes."""
+def train_local(spec: JobSpec, spec_path: Path, nproc: int, *, lease_token: str, max_restarts: int | None = None
+                ) -> LocalResult:
+    """Run the job (its resolved spec at ``spec_path``) on ``nproc`` local processes, under the run dir's lease whose
+    token is ``lease_token`` (held by this process: the ranks fence their writes on it)."""
     restarts = spec.launcher.max_restarts if max_restarts is None else max_restarts
-    env = {LOCK_HELD_ENV: "1", **spec.launcher.env}
+    env = {LOCK_HELD_ENV: lease_token, **spec.launcher.env}
     if nproc > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     for attempt in range(restarts + 1):

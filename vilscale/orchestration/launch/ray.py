@@ -360,7 +360,7 @@ def _train_worker(config: dict) -> None:
 
     spec = spec_from_dict(config["spec"])
     os.environ.update(spec.launcher.env)
-    os.environ[LOCK_HELD_ENV] = "1"  # the driver holds the run dir's lock
+    os.environ[LOCK_HELD_ENV] = config["lease_token"]  # the driver holds the run dir's lock: fence on its lease
     try:
         summary = run_worker(spec)
     except Exception as error:
@@ -384,7 +384,7 @@ def _fatal_failure(error: BaseException) -> FatalRankError | None:
     return None
 
 
-def train_on_ray(spec: JobSpec) -> dict:
+def train_on_ray(spec: JobSpec, *, lease_token: str) -> dict:
     """Train on a Ray Train `TorchTrainer` from inside a Ray job's driver; returns rank 0's summary.
 
     One worker per rank (launcher.world_size), each with launcher.cpus_per_task CPUs and one GPU when
@@ -425,7 +425,7 @@ def train_on_ray(spec: JobSpec) -> dict:
             for index, node in enumerate(nodes)), file=sys.stderr, flush=True)
         trainer = TorchTrainer(
             _train_worker,
-            train_loop_config={"spec": spec.to_dict()},
+            train_loop_config={"spec": spec.to_dict(), "lease_token": lease_token},
             # Ray Train makes the process group: its collectives wait train.collective_timeout_s, not Ray's 1800 s.
             torch_config=TorchConfig(timeout_s=int(spec.train.collective_timeout_s)),
             scaling_config=ScalingConfig(num_workers=launcher.world_size, use_gpu=launcher.gpus_per_node > 0,

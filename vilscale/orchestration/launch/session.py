@@ -43,20 +43,20 @@ class LocalLaunch:
             from vilscale.orchestration.launch.ray import RayTrainFailed, train_on_ray
 
             try:
-                return train_on_ray(self.spec)
+                return train_on_ray(self.spec, lease_token=self.lock.token)
             except RayTrainFailed as failure:
                 print(f"vilscale train: {failure}", file=sys.stderr, flush=True)
                 self.failure_code = failure.exit_code
                 return None
         from vilscale.orchestration.launch.local import train_local
 
-        result = train_local(self.spec, Path(self.spec.run_dir) / SPEC_FILE, self.nproc)
+        result = train_local(self.spec, Path(self.spec.run_dir) / SPEC_FILE, self.nproc, lease_token=self.lock.token)
         self.failure_code = result.code if result.summary is None else None
         return result.summary
 
 
 def prepare_local_launch(job: str, overrides: list[str], *, nproc: int | None, ray: bool,
-                         allow_spec_change: bool = False) -> LocalLaunch:
+                         allow_spec_change: bool = False, start_over: bool = False) -> LocalLaunch:
     """Steps 1-3 above; raises LaunchRefused with the reason."""
     from vilscale.orchestration.checkpoint.rundir import RunDirError, RunLock, check_resume_compatible, write_spec
     from vilscale.orchestration.launch.preflight import preflight
@@ -78,7 +78,8 @@ def prepare_local_launch(job: str, overrides: list[str], *, nproc: int | None, r
     except SpecError as error:
         raise LaunchRefused(f"{'' if isinstance(error, RunDirError) else 'invalid job spec: '}{error}") from None
     try:
-        lock = RunLock(Path(spec.run_dir)).acquire(what=f"vilscale train ({'Ray driver' if ray else 'local'})")
+        lock = RunLock(Path(spec.run_dir), mode=spec.launcher.run_dir_mode).acquire(
+            what=f"vilscale train ({'Ray driver' if ray else 'local'})")
     except RunDirError as error:
         raise LaunchRefused(str(error)) from None
     try:
@@ -87,9 +88,20 @@ def prepare_local_launch(job: str, overrides: list[str], *, nproc: int | None, r
     except SpecError as error:
         lock.release()
         raise LaunchRefused(str(error)) from None
+    if start_over:
+        start_from_scratch(Path(spec.run_dir))
     for key, before, after in changes:
         _log(f"resuming with {key} changed: {before!r} -> {after!r} (--allow-spec-change)")
     return LocalLaunch(spec, nproc=world_size, ray=ray, lock=lock)
+
+
+def start_from_scratch(run_dir: Path) -> None:
+    """`--start-over`: move the run dir's checkpoints aside (nothing deleted), saying where."""
+    from vilscale.orchestration.checkpoint import discard_checkpoints
+
+    aside = discard_checkpoints(run_dir)
+    _log(f"--start-over: moved the checkpoints aside into {aside}; training starts from step 0" if aside else
+         "--start-over: the run dir has no checkpoints; training starts from step 0")
 
 
 def _log(message: str) -> None:

@@ -38,7 +38,7 @@ import submitit
 from submitit.core.utils import JobPaths, pickle_load
 
 from vilscale.files import atomic_write_text
-from vilscale.orchestration.checkpoint.rundir import write_spec
+from vilscale.orchestration.checkpoint.rundir import make_run_dir, write_spec
 from vilscale.orchestration.config import JobSpec, spec_from_dict
 from vilscale.orchestration.launch.common import LaunchError, LogFollower, with_absolute_paths
 from vilscale.orchestration.launch.exit_codes import EXIT_FAILED, EXIT_OUT_OF_MEMORY, NOT_RESTARTABLE, classify
@@ -272,6 +272,9 @@ def submit_submitit(spec: JobSpec, *, backend: str = "slurm", wait: bool = False
     # The run dir's spec.yaml says what it trains from now on (the launch's pre-flight accepted any change):
     # a job still queued under an older spec is refused by its ranks when it starts.
     write_spec(spec)
+    # submitit's folder holds the pickles the tasks run and the results this process and the supervisor read back:
+    # as private as the run dir (submitit itself would create it with the umask's permissions)
+    make_run_dir(Path(spec.run_dir) / "submitit", spec.launcher.run_dir_mode)
     executor = make_executor(spec, backend)
     job = executor.submit(TrainTask(spec.to_dict()))
     folder = Path(spec.run_dir) / "submitit"
@@ -365,13 +368,42 @@ def _cause(step: StepEnd) -> str:
 
 def _task_results(folder: Path, job_id: str) -> dict[int, tuple[str, object]]:
     """{task: (outcome, value)} of the tasks of ``job_id`` that wrote a result ("success" or "error"; submitit
-    writes each under a temporary name and renames it, so a task killed while writing leaves none)."""
+    writes each under a temporary name and renames it, so a task killed while writing leaves none). A result file
+    that is not safe to unpickle is said and left out."""
     results = {}
     for path in folder.glob(f"{job_id}_*_result.pkl"):
         task = path.name.removeprefix(f"{job_id}_").removesuffix("_result.pkl")
         if task.isdigit():
-            results[int(task)] = pickle_load(path)
+            try:
+                results[int(task)] = load_result(path)
+            except UnsafePickle as error:
+                _say(str(error))
     return results
+
+
+class UnsafePickle(RuntimeError):
+    """A pickle someone other than this user could have written: reading it could run their code as this user."""
+
+
+def load_result(path: Path):
+    """submitit's pickled result at ``path``, after checking that only this user could have written it: the file is
+    this user's and not writable by group or others, and so is its folder (or the folder is sticky). Unpickling
+    runs code, so a result planted in a group-writable run dir would run as whoever reads it (the supervisor, the
+    submitter's `--wait`)."""
+    status, folder = path.stat(), path.parent.stat()
+    problems = []
+    if status.st_uid != os.getuid():
+        problems.append(f"it belongs to uid {status.st_uid}, not to this user (uid {os.getuid()})")
+    if status.st_mode & 0o022:
+        problems.append(f"it is writable by {'group' if status.st_mode & 0o020 else 'others'} (mode "
+                        f"{status.st_mode & 0o777:o})")
+    if folder.st_mode & 0o022 and not folder.st_mode & 0o1000:
+        problems.append(f"its folder {path.parent} is writable by others than its owner (mode "
+                        f"{folder.st_mode & 0o777:o})")
+    if problems:
+        raise UnsafePickle(f"refusing to read {path}: {'; '.join(problems)}. Whoever could write it could run code "
+                           "as you through it; keep run dirs private (launcher.run_dir_mode, chmod go-w)")
+    return pickle_load(path)
 
 
 def supervise(task_command: list[str], *, folder: Path, max_restarts: int) -> int:
@@ -476,8 +508,13 @@ def wait_for_submitit(job, *, backend: str, out=None, poll_s: float = 2.0) -> in
         while not all(task.paths.result_pickle.exists() for task in tasks) and time.monotonic() < deadline:
             time.sleep(0.5)
     follower.poll()
-    results = {i: pickle_load(task.paths.result_pickle) for i, task in enumerate(tasks)
-               if task.paths.result_pickle.exists()}
+    results = {}
+    for i, task in enumerate(tasks):
+        if task.paths.result_pickle.exists():
+            try:
+                results[i] = load_result(task.paths.result_pickle)
+            except UnsafePickle as error:
+                print(f"  task {i}: {error}", file=sys.stderr, flush=True)
     succeeded = len(results) == len(tasks) and all(outcome == "success" for outcome, _ in results.values())
     if backend == "local":
         ending = "COMPLETED" if succeeded else "FAILED"

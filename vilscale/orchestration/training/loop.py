@@ -330,6 +330,9 @@ class TrainingRun:
                    "nonfinite_steps": self.state.nonfinite_total,
                    "run_id": self.run_id, **evaluation}
         if self.ctx.rank == 0:
+            from vilscale.orchestration.checkpoint.rundir import fence
+
+            fence(self.run_dir, "writing summary.json")
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
@@ -421,7 +424,8 @@ def _take_run_lock(spec: JobSpec, ctx: RankContext) -> RunLock | None:
     if ctx.rank == 0 and not os.environ.get(LOCK_HELD_ENV):
         try:
             # A requeued or restarted job may start while its predecessor is still exiting: wait a little.
-            lock = RunLock(Path(spec.run_dir)).acquire(wait_s=60, what=f"rank 0 of {ctx.world_size}")
+            lock = RunLock(Path(spec.run_dir), mode=spec.launcher.run_dir_mode).acquire(
+                wait_s=60, what=f"rank 0 of {ctx.world_size}")
         except RunDirError as error:
             refusal = str(error)
     refusal = _broadcast(refusal)
