@@ -46,6 +46,12 @@ def readme_commands(pages: list[Path] | None = None) -> list[tuple[tuple[str, in
 COMMANDS = readme_commands()
 
 
+def job_path(base: Path, job: str) -> Path | str:
+    """What a command's job argument names: a file relative to where the command is typed, or a shipped job's name
+    (`vilscale train smoke`), which load_spec resolves itself."""
+    return base / job if (base / job).exists() or "/" in job or job.endswith(".yaml") else job
+
+
 def parse(words: list[str]) -> argparse.Namespace:
     name, rest = words[0], words[1:]
     assert name in SUBCOMMANDS, f"`vilscale {name}` is not a command"
@@ -94,7 +100,7 @@ def test_a_readme_command_parses_and_its_job_passes_the_checks(block, words, bas
     args = parse(words)
     if words[0] not in ("train", "submit", "plan"):
         return
-    spec = load_spec(base / args.job, args.overrides)  # SpecError names the key
+    spec = load_spec(job_path(base, args.job), args.overrides)  # SpecError names the key
     if words[0] == "train" and args.launcher == "local" and args.nproc is None:  # plan only counts the ranks
         assert spec.launcher.nodes == 1, f"`vilscale {' '.join(words)}` would start {spec.launcher.world_size} " \
                                          f"ranks of {spec.launcher.nodes} nodes on one machine"
@@ -109,7 +115,7 @@ def ema_without_an_ema(commands) -> list[str]:
         for _, words, base in (c for c in commands if c[0] == block):
             args = parse(words)
             if words[0] in ("train", "submit"):
-                spec = load_spec(base / args.job, args.overrides)
+                spec = load_spec(job_path(base, args.job), args.overrides)
                 ema_of_run[str(Path(spec.run_dir))] = spec.optim.ema_decay > 0
             elif words[0] in ("export", "eval") and args.ema and ema_of_run.get(str(Path(args.run_dir))) is False:
                 wrong.append(" ".join(words))

@@ -331,3 +331,41 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------- NCCL (#37)
+def test_nccl_error_handling_is_on_and_a_site_setting_of_0_is_refused(tmp_path):
+    """#37 scenario 6 on the CPU: before, nothing set TORCH_NCCL_ASYNC_ERROR_HANDLING, and a site's 0 (through
+    launcher.env or the environment) made a lost peer hang every rank forever."""
+    from vilscale.errors import SpecError
+    from vilscale.orchestration.config import spec_from_dict
+    from vilscale.orchestration.training.distributed import nccl_environment
+
+    env: dict[str, str] = {}
+    added = nccl_environment(str(tmp_path / "run"), env)
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    assert env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == str(tmp_path / "run" / "nccl_traces" / "rank_") and added == env
+    site = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3"}  # a site's own non-zero choice is kept
+    nccl_environment(str(tmp_path), site)
+    assert site["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+    with pytest.raises(SpecError, match="TORCH_NCCL_ASYNC_ERROR_HANDLING=0 .* hang every other rank forever"):
+        nccl_environment(str(tmp_path), {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"})
+    with pytest.raises(SpecError, match="launcher.env.TORCH_NCCL_ASYNC_ERROR_HANDLING='0'"):
+        spec_from_dict({"run_dir": "r", "data": {}, "launcher": {"env": {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0"}}})
+
+
+def test_nccl_failures_are_classified_a_lost_peer_restarts_an_out_of_memory_does_not():
+    import torch.distributed as dist
+
+    from vilscale.errors import EXIT_FAILED, EXIT_OUT_OF_MEMORY
+    from vilscale.orchestration.launch.exit_codes import classify
+
+    watchdog = dist.DistBackendError("[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, "
+                                     "OpType=ALLREDUCE, Timeout(ms)=600000) ran for 600012 milliseconds")
+    code, line = classify(watchdog)
+    assert code == EXIT_FAILED and line.startswith("stopped because another rank failed"), line
+    memory = dist.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error, NCCL version "
+                                   "2.21.5\nncclUnhandledCudaError: Call to CUDA function failed.\nLast error:\n"
+                                   "CUDA error: out of memory")
+    code, line = classify(memory)
+    assert code == EXIT_OUT_OF_MEMORY and "inside a collective (NCCL)" in line, line

@@ -394,6 +394,10 @@ class LauncherConfig:
                             "rwx and nobody else write, e.g. '0700' (the default) or '0750'")
         for name in ("partition", "account"):
             check_sbatch_value(f"launcher.{name}", getattr(self, name))
+        if str(self.env.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "")).strip() == "0":
+            raise SpecError("launcher.env.TORCH_NCCL_ASYNC_ERROR_HANDLING='0' turns NCCL's error handling off: a lost "
+                            "peer would hang every other rank forever instead of ending the collective so the run can "
+                            "restart. Remove it (vilscale sets 1), or set 1 or 3")
         for name in ("nodes", "cpu_workers_per_node", "cpus_per_task", "time_min"):
             _positive(f"launcher.{name}", getattr(self, name))
         for name in ("gpus_per_node", "mem_gb", "max_restarts"):

@@ -19,7 +19,11 @@ from vilscale.errors import (  # noqa: F401  (re-exported: the launchers' one im
 # `train.collective_timeout_s` runs out (a host lost mid-collective).
 PEER_FAILURE_SIGNS = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
                       "Broken pipe", "Socket Timeout", "connection refused", "Timed out waiting",
-                      "Timeout waiting", "timed out after")
+                      "Timeout waiting", "timed out after", "Watchdog caught collective operation timeout",
+                      "NCCL error", "ncclRemoteError", "ncclSystemError")
+# What NCCL says when a device runs out of memory inside a collective (a DistBackendError, not torch's OOM error).
+NCCL_OUT_OF_MEMORY_SIGNS = ("CUDA error: out of memory", "ncclSystemError: System call (e.g. socket, malloc)",
+                            "Failed to CUDA calloc", "cudaErrorMemoryAllocation")
 
 
 def classify(error: BaseException) -> tuple[int, str]:
@@ -46,6 +50,10 @@ def classify(error: BaseException) -> tuple[int, str]:
         return EXIT_NONFINITE, str(error)
     if isinstance(error, OutOfMemory | torch.OutOfMemoryError):
         return EXIT_OUT_OF_MEMORY, f"out of memory: {str(error).splitlines()[0][:600]}"
+    if isinstance(error, RuntimeError) and any(sign in str(error) for sign in NCCL_OUT_OF_MEMORY_SIGNS):
+        return EXIT_OUT_OF_MEMORY, (f"out of memory inside a collective (NCCL): {str(error).splitlines()[0][:400]}. "
+                                    "Lower train.micro_batch or raise train.zero_stage; NCCL_BUFFSIZE also takes "
+                                    "device memory")
     if isinstance(error, TransientIOError):
         return EXIT_FAILED, f"rank failed: {error}"
     if isinstance(error, CheckpointError):

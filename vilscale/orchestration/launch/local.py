@@ -62,7 +62,10 @@ def train_local(spec: JobSpec, spec_path: Path, nproc: int, *, lease_token: str,
             _say(f"a rank stopped with exit code {code} ({NOT_RESTARTABLE[code]}); not restarting")
             return LocalResult(None, code)
         if attempt < restarts:
-            _say(f"a rank failed (exit code {code}); restarting from the latest checkpoint ({attempt + 1}/{restarts})")
+            why = (" (SIGABRT: NCCL's watchdog aborts a rank whose collective timed out or whose peer was lost)"
+                   if code == -6 else "")
+            _say(f"a rank failed (exit code {code}{why}); restarting from the latest checkpoint "
+                 f"({attempt + 1}/{restarts})")
     _say(f"giving up after {restarts} restarts")
     return LocalResult(None, EXIT_FAILED)
 

@@ -363,6 +363,8 @@ def _cause(step: StepEnd) -> str:
     if exited := re.fullmatch(r"Exited with exit code (\d+)", how):
         return f"{who} exited with code {exited.group(1)}"
     name = SIGNAL_NAMES.get(how.removesuffix(" (core dumped)"))
+    if name == "SIGABRT":  # what torch's NCCL watchdog does to a rank after a collective timed out: a peer is lost
+        return f"{who} was aborted (SIGABRT: NCCL's watchdog, after a collective timed out or a peer was lost)"
     return f"{who} was killed by {name}" if name else f"{who}: {how}"
 
 

@@ -22,6 +22,24 @@ from vilscale.devices import resolve_device
 from vilscale.orchestration.config import SpecError
 
 RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT")
+NCCL_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+
+
+def nccl_environment(run_dir: str, env=os.environ) -> dict[str, str]:
+    """What NCCL must be told before the process group exists, set in ``env`` where the site did not set it
+    (returned): errors are handled asynchronously (``TORCH_NCCL_ASYNC_ERROR_HANDLING=1``: a lost peer aborts the
+    communicator and raises, or the watchdog aborts the process, instead of a hang), and a collective timeout dumps
+    the flight recorder's trace into ``RUN_DIR/nccl_traces/`` (``TORCH_NCCL_DUMP_ON_TIMEOUT``). A site setting of
+    0 (no error handling: a lost peer hangs every survivor forever) is refused with the reason."""
+    if env.get(NCCL_ERROR_HANDLING, "").strip() == "0":
+        raise SpecError(f"{NCCL_ERROR_HANDLING}=0 (set in this environment or launcher.env) turns NCCL's error "
+                        "handling off: a lost peer would then hang every other rank forever instead of ending the "
+                        "collective so the run can restart. Unset it (vilscale sets 1), or set 1 or 3")
+    wanted = {NCCL_ERROR_HANDLING: "1", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+              "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": os.path.join(run_dir, "nccl_traces", "rank_")}
+    added = {key: value for key, value in wanted.items() if not env.get(key)}
+    env.update(added)
+    return added
 
 
 class RendezvousError(RuntimeError):

@@ -70,6 +70,9 @@ def run_worker(spec: JobSpec, *, run_id: str | None = None, fault_hook=None, sto
     lets the fault-injection tests replace a step's loss.
     """
     use_environment_ninja()
+    from vilscale.orchestration.training.distributed import nccl_environment
+
+    nccl_environment(spec.run_dir)  # before any process group: error handling on, traces dumped into the run dir
     owns_group = not dist.is_initialized()
     ctx = init_distributed(spec.train.device, collective_timeout_s=spec.train.collective_timeout_s)
     lock = None
