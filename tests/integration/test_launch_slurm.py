@@ -54,10 +54,10 @@ def _latest_step(run_dir) -> int:
 
 @pytest.mark.slow
 def test_preempted_then_requeued_job_resumes_from_its_latest_checkpoint_each_time(slurm, digits, tmp_path):
-    """USR2 (what SLURM sends before the time limit, and on preemption) makes the ranks save a checkpoint at
-    the step they are in and rank 0 requeue the job, which resumes from exactly that step (no step is
-    trained twice); an administrator's `scontrol requeue` restarts it too, from the latest checkpoint (the steps
-    after it are trained again, on the same samples)."""
+    """USR2 (what SLURM sends the batch step before the time limit: `--signal=B:USR2@lead`) reaches the supervisor,
+    which passes it to the tasks: they save a checkpoint at the step they are in and rank 0 requeues the job, which
+    resumes from exactly that step (no step is trained twice); an administrator's `scontrol requeue` restarts it
+    too, from the latest checkpoint (the steps after it are trained again, on the same samples)."""
     run_dir, gate = tmp_path / "run", tmp_path / "release"
     max_steps = 24
     submit = subprocess.Popen(
@@ -74,7 +74,7 @@ def test_preempted_then_requeued_job_resumes_from_its_latest_checkpoint_each_tim
                             poll_s=0.1, logs=logs)
         step_at_signal = _latest_step(run_dir)
         assert step_at_signal == 4, "the ranks are held before step 6: step 4 is the only checkpoint"
-        slurm.command("scancel", "--signal=USR2", job_id)
+        slurm.command("scancel", "--batch", "--signal=USR2", job_id)  # as SLURM sends it: to the batch step
         gate.touch()
         # Rank 0 requeues the job and exits, so this allocation cannot finish the run.
         services.wait_until(lambda: "Restarts=1" in slurm.command("scontrol", "show", "job", job_id),
@@ -448,3 +448,49 @@ def test_a_supervisor_killed_mid_job_requeues_the_job_instead_of_failing_it(slur
     assert "Restarts=1" in slurm.command("scontrol", "show", "job", job_id)
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 8
     assert not (run_dir / "submitit" / f"{job_id}_failure_restarts").exists()  # no failure restart was used
+
+
+@pytest.mark.slow
+def test_sigterm_preemption_saves_the_step_and_requeues_the_job(slurm, digits, tmp_path):
+    """#37 scenario 3: preemption with PreemptMode=REQUEUE sends SIGTERM to every process of the job (here
+    `scancel --full --signal=TERM`, what slurmd does then). Before, the supervisor had no handler and died at once,
+    the tasks ignored it (submitit's handler) until SLURM's SIGKILL, and the work since the last checkpoint was
+    lost. Now SIGTERM is a notice like USR2: the ranks save at the step they are in, the job is requeued and
+    resumes from exactly that step; the restart budget is not used."""
+    run_dir, gate = tmp_path / "run", tmp_path / "release"
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "vilscale.cli", "submit", str(SMOKE), "--backend", "slurm", "--wait",
+         *smoke_overrides(digits, run_dir, {**held_before(6, gate), "launcher.max_restarts": 0}, max_steps=12,
+                          ckpt_every=4)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=services.REPO,
+        env={**os.environ, **slurm.env})
+    try:
+        services.wait_until(lambda: _latest_step(run_dir) >= 4, timeout_s=300, what="the step-4 checkpoint")
+        job_id = slurm.command("squeue", "--noheader", "--format=%i").split()[0]
+        slurm.command("scancel", "--full", "--signal=TERM", job_id)
+        gate.touch()
+        output, _ = submit.communicate(timeout=600)
+    finally:
+        gate.touch()
+        if submit.poll() is None:
+            submit.kill()
+    assert submit.returncode == 0, output[-4000:]
+    log = "".join(p.read_text() for p in sorted((run_dir / "submitit").glob(f"{job_id}_0_log.err")))
+    saved = [int(step) for step in re.findall(r"preemption notice \([^)]*\): stopped at step (\d+), which is saved",
+                                              log)]
+    resumed = [int(step) for step in re.findall(r"resumed from step_\d+ \(step (\d+)", log)]
+    assert saved and resumed == saved[:1] and saved[0] >= 5, log[-4000:]  # saved where it was, not at step 4
+    assert "SIGTERM" in log and "Restarts=1" in slurm.command("scontrol", "show", "job", job_id)
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 12
+
+
+def test_the_notice_lead_time_is_a_launcher_key_sent_to_the_batch_step(tmp_path):
+    """#37 scenario 3: the 120 s before the time limit were fixed; an evaluation and a large save may need more."""
+    from vilscale.orchestration.config import load_spec
+    from vilscale.orchestration.launch.slurm import make_executor
+
+    spec = load_spec(SMOKE, [f"run_dir={tmp_path / 'run'}", "launcher.slurm.signal_lead_s=600"])
+    executor = make_executor(spec, "slurm")._executor
+    script = executor._make_submission_file_text(executor._submitit_command_str, "0")
+    assert "#SBATCH --signal=B:USR2@600" in script and "#SBATCH --requeue" in script, script
+    assert "\nexec " in script  # the guard is the batch shell: the notice reaches it

@@ -44,8 +44,9 @@ from vilscale.orchestration.launch.common import LaunchError, LogFollower, with_
 from vilscale.orchestration.launch.exit_codes import EXIT_FAILED, EXIT_OUT_OF_MEMORY, NOT_RESTARTABLE, classify
 
 SUPERVISOR_MODULE = "vilscale.orchestration.launch.slurm"
-# Seconds between SLURM's USR2 and the kill at the time limit: enough for rank 0 to requeue.
-SIGNAL_DELAY_S = 120
+# The signals that are a preemption notice: SLURM's USR2 before the time limit (`--signal=B:USR2@lead`, to the batch
+# step, which passes it on to the tasks), and the SIGTERM of preemption (PreemptMode=REQUEUE) or of a requeue.
+NOTICE_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 # Requeues at the time limit (submitit's max_num_timeout). A long run needs one allocation per launcher.time_min,
 # so this is no budget: it only keeps a job that never gets past its start-up within an allocation from
 # requeueing forever. Failures have their own budget, launcher.max_restarts.
@@ -101,7 +102,8 @@ class TrainTask(submitit.helpers.Checkpointable):
                   "requeueing", file=sys.stderr, flush=True)
             notice.set()
 
-        signal.signal(signal.SIGUSR2, preemption_notice)
+        for notice_signal in NOTICE_SIGNALS:  # submitit's own handler ignores SIGTERM: the work since the last
+            signal.signal(notice_signal, preemption_notice)  # checkpoint would be lost at SLURM's SIGKILL
         # LOCAL_RANK indexes the node's GPUs, so CUDA_VISIBLE_DEVICES stays as SLURM set it. A requeued
         # task inherits nothing from its previous allocation, but overwrite in case the batch script set any.
         environment = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
@@ -219,7 +221,9 @@ def make_executor(spec: JobSpec, backend: str):
     # submitit's batch script runs `PYTHON -u -m submitit.core._submit FOLDER`, by default under one `srun`;
     # without that srun (use_srun=False), and with the supervisor before the interpreter, it runs
     # `supervise`, which runs the tasks under srun itself and again after a failure.
-    supervisor = (f"{shlex.quote(sys.executable)} -u -m {SUPERVISOR_MODULE} --folder {shlex.quote(str(folder))} "
+    # `exec`: the guard is the batch shell itself, so the notice SLURM sends the batch step reaches it (bash, waiting
+    # on a child, would die of USR2 and end the job).
+    supervisor = (f"exec {shlex.quote(sys.executable)} -u -m {SUPERVISOR_MODULE} --folder {shlex.quote(str(folder))} "
                   f"--max-restarts {launcher.max_restarts} -- {shlex.quote(sys.executable)}")
     executor = submitit.AutoExecutor(folder=folder, cluster=backend, slurm_max_num_timeout=MAX_TIME_LIMIT_REQUEUES,
                                      slurm_python=supervisor)
@@ -232,9 +236,12 @@ def make_executor(spec: JobSpec, backend: str):
         additional = {option: value or True for option, value in site.additional.items()}
         if site.reservation:  # submitit 1.5 has no parameter of its own for it
             additional["reservation"] = site.reservation
-        parameters.update(slurm_signal_delay_s=SIGNAL_DELAY_S, slurm_use_srun=False,
-                          # --requeue: clusters with JobRequeue=0 would otherwise refuse rank 0's requeue.
-                          slurm_additional_parameters={**additional, "requeue": True})
+        parameters.update(slurm_signal_delay_s=site.signal_lead_s, slurm_use_srun=False,
+                          # --requeue: clusters with JobRequeue=0 would otherwise refuse rank 0's requeue. The notice
+                          # goes to the batch step (B:), whose supervisor passes it to the running tasks and keeps it
+                          # when none runs (between two sruns), so it is never lost.
+                          slurm_additional_parameters={**additional, "requeue": True,
+                                                       "signal": f"B:USR2@{site.signal_lead_s}"})
         if launcher.mem_gb:
             parameters["mem_gb"] = launcher.mem_gb
         if launcher.partition:
@@ -340,9 +347,46 @@ class StepEnd:
     """SLURM reported a task ended by the kernel's OOM killer."""
 
 
-def _srun(command: list[str]) -> StepEnd:
-    """Run ``command`` (srun), copying its stderr to ours (the job's log)."""
+class _Notices:
+    """The preemption notices the batch step received (USR2, SIGTERM): each is passed on to the srun running, which
+    forwards it to the tasks, and remembered, so one that comes between two sruns, or kills a task before the task
+    could handle it, still sends the job back to the queue instead of counting as a failure."""
+
+    def __init__(self):
+        self.received: list[str] = []
+        self.srun: subprocess.Popen | None = None
+        for notice in NOTICE_SIGNALS:
+            signal.signal(notice, self._on_notice)
+
+    def _on_notice(self, signum, frame) -> None:
+        self.received.append(signal.Signals(signum).name)
+        running = self.srun
+        if running is not None and running.poll() is None:
+            running.send_signal(signum)
+
+
+def _requeue_on_notice(job_id: str, requeues: int, notices: _Notices, record: JobRecord | None = None) -> int:
+    """After a preemption notice: the job is requeued (by rank 0, or here when no task could), never relaunched."""
+    if record is None:
+        try:
+            record = _job_record(job_id)
+        except ControllerUnreachable:
+            record = None
+    if record is not None and (record.restarts != requeues or record.state != "RUNNING"):
+        how = "requeued" if record.restarts != requeues else record.state.lower()
+        _say(f"{', '.join(notices.received)}: the job was {how}; this allocation stops here")
+        return 0
+    _say(f"{', '.join(notices.received)}: requeueing job {job_id} (the next allocation resumes from the latest "
+         "checkpoint; not counted as a restart)")
+    subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    return 0
+
+
+def _srun(command: list[str], notices: _Notices | None = None) -> StepEnd:
+    """Run ``command`` (srun), copying its stderr to ours (the job's log); ``notices`` passes preemption notices on."""
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace")
+    if notices is not None:
+        notices.srun = process
     ended, out_of_memory = [], False
     for line in process.stderr:
         sys.stderr.write(line)
@@ -415,6 +459,7 @@ def supervise(task_command: list[str], *, folder: Path, max_restarts: int) -> in
     job_id = os.environ["SLURM_JOB_ID"]
     requeues = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     counter = folder / f"{job_id}_failure_restarts"
+    notices = _Notices()
     # The same files submitit's own srun line writes: FOLDER/JOBID_TASK_log.{out,err}, appended to.
     paths = JobPaths(folder)
     srun = ["srun", "--unbuffered", "--output", str(paths.stdout), "--error", str(paths.stderr),
@@ -423,13 +468,17 @@ def supervise(task_command: list[str], *, folder: Path, max_restarts: int) -> in
     while True:
         for stale in folder.glob(f"{job_id}_*_result.pkl"):  # the results of an earlier attempt
             stale.unlink(missing_ok=True)
-        step = _srun(srun)
+        if notices.received:  # a notice came between two sruns: nothing to save, the job goes back to the queue
+            return _requeue_on_notice(job_id, requeues, notices)
+        step = _srun(srun, notices)
         if step.code == 0:
             return 0
         try:
             record = _job_record(job_id)
         except ControllerUnreachable:
             record = None
+        if notices.received:  # the tasks saved and rank 0 requeued, or a task died of the notice before it could
+            return _requeue_on_notice(job_id, requeues, notices, record)
         if record and (record.state != "RUNNING" or record.restarts != requeues):
             # Requeued (rank 0 on a preemption notice, an administrator, a lost node) or cancelled: this
             # allocation ends here, and the next one, if any, resumes without using a restart.
@@ -548,6 +597,8 @@ def guard(argv: list[str]) -> int:
     nothing heavy and holds no state, so the OOM killer has nothing to pick in it."""
     child = subprocess.Popen([sys.executable, "-u", "-m", SUPERVISOR_MODULE, *argv],
                              env={**os.environ, SUPERVISOR_CHILD_ENV: "1"})
+    for notice in NOTICE_SIGNALS:  # SLURM signals the batch step (this process): the supervisor acts on it
+        signal.signal(notice, lambda signum, frame: child.poll() is None and child.send_signal(signum))
     code = child.wait()
     if code >= 0:
         return code
