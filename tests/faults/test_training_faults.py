@@ -262,3 +262,18 @@ def test_a_run_dir_whose_checkpoints_all_fail_stops_and_start_over_is_the_users_
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 10
     discarded = next(run_dir.glob("discarded-*"))
     assert {"latest", "step_00000004", "step_00000008"} <= {p.name for p in (discarded / "checkpoints").iterdir()}
+
+
+def test_a_resize_whose_conversion_outlasts_the_collective_timeout_is_not_a_restart_loop(smoke, tmp_path):
+    """#37 scenario 8: a checkpoint of 1 rank resumed on 2 goes through DeepSpeed's universal format, converted by
+    rank 0 while rank 1 waits. The conversion is made to take 12 s, longer than train.collective_timeout_s (5 s).
+    Before, rank 1 gave up after 5 s, the group restarted (a large checkpoint would make that a loop); now the
+    peers wait for the conversion in a group bounded by the conversion's own limit, and the run resumes at once."""
+    run_dir = tmp_path / "run"
+    smoke.train(run_dir, "--set", "train.exit_after_steps=4", nproc=1)
+    result = smoke.train(run_dir, "--set", "train.collective_timeout_s=5", nproc=2,
+                         env={"VILSCALE_INJECT_SLOW_CONVERSION": "12"})
+    assert "converting it to a universal checkpoint" in result.stderr
+    assert "restarting from the latest checkpoint" not in result.stderr, result.stderr[-3000:]
+    assert "resumed from step_00000004" in result.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 8

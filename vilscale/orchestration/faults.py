@@ -18,6 +18,9 @@ ends the process (run it in a memory-limited cgroup).
 ``VILSCALE_INJECT_HOLD=STEP:PATH`` makes every rank wait before step STEP (1-based) until the file PATH
 exists (at most ten minutes), so that a test can lose a node while the run is surely mid-way, however
 fast the machine steps.
+
+``VILSCALE_INJECT_SLOW_CONVERSION=SECONDS`` makes rank 0's conversion to a universal checkpoint take that much
+longer (a large checkpoint on a slow file system), so a test can make it outlast ``train.collective_timeout_s``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ ENV = "VILSCALE_INJECT_FAULT"
 NONFINITE_ENV = "VILSCALE_INJECT_NONFINITE"
 HOLD_ENV = "VILSCALE_INJECT_HOLD"
 OOM_ENV = "VILSCALE_INJECT_OOM"
+SLOW_CONVERSION_ENV = "VILSCALE_INJECT_SLOW_CONVERSION"
 POINTS = ("mid-step", "checkpoint-files-written", "freeze")
 HOLD_LIMIT_S = 600.0
 
@@ -111,3 +115,9 @@ def maybe_hold(*, step: int) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{HOLD_ENV}: {path} did not appear within {HOLD_LIMIT_S:.0f} s")
         time.sleep(0.1)
+
+
+def maybe_slow_conversion() -> None:
+    setting = os.environ.get(SLOW_CONVERSION_ENV)
+    if setting:
+        time.sleep(float(setting))

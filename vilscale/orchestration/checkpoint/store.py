@@ -35,13 +35,15 @@ import torch
 
 from vilscale.files import atomic_write_text, fsync_dir, sha256_of
 from vilscale.orchestration.checkpoint.rundir import RunDirLost, fence
-from vilscale.orchestration.faults import maybe_die
+from vilscale.orchestration.faults import maybe_die, maybe_slow_conversion
 from vilscale.orchestration.ranks import barrier as _barrier
 from vilscale.orchestration.ranks import broadcast_object as _broadcast
 from vilscale.orchestration.ranks import gather_objects
 from vilscale.orchestration.ranks import rank as _rank
 from vilscale.orchestration.ranks import world_size as _world
 
+CONVERSION_BOUND_S = 6 * 3600.0
+"""How long the ranks wait for rank 0 to convert a checkpoint to the universal format (a resize)."""
 MANIFEST = "manifest.json"
 LATEST = "latest"
 TAG_PREFIX = "step_"
@@ -297,11 +299,22 @@ class Checkpointer:
                 "relaunch with --start-over (the checkpoints are moved aside into RUN_DIR/discarded-*, not deleted)")
         return chosen
 
-    def convert_to_universal(self, manifest: dict) -> str:
+    def convert_to_universal(self, manifest: dict, *, bound_s: float = CONVERSION_BOUND_S) -> str:
         """Turn ``manifest``'s checkpoint into DeepSpeed's universal format (world-size independent), once,
-        on rank 0; returns the tag to load with ``checkpoint.load_universal`` set in the engine config."""
+        on rank 0; returns the tag to load with ``checkpoint.load_universal`` set in the engine config.
+
+        The other ranks wait for it in a group of their own whose collectives wait ``bound_s``, not
+        ``train.collective_timeout_s``: a large checkpoint takes longer to convert than a step may take, and a
+        peer timing out there would turn the resize into a restart loop."""
+        import torch.distributed as dist
+
         tag = f"{manifest['tag']}_universal"
         failure = None
+        waiting = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            from datetime import timedelta
+
+            waiting = dist.new_group(backend="gloo", timeout=timedelta(seconds=bound_s))
         if _rank() == 0 and not (self.root / tag / "zero").is_dir():
             import argparse
 
@@ -310,6 +323,7 @@ class Checkpointer:
             temporary = self.root / f".{tag}.tmp"
             shutil.rmtree(temporary, ignore_errors=True)
             try:
+                maybe_slow_conversion()
                 ds_to_universal(argparse.Namespace(
                     input_folder=str(self.root / manifest["tag"]), output_folder=str(temporary),
                     num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
@@ -318,7 +332,11 @@ class Checkpointer:
                 os.replace(temporary, self.root / tag)
             except Exception as error:  # noqa: BLE001 - every rank must hear about it
                 failure = f"converting {manifest['tag']} to a universal checkpoint failed: {error}"
-        failure = _broadcast(failure)
+        if waiting is not None:
+            box = [failure]
+            dist.broadcast_object_list(box, src=0, group=waiting)
+            failure = box[0]
+            dist.destroy_process_group(waiting)
         if failure:
             raise CheckpointError(failure)
         return tag

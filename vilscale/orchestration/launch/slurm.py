@@ -22,6 +22,7 @@ the job with that code (exit 5 for the OOM killer).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -460,6 +461,11 @@ def supervise(task_command: list[str], *, folder: Path, max_restarts: int) -> in
     requeues = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     counter = folder / f"{job_id}_failure_restarts"
     notices = _Notices()
+
+    def ended(state: str, code: int) -> int:
+        _write_outcome(folder, job_id, requeues=requeues, state=state, code=code)
+        return code
+
     # The same files submitit's own srun line writes: FOLDER/JOBID_TASK_log.{out,err}, appended to.
     paths = JobPaths(folder)
     srun = ["srun", "--unbuffered", "--output", str(paths.stdout), "--error", str(paths.stderr),
@@ -469,41 +475,78 @@ def supervise(task_command: list[str], *, folder: Path, max_restarts: int) -> in
         for stale in folder.glob(f"{job_id}_*_result.pkl"):  # the results of an earlier attempt
             stale.unlink(missing_ok=True)
         if notices.received:  # a notice came between two sruns: nothing to save, the job goes back to the queue
-            return _requeue_on_notice(job_id, requeues, notices)
+            return ended("REQUEUED", _requeue_on_notice(job_id, requeues, notices))
         step = _srun(srun, notices)
         if step.code == 0:
-            return 0
+            return ended("COMPLETED", 0)
         try:
             record = _job_record(job_id)
         except ControllerUnreachable:
             record = None
         if notices.received:  # the tasks saved and rank 0 requeued, or a task died of the notice before it could
-            return _requeue_on_notice(job_id, requeues, notices, record)
+            return ended("REQUEUED", _requeue_on_notice(job_id, requeues, notices, record))
         if record and (record.state != "RUNNING" or record.restarts != requeues):
             # Requeued (rank 0 on a preemption notice, an administrator, a lost node) or cancelled: this
             # allocation ends here, and the next one, if any, resumes without using a restart.
             _say(f"the job was {'requeued' if record.restarts != requeues else record.state.lower()}: this "
                  "allocation stops here")
-            return step.code
+            return ended("REQUEUED" if record.restarts != requeues else record.state, step.code)
         failures = {task: _task_failure(value) for task, (outcome, value) in _task_results(folder, job_id).items()
                     if outcome == "error"}
         final = {task: failure for task, failure in failures.items() if failure and failure[0] in NOT_RESTARTABLE}
         if final:
             task, (rank_code, line) = min(final.items())
             _say(f"rank {task} stopped with exit code {rank_code} ({line}); not restarting")
-            return rank_code
+            return ended("FAILED", rank_code)
         if step.out_of_memory:  # as the local launcher: the same run would run out again
             _say(f"{_cause(step)}: SLURM reports the kernel's out-of-memory killer; not restarting. Lower "
                  "train.micro_batch, data.num_workers or data.batches_ahead, run fewer ranks per node, or ask for "
                  "more memory (launcher.mem_gb)")
-            return EXIT_OUT_OF_MEMORY
+            return ended("FAILED", EXIT_OUT_OF_MEMORY)
         used = restarts_used(counter)
         if used >= max_restarts:
             _say(f"{_cause(step)}; giving up after {max_restarts} restart(s) (launcher.max_restarts)")
-            return EXIT_FAILED
+            return ended("FAILED", EXIT_FAILED)
         atomic_write_text(counter, f"{used + 1}\n")  # a crash mid-write leaves the old count, never a torn file
         _say(f"restart {used + 1}/{max_restarts} after {_cause(step)}: launching the ranks again, "
              "from the latest checkpoint")
+
+
+OUTCOME_SUFFIX = "_outcome.json"
+
+
+def _write_outcome(folder: Path, job_id: str, *, requeues: int, state: str, code: int) -> None:
+    """The run dir's own record of how this allocation of the job ended (COMPLETED, FAILED, REQUEUED, ...): what
+    `submit --wait` reads when slurmctld has forgotten the job (after MinJobAge) and no accounting can tell."""
+    from vilscale.files import atomic_write_json
+
+    try:
+        atomic_write_json(folder / f"{job_id}{OUTCOME_SUFFIX}", {"job": job_id, "requeue": requeues, "state": state,
+                                                                 "exit_code": code, "time": time.time()})
+    except OSError as error:
+        _say(f"could not record how job {job_id} ended in {folder} ({error})")
+
+
+def ended_record(job_id: str, folder: Path) -> JobRecord | None:
+    """How a job slurmctld no longer knows ended: accounting's word (`sacct`), else the supervisor's record in the
+    run dir (``JOBID_outcome.json``); None when neither can tell."""
+    try:
+        result = subprocess.run(["sacct", "--jobs", job_id, "--allocations", "--noheader", "--parsable2",
+                                 "--format=State,ExitCode"], capture_output=True, text=True, timeout=60)
+        line = result.stdout.strip().splitlines()[-1] if result.returncode == 0 and result.stdout.strip() else ""
+        if line:
+            state, exit_code = line.split("|")[:2]
+            return JobRecord(state=state.split()[0], exit_code=exit_code, restarts=0)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    try:
+        outcome = json.loads((folder / f"{job_id}{OUTCOME_SUFFIX}").read_text())
+    except (OSError, ValueError):
+        return None
+    if outcome.get("state") in (None, "REQUEUED"):  # requeued: its later allocation left no record
+        return None
+    return JobRecord(state=outcome["state"], exit_code=f"{outcome.get('exit_code', 0)}:0",
+                     restarts=int(outcome.get("requeue", 0)))
 
 
 def restarts_used(counter: Path) -> int:
@@ -549,6 +592,10 @@ def wait_for_submitit(job, *, backend: str, out=None, poll_s: float = 2.0) -> in
             except ControllerUnreachable:  # slurmctld busy or restarting: ask again
                 time.sleep(poll_s)
                 continue
+            if latest is None and (record is None or record.state in ACTIVE_STATES):
+                # forgotten (MinJobAge) before this loop saw it end: accounting or the run dir's record tells how
+                record = ended_record(job.job_id, Path(job.paths.folder)) or record
+                break
             record = latest or record
             if latest is None or latest.state not in ACTIVE_STATES:
                 break  # ended (None: forgotten since the last look, which saw how it ended)
@@ -570,8 +617,9 @@ def wait_for_submitit(job, *, backend: str, out=None, poll_s: float = 2.0) -> in
     if backend == "local":
         ending = "COMPLETED" if succeeded else "FAILED"
     else:
-        ending = record.ending() if record else "(SLURM no longer knows the job; its tasks' results say how)"
-    if succeeded and (record is None or record.state == "COMPLETED"):
+        ending = record.ending() if record and record.state not in ACTIVE_STATES else \
+            "(SLURM no longer knows the job, and neither accounting nor the run dir recorded how it ended)"
+    if succeeded and (record is None or record.state == "COMPLETED" or record.state in ACTIVE_STATES):
         print(f"job {job.job_id} ended {ending}: {results[0][1]}", file=out, flush=True)
         return 0
     print(f"job {job.job_id} ended {ending}", file=sys.stderr, flush=True)
