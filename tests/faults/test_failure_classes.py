@@ -117,3 +117,40 @@ def test_a_shard_whose_file_system_fails_transiently_is_opened_after_the_retries
     monkeypatch.setattr(ffcv.reader, "Reader", reader)
     handle = ShardHandle(shard, os_cache=True)
     assert handle.path == shard and not failures and len(handle.metadata) > 0
+
+
+@pytest.mark.slow
+def test_another_jobs_oom_kill_is_not_taken_for_ours(smoke, tmp_path, memory_cgroup):
+    """#37 scenario 5: while this launch runs in its own memory cgroup, a process of another job (another cgroup, 64
+    MiB) is ended by the kernel's OOM killer, and then a rank of ours is SIGKILLed (a crash, not memory). Before,
+    the launcher read the host-wide oom_kill count, saw it rise and stopped with exit 5 (never restarted); now it
+    reads its own cgroup's count, and the rank's death is a restartable failure: the run restarts and finishes."""
+    import time
+
+    ours, tenant = memory_cgroup(6 * 2**30), memory_cgroup(64 * 2**20)
+    run_dir, gate = tmp_path / "run", tmp_path / "release"
+    command = [sys.executable, "-m", "vilscale.cli", "train", str(REPO / "jobs" / "smoke.yaml"), "--nproc", "2",
+               *smoke.args(run_dir, "--set", "train.log_every=1")]
+    launch = subprocess.Popen(["sh", "-c", f'echo $$ > {ours / "cgroup.procs"} && exec "$@"', "sh", *command],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                              env={**os.environ, "VILSCALE_INJECT_HOLD": f"6:{gate}",
+                                   "VILSCALE_INJECT_FAULT": "mid-step:6:1"})
+    try:
+        deadline = time.monotonic() + 300
+        while launch.poll() is None and time.monotonic() < deadline and not (
+                (run_dir / "metrics.jsonl").exists() and '"step": 5' in (run_dir / "metrics.jsonl").read_text()):
+            time.sleep(0.2)
+        assert launch.poll() is None, launch.stderr.read()[-3000:]
+        hog = "import torch\nhoard = []\nwhile True:\n    hoard.append(torch.ones(2**22))\n"
+        other = subprocess.run(["sh", "-c", f'echo $$ > {tenant / "cgroup.procs"} && exec "$@"', "sh",
+                                sys.executable, "-c", hog], capture_output=True, timeout=120)
+        assert other.returncode == -9  # the OOM killer ended the other job's process
+        gate.touch()
+        _, err = launch.communicate(timeout=600)
+    finally:
+        gate.touch()
+        if launch.poll() is None:
+            launch.kill()
+    assert launch.returncode == 0, err[-3000:]
+    assert "a rank failed (exit code -9); restarting from the latest checkpoint" in err, err[-3000:]
+    assert "out-of-memory killer" not in err

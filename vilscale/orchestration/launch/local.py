@@ -46,11 +46,12 @@ def train_local(spec: JobSpec, spec_path: Path, nproc: int, *, lease_token: str,
     env = {LOCK_HELD_ENV: lease_token, **spec.launcher.env}
     if nproc > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    oom = OomKills()
     for attempt in range(restarts + 1):
-        oom_kills = kernel_oom_kills()
+        oom_kills = oom.count()
         code = _run_group(spec_path, nproc, env)
-        if code == -9 and oom_kills is not None and (kernel_oom_kills() or 0) > oom_kills:
-            _say("a rank was killed by the kernel's out-of-memory killer (host memory ran out); not restarting: "
+        if code == -9 and oom_kills is not None and (oom.count() or 0) > oom_kills:
+            _say(f"a rank was killed by the kernel's out-of-memory killer (counted in {oom.where}); not restarting: "
                  f"the same run would again. Lower train.micro_batch (now {spec.train.micro_batch}), "
                  f"data.num_workers (now {spec.data.num_workers}) or data.batches_ahead (now "
                  f"{spec.data.batches_ahead}), run fewer ranks per machine, or stop what else uses its memory")
@@ -70,15 +71,45 @@ def train_local(spec: JobSpec, spec_path: Path, nproc: int, *, lease_token: str,
     return LocalResult(None, EXIT_FAILED)
 
 
-def kernel_oom_kills() -> int | None:
-    """Processes the kernel's out-of-memory killer has ended since boot (any cgroup), None where unknown."""
-    try:
-        for line in Path("/proc/vmstat").read_text().splitlines():
-            if line.startswith("oom_kill "):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+class OomKills:
+    """Counts the kernel OOM killer's kills of this launch: in its own memory cgroup (which the ranks inherit:
+    cgroup v2's ``memory.events``, v1's ``memory.oom_control``), so another job's OOM kill on a shared node is not
+    taken for ours; the host-wide count (``/proc/vmstat``) only where no cgroup can be read, which ``where`` says."""
+
+    def __init__(self, proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")):
+        self.path, self.field, self.where = Path("/proc/vmstat"), "oom_kill", "the host (no memory cgroup readable)"
+        try:
+            lines = proc_cgroup.read_text().splitlines()
+        except OSError:
+            lines = []
+        for line in lines:
+            number, controllers, group = line.split(":", 2)
+            candidates = []
+            if number == "0" and controllers == "":  # cgroup v2 (unified)
+                candidates = [root / group.lstrip("/") / "memory.events", root / "unified" / group.lstrip("/") /
+                              "memory.events"]
+            elif "memory" in controllers.split(","):  # cgroup v1's memory controller
+                candidates = [root / "memory" / group.lstrip("/") / "memory.oom_control"]
+            for candidate in candidates:
+                if self._read(candidate, "oom_kill") is not None:
+                    self.path, self.where = candidate, f"its memory cgroup {candidate.parent}"
+                    return
+
+    @staticmethod
+    def _read(path: Path, field: str) -> int | None:
+        try:
+            for line in path.read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name == field and value.strip().isdigit():
+                    return int(value)
+        except OSError:
+            pass
+        return None
+
+    def count(self) -> int | None:
+        """Kills so far where this counter looks, None where unknown."""
+        return self._read(self.path, self.field)
+
 
 
 def _run_group(spec_path: Path, nproc: int, env: dict[str, str]) -> int:
