@@ -351,3 +351,79 @@ def test_a_slurm_host_cut_off_while_both_ranks_train_times_out_its_peer_and_the_
     redone = check_finished_after_the_loss(run_dir, digits, uninterrupted_weights, redone=None)
     print(f"SLURM: h2 cut off while training, rank 0 timed out after {COLLECTIVE_TIMEOUT_S} s, the job was "
           f"requeued, resumed from step {resumed[0]}, {redone} step(s) redone")
+
+
+def test_a_no_kill_allocation_that_shrinks_is_requeued_not_relaunched_on_fewer_nodes(slurm_two_nodes, digits,
+                                                                                     tmp_path):
+    """#37 scenario 1: with --no-kill (launcher.slurm.additional) SLURM keeps the job running after h2 fails, in an
+    allocation of one node. Before, the supervisor relaunched srun inheriting SLURM_JOB_NUM_NODES/SLURM_NTASKS:
+    srun shrank the step or waited for step creation without end ("step creation temporarily disabled" for 600 s).
+    Now it sees the allocation short of launcher.nodes and requeues the job, which waits for two nodes, runs again
+    when h2 is back and finishes from its latest checkpoint."""
+    run_dir = tmp_path / "run"
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "vilscale.cli", "submit", str(SMOKE), "--backend", "slurm", "--wait",
+         *smoke_overrides(digits, run_dir, {**TWO_HOSTS, "launcher.slurm.additional.no-kill": "",
+                                            "train.collective_timeout_s": COLLECTIVE_TIMEOUT_S},
+                          max_steps=MAX_STEPS, ckpt_every=CKPT_EVERY, keep_checkpoints=20)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=services.REPO,
+        env={**os.environ, **slurm_two_nodes.env})
+    lost = False
+    try:
+        logs = slurm_two_nodes.cluster.logs()
+        services.wait_until(lambda: latest_step(run_dir) >= CKPT_EVERY, timeout_s=240, what="first checkpoint",
+                            poll_s=0.1, logs=logs)
+        job_id = submitted_job(run_dir)
+        slurm_two_nodes.lose_node("h2")
+        lost = True
+        services.wait_until(lambda: "Restarts=1" in slurm_two_nodes.command("scontrol", "show", "job", job_id),
+                            timeout_s=240, what="the job requeued after its allocation shrank", logs=logs)
+        slurm_two_nodes.restore_node("h2")
+        lost = False
+        output, _ = submit.communicate(timeout=600)
+    finally:
+        if lost:
+            slurm_two_nodes.restore_node("h2", wait=False)
+        if submit.poll() is None:
+            submit.kill()
+    assert submit.returncode == 0, output[-4000:]
+    rank0 = "".join(p.read_text() for p in sorted((run_dir / "submitit").glob(f"{job_id}_0_log.err")))
+    assert "the allocation holds 1 of the 2 node(s) the job needs" in rank0, rank0[-4000:]
+    assert "step creation temporarily disabled" not in rank0
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == MAX_STEPS
+
+
+def test_a_node_that_fails_twice_in_a_row_is_excluded_and_the_job_finishes_elsewhere(slurm_two_nodes, digits,
+                                                                                      tmp_path):
+    """#37 scenario 2: a one-node job whose rank dies at step 3 on h1 whenever it runs there (a failing GPU or disk).
+    Before, every restart landed on h1 again until launcher.max_restarts was used up and the job ended FAILED. Now
+    the second failure on h1 requeues the job with h1 in its ExcNodeList, and it finishes on h2."""
+    import threading
+
+    run_dir = tmp_path / "run"
+    stop = threading.Event()
+
+    def rearm():  # the fault fires once per run dir: re-arm it, a node that keeps failing
+        while not stop.wait(0.1):
+            for marker in run_dir.glob(".fault-*"):
+                marker.unlink(missing_ok=True)
+
+    rearming = threading.Thread(target=rearm, daemon=True)
+    rearming.start()
+    one_node = {"launcher.nodes": 1, "launcher.cpu_workers_per_node": 1, "launcher.cpus_per_task": 1,
+                "launcher.max_restarts": 3, "launcher.env.VILSCALE_INJECT_FAULT": "mid-step:3:0",
+                "launcher.env.VILSCALE_INJECT_FAULT_NODE": "h1"}
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "vilscale.cli", "submit", str(SMOKE), "--backend", "slurm", "--wait",
+             *smoke_overrides(digits, run_dir, one_node, max_steps=8, ckpt_every=2)],
+            capture_output=True, text=True, cwd=services.REPO, env={**os.environ, **slurm_two_nodes.env},
+            timeout=600)
+    finally:
+        stop.set()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    job_id = submitted_job(run_dir)
+    log = "".join(p.read_text() for p in sorted((run_dir / "submitit").glob(f"{job_id}_0_log.err")))
+    assert "node h1 was named in two failures in a row: requeueing the job without it" in log, log[-4000:]
+    assert "ExcNodeList=h1" in slurm_two_nodes.command("scontrol", "show", "job", job_id)
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 8

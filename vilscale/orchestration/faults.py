@@ -8,6 +8,9 @@ from dying again). Points: ``mid-step`` (after the forward of a step, before its
 ``mid-step``): alive but silent, as a rank on a host whose network is gone, so its peers wait in their
 next collective until ``train.collective_timeout_s``.
 
+``VILSCALE_INJECT_FAULT_NODE=NAME`` limits ``VILSCALE_INJECT_FAULT`` to ranks on the SLURM node NAME
+(``SLURMD_NODENAME``): a node whose GPU or disk keeps failing.
+
 ``VILSCALE_INJECT_NONFINITE=STEP:MICRO:RANK[:grad][,...]`` makes the loss of micro-batch MICRO (0-based)
 of step STEP (1-based) on rank RANK NaN; with ``:grad`` the loss stays finite and its gradients are NaN.
 
@@ -43,6 +46,9 @@ HOLD_LIMIT_S = 600.0
 
 def maybe_die(point: str, *, step: int, rank: int, run_dir: Path) -> None:
     setting = os.environ.get(ENV)
+    node = os.environ.get("VILSCALE_INJECT_FAULT_NODE")
+    if node and os.environ.get("SLURMD_NODENAME") != node:
+        return
     if not setting:
         return
     parts = setting.split(":")

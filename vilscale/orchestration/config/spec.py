@@ -327,12 +327,18 @@ class SlurmConfig:
     """Other sbatch options, by their long name without dashes: {"mail-type": "END", "mail-user": "me@lab"}; an
     empty value writes the bare flag ({"overcommit": ""}). Options with a key of their own (time, partition,
     qos, ...) and those vilscale sets (output, error, signal, requeue) are refused."""
+    max_excluded_nodes: int = 2
+    """A node named in two failures in a row (a failing GPU or disk) is taken out of the job: it is requeued with
+    the node added to its excluded nodes (`scontrol update ExcNodeList`), at most this many nodes per job; 0 never
+    excludes (every restart may land on the same node, until launcher.max_restarts is used up)."""
     signal_lead_s: int = 120
     """Seconds before the time limit at which SLURM sends the preemption notice (USR2): the ranks finish their step,
     save a checkpoint and requeue the job, all within this. Raise it where an evaluation plus a save of the run's
     checkpoint on the cluster's file system can take longer (SLURM never requeues a job that hit its limit)."""
 
     def __post_init__(self):
+        if self.max_excluded_nodes < 0:
+            raise SpecError(f"launcher.slurm.max_excluded_nodes={self.max_excluded_nodes!r} must be >= 0 (0: never)")
         if not isinstance(self.signal_lead_s, int) or not 10 <= self.signal_lead_s <= 65535:
             raise SpecError(f"launcher.slurm.signal_lead_s={self.signal_lead_s!r} must be whole seconds in 10..65535 "
                             "(SLURM's limit), enough for one step, an evaluation and a checkpoint save")

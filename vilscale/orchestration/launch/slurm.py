@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import submitit
@@ -58,7 +58,7 @@ ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "REQUEUED", "
                  "RESIZING", "SIGNALING", "STAGE_OUT", "COMPLETING"}
 # How srun reports a task that ended badly: "srun: error: NODE: task 3: Killed", "...: tasks 0-1: Exited with
 # exit code 1" (the signal's strsignal text, or the exit code).
-SRUN_TASK_END = re.compile(r"^srun: error: \S+: tasks? ([\d,-]+): (.+)$")
+SRUN_TASK_END = re.compile(r"^srun: error: (\S+): tasks? ([\d,-]+): (.+)$")
 SIGNAL_NAMES = {signal.strsignal(number): number.name for number in signal.Signals if signal.strsignal(number)}
 # How SLURM says the kernel's OOM killer ended a task of the step (where it enforces memory with cgroups):
 # srun's "task 1: Out Of Memory", slurmstepd's "Detected 1 oom-kill event(s) in StepId=...".
@@ -225,7 +225,8 @@ def make_executor(spec: JobSpec, backend: str):
     # `exec`: the guard is the batch shell itself, so the notice SLURM sends the batch step reaches it (bash, waiting
     # on a child, would die of USR2 and end the job).
     supervisor = (f"exec {shlex.quote(sys.executable)} -u -m {SUPERVISOR_MODULE} --folder {shlex.quote(str(folder))} "
-                  f"--max-restarts {launcher.max_restarts} -- {shlex.quote(sys.executable)}")
+                  f"--max-restarts {launcher.max_restarts} --nodes {launcher.nodes} --ntasks {launcher.world_size} "
+                  f"--max-excluded-nodes {launcher.slurm.max_excluded_nodes} -- {shlex.quote(sys.executable)}")
     executor = submitit.AutoExecutor(folder=folder, cluster=backend, slurm_max_num_timeout=MAX_TIME_LIMIT_REQUEUES,
                                      slurm_python=supervisor)
     parameters = dict(name=job_name(spec), nodes=launcher.nodes,
@@ -303,6 +304,10 @@ class JobRecord:
     """The batch script's "CODE:SIGNAL", e.g. "2:0", or "0:9" for a batch script killed by SIGKILL."""
     restarts: int
     """Times the job was requeued (SLURM_RESTART_COUNT in its next allocation)."""
+    nodes: int = 0
+    """Nodes the job holds now (NumNodes; a --no-kill job keeps running on fewer after a node fails)."""
+    excluded: str = ""
+    """Nodes the job may not run on (ExcNodeList)."""
 
     def ending(self) -> str:
         """"FAILED (exit code 2)", "COMPLETED", "CANCELLED (killed by SIGTERM)", ..."""
@@ -328,9 +333,11 @@ def _job_record(job_id: str) -> JobRecord | None:
         if "Invalid job id" in result.stderr:
             return None
         raise ControllerUnreachable(result.stderr.strip())
-    fields = dict(re.findall(r"(?:^|\s)(JobState|ExitCode|Restarts)=(\S+)", result.stdout))
+    fields = dict(re.findall(r"(?:^|\s)(JobState|ExitCode|Restarts|NumNodes|ExcNodeList)=(\S+)", result.stdout))
+    nodes = fields.get("NumNodes", "0").split("-")[0]
     return JobRecord(state=fields.get("JobState", "UNKNOWN"), exit_code=fields.get("ExitCode", ""),
-                     restarts=int(fields.get("Restarts", 0)))
+                     restarts=int(fields.get("Restarts", 0)), nodes=int(nodes) if nodes.isdigit() else 0,
+                     excluded="" if fields.get("ExcNodeList", "(null)") == "(null)" else fields["ExcNodeList"])
 
 
 # ------------------------------------------------------------------------------------- the batch step
@@ -344,6 +351,8 @@ class StepEnd:
     """srun's exit code."""
     ended: list[tuple[str, str]]
     """The task ends srun reported, in order: [("1", "Killed"), ("0-1", "Exited with exit code 1"), ...]."""
+    nodes: list[str] = field(default_factory=list)
+    """The node of each task end srun reported, in the same order."""
     out_of_memory: bool
     """SLURM reported a task ended by the kernel's OOM killer."""
 
@@ -388,14 +397,15 @@ def _srun(command: list[str], notices: _Notices | None = None) -> StepEnd:
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace")
     if notices is not None:
         notices.srun = process
-    ended, out_of_memory = [], False
+    ended, nodes, out_of_memory = [], [], False
     for line in process.stderr:
         sys.stderr.write(line)
         sys.stderr.flush()
         if match := SRUN_TASK_END.match(line.rstrip()):
-            ended.append((match.group(1), match.group(2)))
+            nodes.append(match.group(1))
+            ended.append((match.group(2), match.group(3)))
         out_of_memory = out_of_memory or bool(SRUN_OOM.search(line.rstrip()))
-    return StepEnd(code=process.wait(), ended=ended, out_of_memory=out_of_memory)
+    return StepEnd(code=process.wait(), ended=ended, out_of_memory=out_of_memory, nodes=nodes)
 
 
 def _cause(step: StepEnd) -> str:
@@ -453,9 +463,13 @@ def load_result(path: Path):
     return pickle_load(path)
 
 
-def supervise(task_command: list[str], *, folder: Path, max_restarts: int) -> int:
-    """The batch step of a job: run the tasks (``task_command`` under srun, one per rank) until they succeed, an
-    error no restart can fix stops them, or ``max_restarts`` relaunches after a failure are used up. Returns the
+def supervise(task_command: list[str], *, folder: Path, max_restarts: int, nodes: int | None = None,
+              ntasks: int | None = None, max_excluded_nodes: int = 0) -> int:
+    """The batch step of a job: run the tasks (``task_command`` under srun, one per rank, on ``nodes`` nodes) until
+    they succeed, an error no restart can fix stops them, or ``max_restarts`` relaunches after a failure are used
+    up. Before each launch the allocation must still hold ``nodes`` nodes (a --no-kill job keeps running on fewer
+    after a node fails): when it does not, the job is requeued, to run again on as many. A node named in two
+    failures in a row is excluded from the job (up to ``max_excluded_nodes``) and the job requeued. Returns the
     batch script's exit code: 0, the rank's code for an error no restart fixes, else 1."""
     job_id = os.environ["SLURM_JOB_ID"]
     requeues = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
@@ -468,7 +482,10 @@ def supervise(task_command: list[str], *, folder: Path, max_restarts: int) -> in
 
     # The same files submitit's own srun line writes: FOLDER/JOBID_TASK_log.{out,err}, appended to.
     paths = JobPaths(folder)
-    srun = ["srun", "--unbuffered", "--output", str(paths.stdout), "--error", str(paths.stderr),
+    # The step's shape given explicitly: inherited from a shrunken allocation, srun would squeeze the ranks onto the
+    # nodes left, or wait for step creation without end.
+    shape = ([f"--nodes={nodes}"] if nodes else []) + ([f"--ntasks={ntasks}"] if ntasks else [])
+    srun = ["srun", "--unbuffered", "--output", str(paths.stdout), "--error", str(paths.stderr), *shape,
             # One rank failing stops the others at once (they would wait in a collective for the dead one).
             "--kill-on-bad-exit=1", *task_command]
     while True:
@@ -476,6 +493,10 @@ def supervise(task_command: list[str], *, folder: Path, max_restarts: int) -> in
             stale.unlink(missing_ok=True)
         if notices.received:  # a notice came between two sruns: nothing to save, the job goes back to the queue
             return ended("REQUEUED", _requeue_on_notice(job_id, requeues, notices))
+        if nodes and (short := _allocation_short_of(job_id, nodes)):
+            _say(f"{short}: requeueing the job, to run again on {nodes} node(s) (not counted as a restart)")
+            _requeue(job_id)
+            return ended("REQUEUED", 0)
         step = _srun(srun, notices)
         if step.code == 0:
             return ended("COMPLETED", 0)
@@ -503,6 +524,9 @@ def supervise(task_command: list[str], *, folder: Path, max_restarts: int) -> in
                  "train.micro_batch, data.num_workers or data.batches_ahead, run fewer ranks per node, or ask for "
                  "more memory (launcher.mem_gb)")
             return ended("FAILED", EXIT_OUT_OF_MEMORY)
+        if step.nodes and max_excluded_nodes and _exclude_a_failing_node(job_id, folder, step.nodes[0], record,
+                                                                         max_excluded_nodes):
+            return ended("REQUEUED", 0)
         used = restarts_used(counter)
         if used >= max_restarts:
             _say(f"{_cause(step)}; giving up after {max_restarts} restart(s) (launcher.max_restarts)")
@@ -510,6 +534,55 @@ def supervise(task_command: list[str], *, folder: Path, max_restarts: int) -> in
         atomic_write_text(counter, f"{used + 1}\n")  # a crash mid-write leaves the old count, never a torn file
         _say(f"restart {used + 1}/{max_restarts} after {_cause(step)}: launching the ranks again, "
              "from the latest checkpoint")
+
+
+def _requeue(job_id: str) -> None:
+    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        _say(f"scontrol requeue {job_id} failed: {result.stderr.strip()}")
+
+
+def _allocation_short_of(job_id: str, nodes: int) -> str | None:
+    """Why the allocation cannot run ``nodes`` nodes' tasks now (it holds fewer: a node failed and the job, submitted
+    with --no-kill, kept running), None when it can or the controller does not say."""
+    try:
+        record = _job_record(job_id)
+    except ControllerUnreachable:
+        return None
+    if record is None or not record.nodes or record.nodes >= nodes:
+        return None
+    return f"the allocation holds {record.nodes} of the {nodes} node(s) the job needs (a node failed under --no-kill)"
+
+
+def _exclude_a_failing_node(job_id: str, folder: Path, node: str, record: JobRecord | None, budget: int) -> bool:
+    """Remember that ``node`` was named in this failure; when it was named in the previous one too, exclude it from
+    the job (ExcNodeList, at most ``budget`` nodes per job) and requeue the job. True when the job was requeued."""
+    from vilscale.files import atomic_write_json
+
+    history = folder / f"{job_id}_failed_nodes.json"
+    try:
+        named = json.loads(history.read_text())
+    except (OSError, ValueError):
+        named = []
+    named.append(node)
+    atomic_write_json(history, named)
+    excluded = [n for n in (record.excluded.split(",") if record and record.excluded else []) if n]
+    if len(named) < 2 or named[-2] != node or node in excluded:
+        return False
+    if len(excluded) >= budget:
+        _say(f"node {node} failed twice in a row, but launcher.slurm.max_excluded_nodes={budget} node(s) are excluded "
+             "already; restarting on it")
+        return False
+    _say(f"node {node} was named in two failures in a row: requeueing the job without it (excluded: "
+         f"{', '.join([*excluded, node])}; not counted as a restart)")
+    held = subprocess.run(["scontrol", "requeuehold", job_id], capture_output=True, text=True, timeout=60)
+    if held.returncode != 0:
+        _say(f"scontrol requeuehold {job_id} failed: {held.stderr.strip()}; restarting on {node}")
+        return False
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={','.join([*excluded, node])}"],
+                   capture_output=True, text=True, timeout=60)
+    subprocess.run(["scontrol", "release", job_id], capture_output=True, text=True, timeout=60)
+    return True
 
 
 OUTCOME_SUFFIX = "_outcome.json"
@@ -673,12 +746,16 @@ def main(argv: list[str]) -> int:
                                      description="The batch step of a vilscale SLURM job (see `supervise`).")
     parser.add_argument("--folder", type=Path, required=True, help="the job's submitit folder")
     parser.add_argument("--max-restarts", type=int, required=True, help="relaunches after a failure, per job")
+    parser.add_argument("--nodes", type=int, default=None, help="nodes the tasks run on (launcher.nodes)")
+    parser.add_argument("--ntasks", type=int, default=None, help="tasks in all (launcher.world_size)")
+    parser.add_argument("--max-excluded-nodes", type=int, default=0, help="launcher.slurm.max_excluded_nodes")
     parser.add_argument("task_command", nargs=argparse.REMAINDER, help="-- the command srun runs in every task")
     args = parser.parse_args(argv)
     if not os.environ.get(SUPERVISOR_CHILD_ENV) and os.environ.get("SLURM_JOB_ID"):
         return guard(argv)
     command = args.task_command[1:] if args.task_command[:1] == ["--"] else args.task_command
-    return supervise(command, folder=args.folder, max_restarts=args.max_restarts)
+    return supervise(command, folder=args.folder, max_restarts=args.max_restarts, nodes=args.nodes,
+                     ntasks=args.ntasks, max_excluded_nodes=args.max_excluded_nodes)
 
 
 __all__ = ["TrainTask", "check_slurm_fits", "make_executor", "slurm_nodes", "submit_submitit", "supervise",
