@@ -427,3 +427,55 @@ def test_a_node_that_fails_twice_in_a_row_is_excluded_and_the_job_finishes_elsew
     assert "node h1 was named in two failures in a row: requeueing the job without it" in log, log[-4000:]
     assert "ExcNodeList=h1" in slurm_two_nodes.command("scontrol", "show", "job", job_id)
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 8
+
+
+def test_a_ray_run_goes_on_with_fewer_nodes_and_the_same_global_batch(ray_two_nodes, digits, tmp_path):
+    """#37 scenario 7: launcher.min_nodes=1 of 2. r1 is lost for good after step 4 was saved; before, the driver waited
+    300 s and ended the run although restarts were left. Now, after launcher.node_wait_s (15 s here), it refits on the
+    head alone: 1 rank accumulating 2 micro-batches keeps the global batch of 32, resuming step 4 through DeepSpeed's
+    universal checkpoint, and finishes. It trains what a one-node run resumed from that same checkpoint trains: the
+    same samples at every step and the same final weights (one rank each: no reduction whose order could differ, so
+    bit for bit)."""
+    import shutil
+
+    import torch
+
+    run_dir, gate = tmp_path / "run", tmp_path / "release"
+    fewer = {**TWO_HOSTS, **held_before(HOLD_AT, gate), "launcher.min_nodes": 1, "launcher.node_wait_s": 15,
+             "train.global_batch": 32}
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "vilscale.cli", "submit", str(SMOKE), "--backend", "ray", "--wait",
+         "--address", ray_two_nodes.dashboard_url,
+         *smoke_overrides(digits, run_dir, fewer, max_steps=MAX_STEPS, ckpt_every=CKPT_EVERY, record_samples="true",
+                          keep_checkpoints=20)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=services.REPO)
+    reference = tmp_path / "reference"
+    try:
+        services.wait_until(lambda: latest_step(run_dir) >= CKPT_EVERY, timeout_s=300, what="first checkpoint",
+                            poll_s=0.1, logs=(ray_two_nodes.head.log,))
+        ray_two_nodes.lose_node("r1", how="raylet")
+        shutil.copytree(run_dir, reference, ignore=shutil.ignore_patterns(".lock*", "ray", "samples"))
+        gate.touch()
+        output, _ = submit.communicate(timeout=600)
+    finally:
+        gate.touch()
+        if submit.poll() is None:
+            submit.kill()
+        ray_two_nodes.restore_node("r1")
+    assert submit.returncode == 0, output[-4000:]
+    assert "going on with 1 (launcher.min_nodes=1), 1 rank(s) x 16 x 2 accumulated = the global batch 32" in output, \
+        output[-4000:]
+    assert "converting it to a universal checkpoint" in output
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == MAX_STEPS
+    # the reference: the same checkpoint resumed on one rank by the local launcher
+    local = subprocess.run([sys.executable, "-m", "vilscale.cli", "train", str(SMOKE), "--nproc", "1",
+                            *smoke_overrides(digits, reference, {**fewer, "launcher.env.VILSCALE_INJECT_HOLD": ""},
+                                             max_steps=MAX_STEPS, ckpt_every=CKPT_EVERY, record_samples="true",
+                                             keep_checkpoints=20)],
+                           capture_output=True, text=True, cwd=services.REPO, timeout=600)
+    assert local.returncode == 0, local.stderr[-3000:]
+    ours, theirs = every_record(run_dir), every_record(reference)
+    resumed_steps = range(CKPT_EVERY + 1, MAX_STEPS + 1)
+    assert [ours[0][step][-1] for step in resumed_steps] == [theirs[0][step][-1] for step in resumed_steps]
+    a, b = exported(run_dir), exported(reference)
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)

@@ -394,6 +394,14 @@ class LauncherConfig:
     """Working directory shipped to the Ray cluster (relative to the spec's current directory)."""
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables for every rank."""
+    min_nodes: int = 0
+    """Ray: the fewest nodes a run may go on with after losing some (0: launcher.nodes, never fewer). When fewer
+    than launcher.nodes come back within `node_wait_s` but at least this many, the run refits on them (resuming
+    through DeepSpeed's universal checkpoint) and keeps its global batch by accumulating more micro-batches (it needs
+    train.global_batch); at the next restart it grows back to launcher.nodes if they are there."""
+    node_wait_s: float = 300.0
+    """Ray: how long a (re)fit waits for launcher.nodes nodes with room for their ranks before it goes on with fewer
+    (launcher.min_nodes) or fails."""
     run_dir_mode: str = "0700"
     """Permissions a new run dir is created with (octal): owner-only by default, because the SLURM supervisor and
     `vilscale submit --wait` read pickled task results from it (whoever can write there could run code as you);
@@ -401,6 +409,11 @@ class LauncherConfig:
 
     def __post_init__(self):
         _one_of("launcher.backend", self.backend, ("local", "ray", "slurm"))
+        if not 0 <= self.min_nodes <= self.nodes:
+            raise SpecError(f"launcher.min_nodes={self.min_nodes!r} must be in 0..launcher.nodes={self.nodes} (0: "
+                            "never fewer than launcher.nodes)")
+        if not self.node_wait_s > 0:
+            raise SpecError(f"launcher.node_wait_s={self.node_wait_s!r} must be > 0 seconds")
         if not re.fullmatch(r"0?[0-7]{3}", self.run_dir_mode) or int(self.run_dir_mode, 8) & 0o022 or \
                 not int(self.run_dir_mode, 8) & 0o700 == 0o700:
             raise SpecError(f"launcher.run_dir_mode={self.run_dir_mode!r} must be an octal mode that gives its owner "
@@ -416,6 +429,11 @@ class LauncherConfig:
         for name in ("gpus_per_node", "mem_gb", "max_restarts"):
             if getattr(self, name) < 0:
                 raise SpecError(f"launcher.{name}={getattr(self, name)!r} must be >= 0")
+
+    @property
+    def fewest_nodes(self) -> int:
+        """launcher.min_nodes, or launcher.nodes when it is 0."""
+        return self.min_nodes or self.nodes
 
     @property
     def ranks_per_node(self) -> int:
@@ -455,6 +473,7 @@ class JobSpec:
     def __post_init__(self):
         if not self.run_dir:
             raise SpecError("run_dir is empty; give the directory this run writes to")
+        self.check_fewer_nodes()
         _one_of("task", self.task, TASKS)
         if self.augment.loss == "semantic_softmax" and self.task != "classification":
             raise SpecError(f"augment.loss='semantic_softmax' is a classification loss; task={self.task!r} trains its "
@@ -497,6 +516,23 @@ class JobSpec:
         """Hash of everything that changes what is trained (not where it runs or how often it saves)."""
         trained = {key: value for key, value in flatten(self.to_dict()).items() if key_kind(key) != "execution"}
         return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
+
+    def check_fewer_nodes(self) -> None:
+        """SpecError unless every node count from launcher.min_nodes to launcher.nodes keeps the global batch."""
+        launcher = self.launcher
+        if launcher.fewest_nodes == launcher.nodes:
+            return
+        if not self.train.global_batch:
+            raise SpecError(f"launcher.min_nodes={launcher.min_nodes} lets the run go on with fewer nodes, which must "
+                            "keep the global batch: set train.global_batch (e.g. "
+                            f"{self.train.micro_batch * self.train.grad_accum * launcher.world_size}, this job's now)")
+        for nodes in range(launcher.fewest_nodes, launcher.nodes + 1):
+            per_step = self.train.micro_batch * nodes * launcher.ranks_per_node
+            if self.train.global_batch % per_step:
+                raise SpecError(f"train.global_batch={self.train.global_batch} cannot be kept on {nodes} node(s): it "
+                                f"is not a multiple of train.micro_batch x {nodes * launcher.ranks_per_node} ranks = "
+                                f"{per_step}; choose launcher.min_nodes or a global batch that every node count "
+                                "from launcher.min_nodes to launcher.nodes divides")
 
     def check_world(self, world_size: int) -> None:
         """Combinations that only the world size reveals."""

@@ -17,7 +17,7 @@ checkpoint registry, which can miss a checkpoint reported just before a crash).
 Placement: exactly ``launcher.nodes`` nodes, ``launcher.ranks_per_node`` workers on each, ranks r on the
 r // ranks_per_node-th chosen node (so local ranks are right). Before each fit the driver chooses that many
 alive nodes that each have the resources free for all their ranks (`choose_nodes`: the previous fit's nodes
-first, then the driver's own node, then the rest), waiting up to ``NODE_WAIT_S`` for them (a lost node coming
+first, then the driver's own node, then the rest), waiting up to ``launcher.node_wait_s`` for them (a lost node coming
 back), and pins each worker to its node with a per-worker ``label_selector`` on ``ray.io/node-id``: Ray Train
 puts each worker's label selector on its placement-group bundle, creates worker i in bundle i and numbers the
 workers node by node in the order their nodes first appear among the bundles.
@@ -391,7 +391,7 @@ def train_on_ray(spec: JobSpec, *, lease_token: str) -> dict:
     launcher.gpus_per_node > 0, launcher.ranks_per_node of them on each of launcher.nodes nodes (see the module
     docstring). Raises RayTrainFailed when the cluster cannot hold the job, when a rank met an error no restart
     can fix, after launcher.max_restarts restarts, or when the nodes a refit needs did not come within
-    NODE_WAIT_S.
+    launcher.node_wait_s (unless launcher.min_nodes lets it go on with fewer).
     """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
@@ -414,10 +414,7 @@ def train_on_ray(spec: JobSpec, *, lease_token: str) -> dict:
     previous: list[str] = []
     last = None
     for attempt in range(launcher.max_restarts + 1):
-        try:
-            nodes = wait_for_nodes(launcher.nodes, node_resources(launcher), prefer=[*previous, driver_node])
-        except NotEnoughNodes as missing:
-            raise RayTrainFailed(EXIT_FAILED, f"the Ray cluster has no room for the run: {missing}") from None
+        nodes = _nodes_for_fit(spec, prefer=[*previous, driver_node])
         previous = [node.node_id for node in nodes]
         per_node = launcher.ranks_per_node
         print("[vilscale] placing " + ", ".join(
@@ -428,7 +425,7 @@ def train_on_ray(spec: JobSpec, *, lease_token: str) -> dict:
             train_loop_config={"spec": spec.to_dict(), "lease_token": lease_token},
             # Ray Train makes the process group: its collectives wait train.collective_timeout_s, not Ray's 1800 s.
             torch_config=TorchConfig(timeout_s=int(spec.train.collective_timeout_s)),
-            scaling_config=ScalingConfig(num_workers=launcher.world_size, use_gpu=launcher.gpus_per_node > 0,
+            scaling_config=ScalingConfig(num_workers=len(nodes) * per_node, use_gpu=launcher.gpus_per_node > 0,
                                          resources_per_worker=worker_resources(launcher), placement_strategy="PACK",
                                          label_selector=worker_label_selectors(nodes, per_node)),
             # Every failure comes back to this loop, which chooses the nodes again: Ray's own retries would
@@ -449,6 +446,33 @@ def train_on_ray(spec: JobSpec, *, lease_token: str) -> dict:
                       f"latest checkpoint ({attempt + 1}/{launcher.max_restarts})", file=sys.stderr, flush=True)
     raise RayTrainFailed(EXIT_FAILED, f"the Ray Train run failed after {launcher.max_restarts} restarts: "
                                       f"{_first_reason(last or [])}")
+
+
+def _nodes_for_fit(spec: JobSpec, *, prefer: list[str]) -> list[RayNode]:
+    """The nodes the next fit runs on: launcher.nodes of them, waiting up to launcher.node_wait_s; after that, as many
+    as have room when that is at least launcher.min_nodes (the run goes on, smaller, with its global batch kept);
+    else RayTrainFailed."""
+    launcher = spec.launcher
+    need = node_resources(launcher)
+    try:
+        return wait_for_nodes(launcher.nodes, need, prefer=prefer, timeout_s=launcher.node_wait_s)
+    except NotEnoughNodes as missing:
+        if launcher.fewest_nodes == launcher.nodes:
+            raise RayTrainFailed(EXIT_FAILED, f"the Ray cluster has no room for the run: {missing}") from None
+        alive = alive_ray_nodes()
+        room = sum(_has(node.available, need) for node in alive)
+        if room < launcher.fewest_nodes:
+            raise RayTrainFailed(EXIT_FAILED, f"the Ray cluster has no room for the run: {missing}; and only {room} "
+                                              f"node(s) have room, fewer than launcher.min_nodes="
+                                              f"{launcher.fewest_nodes}") from None
+        nodes = choose_nodes(alive, min(room, launcher.nodes), need, prefer=prefer)
+        world = len(nodes) * launcher.ranks_per_node
+        print(f"[vilscale] {launcher.nodes} node(s) did not come within launcher.node_wait_s="
+              f"{launcher.node_wait_s:g} s: going on with {len(nodes)} (launcher.min_nodes={launcher.fewest_nodes}), "
+              f"{world} rank(s) x {spec.train.micro_batch} x {spec.grad_accum(world)} accumulated = the global batch "
+              f"{spec.global_batch(world)}; the next restart grows back if the nodes are there",
+              file=sys.stderr, flush=True)
+        return nodes
 
 
 def _first_reason(lines: list[str]) -> str:
