@@ -84,9 +84,25 @@ class ViLAttention(nn.Module):
         if self.rpe:
             tables = dict(local_bias=self.rel_bias_local, g2l_bias=self.rel_bias_g2l, l2g_bias=self.rel_bias_l2g,
                           g2g_bias=self.rel_bias_g2g)
-        out = vil_attention(q, k, v, map_hw=tuple(map_hw), num_global=self.num_global, window=self.window,
-                            mode=self.window_mode, backend=self.backend, neighbour=self.neighbour(), **tables)
+        if torch.compiler.is_compiling():  # one opaque op: the whole block stays in one graph
+            from vilscale.kernels.op import vil_attention_compiled
+
+            out = vil_attention_compiled(q, k, v, map_hw=tuple(map_hw), num_global=self.num_global,
+                                         window=self.window, mode=self.window_mode, backend=self.backend,
+                                         neighbour=self.neighbour_tensor(), **tables)
+        else:
+            out = vil_attention(q, k, v, map_hw=tuple(map_hw), num_global=self.num_global, window=self.window,
+                                mode=self.window_mode, backend=self.backend, neighbour=self.neighbour(), **tables)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, channels))
+
+    def neighbour_tensor(self) -> torch.Tensor:
+        """``neighbour()`` as the int64 scalar tensor the compiled op takes (-1: all 9 chunks), drawn in the graph."""
+        if self.shift_mode == "random" and self.training:
+            from vilscale.kernels.op import random_neighbour
+
+            return random_neighbour()
+        chosen = self.neighbour()
+        return torch.tensor(-1 if chosen is None else chosen)
 
 
 class FullAttention(nn.Module):
