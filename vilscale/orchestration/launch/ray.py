@@ -255,13 +255,22 @@ def check_fits(spec: JobSpec, nodes: Sequence[RayNode], where: str) -> None:
 
 def entrypoint_for(spec_path: Path, working_dir: Path, spec: JobSpec, overrides: list[str], python: str, *,
                    allow_spec_change: bool = False) -> str:
-    """The shell command the Ray job runs on the cluster, inside its copy of ``working_dir``."""
-    try:
-        relative = Path(spec_path).resolve().relative_to(working_dir.resolve())
-    except ValueError:
-        raise LaunchError(f"the job spec {spec_path} is not inside launcher.working_dir={str(working_dir)!r}, so it "
-                          "would not be shipped to the cluster; move it there or set launcher.working_dir") from None
-    command = [python, "-m", "vilscale.cli", "train", relative.as_posix(), "--launcher", "ray"]
+    """The shell command the Ray job runs on the cluster, inside its copy of ``working_dir``. A job shipped with
+    vilscale is named (the cluster's vilscale has it; `jobs/` in a checkout links into the package, which the job's
+    working dir leaves out); any other job file must be inside the working dir."""
+    from vilscale.orchestration.config import shipped
+
+    resolved = shipped.resolve(spec_path).resolve()
+    if resolved.parent == shipped.JOBS_DIR.resolve():
+        job = resolved.stem
+    else:
+        try:
+            job = resolved.relative_to(working_dir.resolve()).as_posix()
+        except ValueError:
+            raise LaunchError(f"the job spec {spec_path} is not inside launcher.working_dir={str(working_dir)!r}, so "
+                              "it would not be shipped to the cluster; move it there or set launcher.working_dir") \
+                from None
+    command = [python, "-m", "vilscale.cli", "train", job, "--launcher", "ray"]
     for assignment in [*overrides, *path_overrides(spec)]:
         command += ["--set", assignment]
     if allow_spec_change:
