@@ -9,8 +9,9 @@
 #   env     device, driver, torch/triton versions                                      -> gpu_check.log
 #   attn    benchmarks/attention.py at ViL-Small stages 1 and 2, bf16, B=64: triton (autotuned),
 #           chunked, FlexAttention with the same mask and bias (compiled), NATTEN if importable  -> attention.json
-#   step    benchmarks/train.py: a ViL-Small training step (bf16, B=64, 224), triton vs chunked, plain
-#           torch + AdamW where DeepSpeed is absent; images/s and MFU against the measured bf16 matmul rate -> train.json
+#   step    benchmarks/train.py: a ViL-Small training step (bf16, B=64, 224), RPE and APE, eager and compiled,
+#           triton and chunked, plain torch + AdamW where DeepSpeed is absent; images/s and MFU against the measured
+#           bf16 matmul rate, and a torch.profiler breakdown of 3 steps per row                       -> train.json
 #   jobs    benchmarks/jobs.py: every job in jobs/ for 2 steps at its own shapes and precision (its model, heads,
 #           optimizer, micro-batch), and one evaluation forward that keeps every detection (NMS on CUDA) -> jobs.json
 #           (the dry run: smoke and the digits detection and segmentation jobs, fp32, batch 1)
@@ -71,7 +72,7 @@ else
 fi
 
 LIMIT_ATTN=${LIMIT_ATTN:-150}
-LIMIT_STEP=${LIMIT_STEP:-90}
+LIMIT_STEP=${LIMIT_STEP:-240}
 LIMIT_JOBS=${LIMIT_JOBS:-180}
 LIMIT_TESTS=${LIMIT_TESTS:-90}
 LIMIT_SLOW=${LIMIT_SLOW:-90}
@@ -136,7 +137,7 @@ if [ "$DRY_RUN" = 1 ]; then
     --backends triton,chunked,flex,natten --cases vil_small_stage2 --repeats 1 --out "$OUT/attention.json"
   run_step step "$LIMIT_STEP" "$PY" "$REPO/benchmarks/train.py" --engine auto --device cpu --model vil_nano \
     --img-size 32 --window 2 --num-classes 10 --batch 2 --precision fp32 --backends triton,chunked \
-    --warmup 1 --steps 1 --json "$OUT/train.json"
+    --pos-embeds rpe,ape --modes eager,compiled --profile --warmup 1 --steps 1 --json "$OUT/train.json"
   run_step jobs "$LIMIT_JOBS" "$PY" "$REPO/benchmarks/jobs.py" --device cpu --dry-run \
     --only smoke,digits_retinanet,digits_mask_rcnn,digits_semfpn --json "$OUT/jobs.json"
 else
@@ -145,7 +146,8 @@ else
   run_step attn "$LIMIT_ATTN" "$PY" "$REPO/benchmarks/attention.py" --dtypes bf16 \
     --backends triton,chunked,flex,natten --cases vil_small_stage1,vil_small_stage2 --out "$OUT/attention.json"
   run_step step "$LIMIT_STEP" "$PY" "$REPO/benchmarks/train.py" --engine auto --model vil_small --img-size 224 \
-    --batch 64 --precision bf16 --backends triton,chunked --warmup 3 --steps 10 --json "$OUT/train.json"
+    --batch 64 --precision bf16 --backends triton,chunked --pos-embeds rpe,ape --modes eager,compiled --profile \
+    --warmup 3 --steps 10 --json "$OUT/train.json"
   run_step jobs "$LIMIT_JOBS" "$PY" "$REPO/benchmarks/jobs.py" --device cuda --steps 2 --json "$OUT/jobs.json"
   VILSCALE_TRITON_CONFIG=${VILSCALE_TRITON_CONFIG:-8x8x8} run_step tests "$LIMIT_TESTS" \
     "$PY" -m pytest "${pytest_args[@]}" --maxfail=5 -m "gpu and not slow" \

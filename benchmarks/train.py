@@ -1,8 +1,11 @@
 """Training-step throughput and MFU of a ViL variant inside a real DeepSpeed engine.
 
-Side by side in one run, for each attention backend asked for: images/s, step time and MFU
-(model FLOPs x images/s / device peak) of forward + backward + optimizer step on synthetic
-images (so the data path does not limit it; see benchmarks/data.py for that).
+Side by side in one run, for each position embedding (RPE first: the paper's best ImageNet and every detection
+figure use it), each mode (eager, and `torch.compile` of the model with its attention as one custom op) and each
+attention backend asked for: images/s, step time and MFU (model FLOPs x images/s / device peak) of forward +
+backward + optimizer step on synthetic images (so the data path does not limit it; see benchmarks/data.py for
+that), and with ``--profile`` a `torch.profiler` breakdown of 3 steps (attention, linear, elementwise, optimizer,
+idle) of each row.
 
     python benchmarks/train.py --model vil_small --img-size 224 --precision bf16 --zero-stage 2 \
         --backends triton,chunked --batch 64 --json benchmarks/results/train_h100.json
@@ -61,7 +64,43 @@ def _deepspeed_installed() -> bool:
     return True
 
 
-def measure_plain(args, backend: str) -> dict:
+# Kernel (or op) names of each part of a step, for the profiler's breakdown; the rest of the device time is
+# "elementwise" (norms, activations, casts, copies, reductions), and the wall time no kernel covers is "idle". The
+# triton backend's kernels are named; the chunked backend's attention runs as generic products and copies, which
+# land in "linear" and "elementwise".
+PARTS = (("attention", ("vil_attention", "fwd_local", "fwd_global", "bwd_local", "bwd_global", "dq_", "dkdv",
+                        "flex_attention", "chunked")),
+         ("linear", ("gemm", "matmul", "cutlass", "xmma", "cublas", "addmm", "aten::mm", "aten::bmm", "sm90_",
+                     "sm80_")),
+         ("optimizer", ("adam", "multi_tensor", "foreach", "optimizer")))
+
+
+def profile_breakdown(step, device: torch.device, steps: int = 3) -> dict:
+    """Seconds per step of attention / linear / elementwise / optimizer / idle over ``steps`` profiled steps (device
+    kernels on CUDA; on the CPU the aten ops' own time, a rougher split)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    wall = (time.perf_counter() - started) / steps
+    parts = dict.fromkeys(("attention", "linear", "elementwise", "optimizer"), 0.0)
+    for event in prof.key_averages():
+        own = (event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total) / 1e6 / steps
+        if own <= 0 or (device.type != "cuda" and not event.key.startswith("aten::")):
+            continue
+        name = event.key.lower()
+        part = next((label for label, signs in PARTS if any(sign in name for sign in signs)), "elementwise")
+        parts[part] += own
+    parts["idle"] = max(0.0, wall - sum(parts.values()))
+    return {"step_s": wall, **{f"{name}_s": value for name, value in parts.items()}}
+
+
+def measure_plain(args, backend: str, pos_embed: str = "ape", compiled: bool = False) -> dict:
     """The step in plain PyTorch: fp32 weights, autocast, AdamW."""
     from vilscale.model import create_model
     from vilscale.model.flops import count_flops
@@ -69,8 +108,10 @@ def measure_plain(args, backend: str) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = create_model(args.model, img_size=args.img_size, window=args.window, attn_backend=backend,
-                         num_classes=args.num_classes).to(device)
+                         num_classes=args.num_classes, pos_embed=pos_embed).to(device)
     flops_per_image = 6.0 * count_flops(model, args.img_size)  # fwd + bwd, 2 FLOPs per multiply-add
+    if compiled:
+        model.compile()  # its attention is one custom op in the graph (vilscale.kernels.op)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
                                   fused=device.type == "cuda")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
@@ -96,7 +137,10 @@ def measure_plain(args, backend: str) -> dict:
         step()
     _sync(device)
     elapsed = (time.perf_counter() - started) / args.steps
-    return _row(args, backend, device, elapsed, flops_per_image)
+    row = _row(args, backend, device, elapsed, flops_per_image)
+    if args.profile:
+        row["breakdown"] = profile_breakdown(step, device)
+    return row
 
 
 def _row(args, backend, device, elapsed, flops_per_image) -> dict:
@@ -111,18 +155,18 @@ def _row(args, backend, device, elapsed, flops_per_image) -> dict:
             "gflops_per_image_fwd": flops_per_image / 6e9}
 
 
-def measure(args, backend: str) -> dict:
+def measure(args, backend: str, pos_embed: str = "ape", compiled: bool = False) -> dict:
     if args.engine == "torch":
-        return measure_plain(args, backend)
+        return measure_plain(args, backend, pos_embed, compiled)
     from vilscale.model.flops import count_flops
     from vilscale.orchestration.config import spec_from_dict
     from vilscale.orchestration.training.engine import build_engine, build_model
     spec = spec_from_dict({
         "run_dir": "/tmp/vilscale-bench", "data": {},
         "model": {"name": args.model, "img_size": args.img_size, "window": args.window, "attn_backend": backend,
-                  "num_classes": args.num_classes},
+                  "num_classes": args.num_classes, "pos_embed": pos_embed},
         "train": {"micro_batch": args.batch, "zero_stage": args.zero_stage, "precision": args.precision,
-                  "activation_checkpointing": args.activation_checkpointing},
+                  "activation_checkpointing": args.activation_checkpointing, "compile": compiled},
     })
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -149,7 +193,10 @@ def measure(args, backend: str) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = (time.perf_counter() - started) / args.steps
-    return _row(args, backend, device, elapsed, flops_per_image)
+    row = _row(args, backend, device, elapsed, flops_per_image)
+    if args.profile:
+        row["breakdown"] = profile_breakdown(step, device)
+    return row
 
 
 def main() -> int:
@@ -162,6 +209,11 @@ def main() -> int:
     parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--backends", default="chunked", help="comma-separated: triton,chunked,reference")
+    parser.add_argument("--pos-embeds", default="rpe,ape", help="comma-separated: rpe (the paper's best), ape")
+    parser.add_argument("--modes", default="eager,compiled", help="comma-separated: eager, compiled (torch.compile)")
+    parser.add_argument("--profile", action="store_true",
+                        help="add a torch.profiler breakdown of 3 steps to every row (attention, linear, elementwise, "
+                             "optimizer, idle)")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
@@ -194,33 +246,40 @@ def main() -> int:
                 "torch": torch.__version__, "measured_peak_flops": args.measured_peak, "config": vars(args),
                 "results": rows}, indent=1))
 
-    for backend in args.backends.split(","):
-        try:
-            rows.append(measure(args, backend))
-        except Exception as error:  # one backend failing is a result; the others still run
-            first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-            rows.append({"backend": backend, "error": f"{type(error).__name__}: {first_line}"})
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        write_json()
+    for pos_embed in args.pos_embeds.split(","):
+        for mode in args.modes.split(","):
+            for backend in args.backends.split(","):
+                label = {"backend": backend, "pos_embed": pos_embed, "mode": mode}
+                try:
+                    rows.append({**measure(args, backend, pos_embed, mode == "compiled"), **label})
+                except Exception as error:  # one row failing is a result; the others still run
+                    first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+                    rows.append({**label, "error": f"{type(error).__name__}: {first_line}"})
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                write_json()
     engine = f"ZeRO-{args.zero_stage}" if args.engine == "deepspeed" else "plain torch + AdamW"
     print(f"{args.model} @ {args.img_size}, batch {args.batch}, {args.precision}, {engine}, "
           f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or 'cpu'}")
-    print(f"{'backend':10} {'step ms':>10} {'images/s':>10} {'MFU':>8} {'MFU meas.':>9} {'peak GiB':>9}")
+    print(f"{'pos':4} {'mode':9} {'backend':10} {'step ms':>10} {'images/s':>10} {'MFU':>8} {'MFU meas.':>9} "
+          f"{'peak GiB':>9}")
     for row in rows:
+        what = f"{row['pos_embed']:4} {row['mode']:9} {row['backend']:10}"
         if "error" in row:
-            print(f"{row['backend']:10} cannot run: {row['error']}")
+            print(f"{what} cannot run: {row['error']}")
             continue
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
         measured = f"{100 * row['mfu_measured']:.1f}%" if row["mfu_measured"] is not None else "n/a"
         memory = f"{row['peak_mem_bytes'] / 2**30:.2f}" if row["peak_mem_bytes"] else "n/a"
-        print(f"{row['backend']:10} {row['step_ms']:10.1f} {row['images_per_second']:10.1f} {mfu:>8} {measured:>9} "
-              f"{memory:>9}")
-    baseline = next((r for r in rows if r.get("backend") == "chunked" and "error" not in r), None)
+        print(f"{what} {row['step_ms']:10.1f} {row['images_per_second']:10.1f} {mfu:>8} {measured:>9} {memory:>9}")
+        if "breakdown" in row:
+            print("     " + ", ".join(f"{key[:-2]} {1000 * value:.1f} ms" for key, value in row["breakdown"].items()))
     for row in rows:
-        if baseline and row is not baseline and "error" not in row:
-            ratio = row["images_per_second"] / baseline["images_per_second"]
-            print(f"{row['backend']} vs chunked: {ratio:.2f}x images/s")
+        base = next((r for r in rows if (r["pos_embed"], r["mode"], r["backend"]) ==
+                     (row["pos_embed"], "eager", "chunked") and "error" not in r), None)
+        if base and row is not base and "error" not in row:
+            print(f"{row['pos_embed']} {row['mode']} {row['backend']} vs eager chunked: "
+                  f"{row['images_per_second'] / base['images_per_second']:.2f}x images/s")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

@@ -35,8 +35,12 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     # the kernels ran (interpreted) at the benchmark's shape and agreed with chunked
     attention = report["attention_target_case"]
     assert attention["case"] == "vil_small_stage2" and attention["triton_max_rel_err_vs_chunked"] < 1e-5
-    rows = {row["backend"]: row for row in report["train"]["results"]}
-    assert set(rows) == {"triton", "chunked"} and all("error" not in row for row in rows.values()), rows
+    rows = {(row["pos_embed"], row["mode"], row["backend"]): row for row in report["train"]["results"]}
+    assert set(rows) == {(pos, mode, backend) for pos in ("rpe", "ape") for mode in ("eager", "compiled")
+                         for backend in ("triton", "chunked")}, rows
+    assert all("error" not in row for row in rows.values()), rows
+    breakdown = rows[("rpe", "compiled", "chunked")]["breakdown"]  # the profiler's split of 3 steps
+    assert set(breakdown) == {"step_s", "attention_s", "linear_s", "elementwise_s", "optimizer_s", "idle_s"}
     assert report["train"]["config"]["engine"] == "torch"  # deepspeed absent: the plain-torch step
     jobs = {row["job"]: row for row in report["jobs"]["rows"]}  # each task's path ran without DeepSpeed & co.
     assert set(jobs) == {"smoke", "digits_retinanet", "digits_mask_rcnn", "digits_semfpn"}

@@ -133,17 +133,22 @@ class FullAttention(nn.Module):
     def relative_index(self, map_hw: tuple[int, int]) -> torch.Tensor:
         """(L, L) long: the entry of ``rel_bias_local`` for every (local query, local key) of a ``map_hw``
         map; offsets beyond the table reuse its border entries. Cached per map size and device."""
+        if torch.compiler.is_compiling():  # in the graph: a cache filled during tracing would force a recompile
+            return self._build_index(map_hw)
         key = (tuple(map_hw), self.rel_bias_local.device)
         if key not in self._index_cache:
-            height, width = map_hw
-            table_h, table_w = self.map_hw
-            device = self.rel_bias_local.device
-            ys = torch.arange(height, device=device).repeat_interleave(width)
-            xs = torch.arange(width, device=device).repeat(height)
-            dy = (ys[None, :] - ys[:, None]).clamp(-(table_h - 1), table_h - 1) + table_h - 1
-            dx = (xs[None, :] - xs[:, None]).clamp(-(table_w - 1), table_w - 1) + table_w - 1
-            self._index_cache[key] = dy * (2 * table_w - 1) + dx
+            self._index_cache[key] = self._build_index(map_hw)
         return self._index_cache[key]
+
+    def _build_index(self, map_hw: tuple[int, int]) -> torch.Tensor:
+        height, width = map_hw
+        table_h, table_w = self.map_hw
+        device = self.rel_bias_local.device
+        ys = torch.arange(height, device=device).repeat_interleave(width)
+        xs = torch.arange(width, device=device).repeat(height)
+        dy = (ys[None, :] - ys[:, None]).clamp(-(table_h - 1), table_h - 1) + table_h - 1
+        dx = (xs[None, :] - xs[:, None]).clamp(-(table_w - 1), table_w - 1) + table_w - 1
+        return dy * (2 * table_w - 1) + dx
 
     def relative_bias(self, map_hw: tuple[int, int]) -> torch.Tensor:
         """(heads, N, N) additive bias for a ``map_hw`` map (the definition ``forward`` computes in place)."""
