@@ -2,13 +2,13 @@
 torchrun inside; `--backend local` runs the same task on this machine through submitit's local executor.
 
 Each task exports the torch rendezvous variables (`TorchDistributedEnvironment().export()`) and calls
-`run_worker(spec)`. `TrainTask` is a submitit `Checkpointable`. On timeout or preemption SLURM sends
-USR2 (`--signal=USR2@signal_delay_s`) to every task: the ranks finish the step they are in, save a
-checkpoint at it together, and stop; then rank 0 hands over to submitit, which pickles the task again
-and runs `scontrol requeue`, and the new allocation resumes from that checkpoint (at most the step in
-flight is lost). An administrator's `scontrol requeue`, or a node lost with the job (requeued by SLURM
-under ``--requeue``), restarts the job from the latest checkpoint the same way. None of these count
-against `launcher.max_restarts`.
+`run_worker(spec)`. `TrainTask` is a submitit `Checkpointable`. Before the time limit SLURM sends USR2 to the
+batch step (`--signal=B:USR2@launcher.slurm.signal_lead_s`), and SIGTERM on preemption; the supervisor passes
+either on to the tasks (`_Notices`): the ranks finish the step they are in, save a checkpoint at it together,
+and stop; then rank 0 hands over to submitit, which pickles the task again and runs `scontrol requeue`, and
+the new allocation resumes from that checkpoint (at most the step in flight is lost). An administrator's
+`scontrol requeue`, or a node lost with the job (requeued by SLURM under ``--requeue``), restarts the job from
+the latest checkpoint the same way. None of these count against `launcher.max_restarts`.
 
 A rank that fails on its own (SIGKILLed, a driver crash, exit code 1) is restarted within the
 allocation: the batch script runs `supervise` (this module as a program) instead of submitit's single
@@ -16,7 +16,9 @@ allocation: the batch script runs `supervise` (this module as a program) instead
 (`exit_codes`), runs them again, up to `launcher.max_restarts` times per job; the count lives in the
 submitit folder, so requeues neither reset it nor use it up. An error no restart can fix (a code of
 `NOT_RESTARTABLE` in a rank's result), or a kill that SLURM reports as the kernel's OOM killer, ends
-the job with that code (exit 5 for the OOM killer).
+the job with that code (exit 5 for the OOM killer). An allocation short of launcher.nodes (a node failed
+under --no-kill) is requeued rather than launched on fewer nodes, a node named in two failures in a row is
+excluded from the job, and a guard process requeues the job if the supervisor itself is killed.
 """
 
 from __future__ import annotations
@@ -351,10 +353,10 @@ class StepEnd:
     """srun's exit code."""
     ended: list[tuple[str, str]]
     """The task ends srun reported, in order: [("1", "Killed"), ("0-1", "Exited with exit code 1"), ...]."""
-    nodes: list[str] = field(default_factory=list)
-    """The node of each task end srun reported, in the same order."""
     out_of_memory: bool
     """SLURM reported a task ended by the kernel's OOM killer."""
+    nodes: list[str] = field(default_factory=list)
+    """The node of each task end srun reported, in the same order."""
 
 
 class _Notices:
