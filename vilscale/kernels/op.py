@@ -28,7 +28,8 @@ _TABLES = ("local_bias", "g2l_bias", "l2g_bias", "g2g_bias")
 def random_neighbour() -> torch.Tensor:
     """The neighbour of the official ``mode = randrange(1, 9)``, drawn from torch's global generator as a tensor
     (what a compiled graph draws; eagerly ``ViLAttention.neighbour`` draws the same value as an int)."""
-    return torch.tensor(_NEIGHBOUR_OF_MODE)[torch.randint(1, 9, ())]
+    # torch.take, not indexing: a tensor index reads its value (.item()), which breaks the graph
+    return torch.take(torch.tensor(_NEIGHBOUR_OF_MODE), torch.randint(1, 9, ()))
 
 
 def _call(q, k, v, tables, neighbour: torch.Tensor, map_h, map_w, num_global, window, mode, backend):
