@@ -1,6 +1,9 @@
 """ViL under torch.compile (#38 item 3): the attention is one custom op, ``torch.ops.vilscale.vil_attention``, so Dynamo
 traces whole ViL blocks without graph breaks, and a compiled step computes what the eager one does."""
 
+import json
+import math
+
 import pytest
 import torch
 
@@ -29,6 +32,23 @@ def test_the_custom_op_passes_torchs_operator_checks():
         args = (q, k, v, *present, torch.tensor(neighbour), map_h, map_w, num_global, window, "chunk", "chunked")
         results = torch.library.opcheck(torch.ops.vilscale.vil_attention.default, args)
         assert results and all(outcome == "SUCCESS" for outcome in results.values()), results
+
+
+def test_the_neighbour_drawn_in_the_graph_is_the_one_eager_draws():
+    """random_neighbour (a tensor, for compiled graphs) maps the official mode as neighbour_of_official_mode does,
+    from the same draw of torch's generator: seeded alike, both give the same neighbour, and all 8 appear."""
+    from vilscale.kernels.op import random_neighbour
+    from vilscale.kernels.reference import neighbour_of_official_mode
+
+    seen = set()
+    for seed in range(64):
+        torch.manual_seed(seed)
+        eager = neighbour_of_official_mode(int(torch.randint(1, 9, ())))
+        torch.manual_seed(seed)
+        drawn = random_neighbour()
+        assert drawn.dtype == torch.int64 and drawn.dim() == 0 and int(drawn) == eager, seed
+        seen.add(eager)
+    assert seen == {0, 1, 2, 3, 5, 6, 7, 8}
 
 
 @pytest.mark.budget(60)
@@ -72,3 +92,24 @@ def test_a_compiled_training_step_computes_what_the_eager_one_does(pos_embed):
     model = nano("random", pos_embed).train()
     torch.manual_seed(8)
     assert not torch.equal(torch.nn.functional.cross_entropy(model(x), y).detach(), eager_loss)
+
+
+@pytest.mark.slow
+def test_a_compiled_training_run_resumes_bit_exactly(smoke, tmp_path):
+    """train.compile=true (Inductor) on the smoke job, one rank, random shifts drawn in the graph: stopped after step
+    3 and resumed to 8, it reads the uninterrupted compiled run's samples and ends with its weights, bit for bit, as
+    an eager run does (tests/test_trainer.py)."""
+    compiled = ("--set", "train.compile=true", "--set", "train.record_samples=true", "--set",
+                "model.shift_mode=random", "--set", "train.log_every=1")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    smoke.train(whole, *compiled, nproc=1)
+    smoke.train(split, *compiled, "--set", "train.exit_after_steps=3", nproc=1)
+    result = smoke.train(split, *compiled, nproc=1)
+    assert "resumed from step_00000003" in result.stderr
+    assert smoke.samples(split) == smoke.samples(whole)
+    a, b = (smoke.export(run, tmp_path / f"{run.name}.safetensors") for run in (whole, split))
+    different = [key for key in a if not torch.equal(a[key], b[key])]
+    assert a.keys() == b.keys() and not different, different[:5]
+    losses = [json.loads(line)["loss"] for line in (whole / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert len(losses) >= 8 and all(math.isfinite(loss) for loss in losses)

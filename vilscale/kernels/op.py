@@ -17,19 +17,17 @@ from __future__ import annotations
 import torch
 
 from vilscale.kernels.dispatch import vil_attention
-from vilscale.kernels.reference import neighbour_of_official_mode
 
-# the official modes' neighbours, indexed by mode (0 = all 9 chunks, as -1 here: no neighbour argument)
-_NEIGHBOUR_OF_MODE = [-1 if neighbour_of_official_mode(mode) is None else neighbour_of_official_mode(mode)
-                      for mode in range(9)]
 _TABLES = ("local_bias", "g2l_bias", "l2g_bias", "g2g_bias")
 
 
 def random_neighbour() -> torch.Tensor:
     """The neighbour of the official ``mode = randrange(1, 9)``, drawn from torch's global generator as a tensor
     (what a compiled graph draws; eagerly ``ViLAttention.neighbour`` draws the same value as an int)."""
-    # torch.take, not indexing: a tensor index reads its value (.item()), which breaks the graph
-    return torch.take(torch.tensor(_NEIGHBOUR_OF_MODE), torch.randint(1, 9, ()))
+    # arithmetic, not a table lookup: indexing by a tensor reads its value (.item(), a graph break), and Inductor's
+    # CPU code generation failed on torch.take of a constant table (KeyError 'buf1', torch 2.14)
+    mode = torch.randint(1, 9, ())
+    return mode - 1 + (mode > 4).long()
 
 
 def _call(q, k, v, tables, neighbour: torch.Tensor, map_h, map_w, num_global, window, mode, backend):
