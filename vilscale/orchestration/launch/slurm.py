@@ -123,7 +123,7 @@ class TrainTask(submitit.helpers.Checkpointable):
                 raise
             print(f"vilscale: rank {environment.rank}: {line}", file=sys.stderr, flush=True)
             raise TaskFailed(f"[exit code {code}] {line}") from None
-        if summary.get("preempted") and callable(requeue):
+        if summary.get("preempted") and callable(requeue) and not _being_requeued(environment.rank):
             requeue(signal.SIGUSR2, None)  # rank 0: pickle this task again, `scontrol requeue`, exit
         return summary
 
@@ -134,6 +134,25 @@ class TrainTask(submitit.helpers.Checkpointable):
         nothing new; the requeued job resumes from there.
         """
         return submitit.helpers.DelayedSubmission(self)
+
+
+def _being_requeued(rank: int) -> bool:
+    """The job is already on its way back to the queue (the SIGTERM of `scontrol requeue` or of a preemption that
+    requeues: its restart count has moved on, or it is no longer RUNNING): rank 0 saved and stops, without a second
+    `scontrol requeue`, which SLURM would refuse. False when it cannot tell (rank 0 then requeues as usual)."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if rank != 0 or not job_id:
+        return False
+    try:
+        record = _job_record(job_id)
+    except ControllerUnreachable:
+        return False
+    if record is None or (record.state == "RUNNING"
+                          and record.restarts == int(os.environ.get("SLURM_RESTART_COUNT", "0"))):
+        return False
+    print(f"[vilscale] the job is being requeued already ({record.state.lower()}, requeue {record.restarts}): "
+          "stopping at the saved step", file=sys.stderr, flush=True)
+    return True
 
 
 @dataclass(frozen=True, slots=True)
