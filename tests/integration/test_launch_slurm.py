@@ -187,7 +187,7 @@ def test_a_rank_killed_by_sigkill_is_relaunched_and_the_run_finishes_from_its_la
 def test_a_rank_that_keeps_dying_uses_up_max_restarts_and_wait_returns_the_final_state(slurm, digits, tmp_path):
     """Rank 0 is SIGKILLed at step 2 in every attempt: after launcher.max_restarts=1 relaunch the job fails, and
     `--wait` (which cannot use sacct on this cluster, and finds no result from the killed rank) returns 1 as
-    soon as the job has ended, printing its final state."""
+    soon as the job has ended, printing its final state. The node is not excluded (it is the cluster's only one)."""
     run_dir = tmp_path / "run"
     with _fault_rearmed(run_dir):
         result = vilscale("submit", str(SMOKE), "--backend", "slurm", "--wait",
@@ -201,6 +201,8 @@ def test_a_rank_that_keeps_dying_uses_up_max_restarts_and_wait_returns_the_final
     assert log.count("was killed by SIGKILL") == 2, log[-3000:]
     assert "restart 1/1 after rank 0 was killed by SIGKILL" in log, log[-3000:]
     assert "giving up after 1 restart" in log, log[-3000:]
+    # the one node failed twice in a row, but excluding the cluster's only node would leave the job pending forever
+    assert "excluding it would leave the job pending for good" in log, log[-3000:]
     record = slurm.command("scontrol", "show", "job", job_id)
     assert "JobState=FAILED" in record, record
     ended_at = datetime.fromisoformat(re.search(r"EndTime=(\S+)", record).group(1)).timestamp()

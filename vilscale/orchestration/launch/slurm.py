@@ -165,6 +165,11 @@ class SlurmNode:
     default_partitions: tuple[str, ...]
     state: str
 
+    @property
+    def up(self) -> bool:
+        """Takes jobs: not down, drained, failing or in maintenance (sinfo's short state, e.g. "idle", "mix")."""
+        return not any(bad in self.state for bad in ("down", "drain", "fail", "maint"))
+
 
 def _gpus_from_gres(gres: str) -> int:
     """GPUs in a sinfo GRES string such as "gpu:8", "gpu:a100:4(S:0-1)" or "gpu:2,shard:4"."""
@@ -212,7 +217,7 @@ def check_slurm_fits(spec: JobSpec, nodes: list[SlurmNode]) -> None:
     else:
         pool = [n for n in nodes if n.default_partitions]
         where = "the default partition"
-    usable = [n for n in pool if not any(bad in n.state for bad in ("down", "drain", "fail", "maint"))]
+    usable = [n for n in pool if n.up]
     cpus_needed = launcher.ranks_per_node * launcher.cpus_per_task
     mem_needed = launcher.mem_gb * 1024
     fitting = [n for n in usable if n.gpus >= launcher.gpus_per_node and n.cpus >= cpus_needed
@@ -546,7 +551,7 @@ def supervise(task_command: list[str], *, folder: Path, max_restarts: int, nodes
                  "more memory (launcher.mem_gb)")
             return ended("FAILED", EXIT_OUT_OF_MEMORY)
         if step.nodes and max_excluded_nodes and _exclude_a_failing_node(job_id, folder, step.nodes[0], record,
-                                                                         max_excluded_nodes):
+                                                                         max_excluded_nodes, nodes or 1):
             return ended("REQUEUED", 0)
         used = restarts_used(counter)
         if used >= max_restarts:
@@ -575,9 +580,11 @@ def _allocation_short_of(job_id: str, nodes: int) -> str | None:
     return f"the allocation holds {record.nodes} of the {nodes} node(s) the job needs (a node failed under --no-kill)"
 
 
-def _exclude_a_failing_node(job_id: str, folder: Path, node: str, record: JobRecord | None, budget: int) -> bool:
+def _exclude_a_failing_node(job_id: str, folder: Path, node: str, record: JobRecord | None, budget: int,
+                            job_nodes: int = 1) -> bool:
     """Remember that ``node`` was named in this failure; when it was named in the previous one too, exclude it from
-    the job (ExcNodeList, at most ``budget`` nodes per job) and requeue the job. True when the job was requeued."""
+    the job (ExcNodeList, at most ``budget`` nodes per job, and only while the job's partition keeps ``job_nodes``
+    other nodes up) and requeue the job. True when the job was requeued."""
     from vilscale.files import atomic_write_json
 
     history = folder / f"{job_id}_failed_nodes.json"
@@ -594,6 +601,11 @@ def _exclude_a_failing_node(job_id: str, folder: Path, node: str, record: JobRec
         _say(f"node {node} failed twice in a row, but launcher.slurm.max_excluded_nodes={budget} node(s) are excluded "
              "already; restarting on it")
         return False
+    others = _nodes_left_without([*excluded, node])
+    if others is not None and others < job_nodes:
+        _say(f"node {node} failed twice in a row, but without it the partition has {others} node(s) up for the job's "
+             f"{job_nodes}: excluding it would leave the job pending for good; restarting on it")
+        return False
     _say(f"node {node} was named in two failures in a row: requeueing the job without it (excluded: "
          f"{', '.join([*excluded, node])}; not counted as a restart)")
     held = subprocess.run(["scontrol", "requeuehold", job_id], capture_output=True, text=True, timeout=60)
@@ -604,6 +616,17 @@ def _exclude_a_failing_node(job_id: str, folder: Path, node: str, record: JobRec
                    capture_output=True, text=True, timeout=60)
     subprocess.run(["scontrol", "release", job_id], capture_output=True, text=True, timeout=60)
     return True
+
+
+def _nodes_left_without(excluded: list[str]) -> int | None:
+    """Nodes up in this job's partition (SLURM_JOB_PARTITION) other than ``excluded``; None when sinfo cannot say."""
+    try:
+        nodes = slurm_nodes()
+    except (LaunchError, OSError, subprocess.SubprocessError, ValueError):
+        return None
+    partition = os.environ.get("SLURM_JOB_PARTITION", "")
+    pool = [n for n in nodes if (partition in n.partitions if partition else n.default_partitions)]
+    return sum(1 for n in pool if n.name not in excluded and n.up)
 
 
 OUTCOME_SUFFIX = "_outcome.json"
