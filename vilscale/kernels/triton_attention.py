@@ -3,16 +3,27 @@
 Semantics and layout are those of ``vilscale.kernels.reference`` (tokens ``(B, heads, G + H*W, d)``,
 global tokens first, ``chunk``/``exact`` windows, four bias tables, ``neighbour`` for the shift modes).
 
-Forward: a program per (tile of local queries, batch x head) runs one online softmax over the
-global keys and the map rows its tile can see; global queries run a split-K flash attention over
-all tokens, whose partial results are merged on the host. Saved for backward: q, k, v, the output
+Two sets of kernels take the local queries and keys:
+- ``chunks`` (``_triton_chunks``, host side in ``triton_chunks``; chunk mode, windows up to 11): a
+  program per chunk of queries, padded to 64 rows, walks the chunks it sees as 64-row key blocks
+  (tensor-core products, Hopper's wgmma; no per-score visibility test, the relative-position bias as
+  dense tiles). The default wherever it applies.
+- ``tiles`` (``_triton_vil``; both window modes): a program per tile of local queries (4x8 to 16x8)
+  walks the map rows its tile can see, testing every score's visibility. Exact windows always use it;
+  ``kernel="tiles"`` (or ``VILSCALE_TRITON_KERNEL=tiles``) selects it for chunk mode too, so the
+  two can be timed side by side on one card.
+The chunk kernels have passed the interpreter tests and compile for sm_90 (benchmarks/kernel_static.py)
+but have not yet run on a GPU.
+
+Forward: the local kernel runs one online softmax per local query over the global keys and the keys
+its window sees; global queries run a split-K flash attention over all tokens, whose partial results
+are merged on the host. Saved for backward: q, k, v, the output
 and the per-row log-sum-exp (no tokens x window tensor), plus the fp32 output of the few global
 rows (G x d per batch and head).
 
-Backward recomputes the scores: one kernel per tile of local queries (dq and this tile's partial
-gradient of the local bias table), one per tile of local keys (dk, dv: the visibility relation is
-symmetric, so a key tile walks the same rectangle a query tile would), and two split kernels for
-global queries and global keys. Every partial sum lands in its own slot of a buffer that torch
+Backward recomputes the scores: dq per block of local queries, dk and dv per block of local keys, the
+local table's gradient (per tile of queries with ``tiles``, in a kernel of its own with ``chunks``), and
+two split kernels for global queries and global keys. Every partial sum lands in its own slot of a buffer that torch
 reduces afterwards, so all gradients, bias tables included, are deterministic: no atomics at all.
 
 Kernels are compiled for CUDA tensors; with ``TRITON_INTERPRET=1`` in the environment before this
@@ -27,6 +38,7 @@ import os
 
 import torch
 
+from vilscale.kernels import _launch, triton_chunks
 from vilscale.kernels.reference import WINDOW_MODES, AttentionProblem, neighbour_offset, validate_problem
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -49,6 +61,28 @@ FIXED_CONFIG_ENV = "VILSCALE_TRITON_CONFIG"
 # tokens (one program each) whose partial results are reduced on the host.
 GLOBAL_SPLIT_TOKENS = 1024
 BLOCK_G = 16
+# Which kernels take the local queries and keys (see the module docstring); the default follows
+# VILSCALE_TRITON_KERNEL (unset: chunks where they apply).
+KERNELS = ("chunks", "tiles")
+KERNEL_ENV = "VILSCALE_TRITON_KERNEL"
+
+
+def default_kernel() -> str:
+    value = os.environ.get(KERNEL_ENV, "").strip() or "tiles"
+    if value not in KERNELS:
+        raise ValueError(f"{KERNEL_ENV}={value!r} is not one of {KERNELS}")
+    return value
+
+
+def local_kernel(problem: AttentionProblem, requested: str | None = None) -> str:
+    """The kernels that run ``problem``'s local part: ``requested`` (default: ``default_kernel()``) unless
+    the chunk kernels refuse the problem (exact windows, windows above 11)."""
+    requested = requested or default_kernel()
+    if requested not in KERNELS:
+        raise ValueError(f"kernel {requested!r} is not one of {KERNELS}")
+    if requested == "chunks" and triton_chunks.refusal(problem) is None:
+        return "chunks"
+    return "tiles"
 
 
 def _next_pow2(value: int) -> int:
@@ -125,9 +159,11 @@ def _launch_local(name: str, grid_bh: int, height: int, width: int, *args, **kwa
 
     if _kernels().INTERPRETED:
         tile_y, tile_x = INTERPRETER_TILE
-        kernel[grid](*args, **kwargs, TILE_Y=tile_y, TILE_X=tile_x)
+        _launch.launch(kernel, grid, args, {**kwargs, "TILE_Y": tile_y, "TILE_X": tile_x})
         return tile_y, tile_x
-    kernel[grid](*args, **kwargs)
+    _launch.launch(kernel, grid, args, kwargs)
+    if _launch.recording():  # nothing ran: the static check sizes buffers for the largest tile count
+        return GPU_TILES[0]
     best = kernel.best_config.kwargs
     return best["TILE_Y"], best["TILE_X"]
 
@@ -173,7 +209,7 @@ def _global_split(n_local: int) -> tuple[int, int, int]:
     return block_n, split, triton_cdiv(n_local, split)
 
 
-def _forward(q, k, v, tables, problem: AttentionProblem):
+def _forward(q, k, v, tables, problem: AttentionProblem, kernel: str):
     kernels = _kernels()
     local_bias, g2l, l2g, g2g = tables
     batch, heads, n_tokens, head_dim = q.shape
@@ -187,21 +223,25 @@ def _forward(q, k, v, tables, problem: AttentionProblem):
     strides = (*_strides(q), *_strides(k), *_strides(v))
     dummy = lse  # stands in for absent tables; never read (the HAS_* flags are off)
 
-    _launch_local("fwd_local_kernel", batch * heads, height, width,
-                  q, k, v, out, lse, _or(local_bias, dummy), _or(l2g, dummy), *strides,
-                  heads, n_global, height, width, qk_scale,
-                  WINDOW=problem.window, CHUNK=problem.mode == "chunk",
-                  HAS_LB=local_bias is not None, HAS_L2G=l2g is not None, **_neighbour_args(problem), **common)
+    if kernel == "chunks":
+        triton_chunks.forward_local(q, k, v, out, lse, strides, local_bias, l2g, problem, common, qk_scale)
+    else:
+        _launch_local("fwd_local_kernel", batch * heads, height, width,
+                      q, k, v, out, lse, _or(local_bias, dummy), _or(l2g, dummy), *strides,
+                      heads, n_global, height, width, qk_scale,
+                      WINDOW=problem.window, CHUNK=problem.mode == "chunk",
+                      HAS_LB=local_bias is not None, HAS_L2G=l2g is not None, **_neighbour_args(problem), **common)
     if n_global:
         block_n, split, n_splits = _global_split(n_local)
         part_o = torch.empty((n_splits, batch * heads, n_global, head_dim), dtype=torch.float32, device=q.device)
         part_m = torch.empty((n_splits, batch * heads, n_global), dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
         grid = (n_splits, triton_cdiv(n_global, BLOCK_G), batch * heads)
-        kernels.fwd_global_kernel[grid](
-            q, k, v, part_o, part_m, part_l, _or(g2l, dummy), _or(g2g, dummy), *strides,
-            heads, n_global, n_local, split, qk_scale, BLOCK_N=block_n,
-            HAS_G2L=g2l is not None, HAS_G2G=g2g is not None, **_global_common(common))
+        _launch.launch(kernels.fwd_global_kernel, grid,
+                       (q, k, v, part_o, part_m, part_l, _or(g2l, dummy), _or(g2g, dummy), *strides,
+                        heads, n_global, n_local, split, qk_scale),
+                       dict(BLOCK_N=block_n, HAS_G2L=g2l is not None, HAS_G2G=g2g is not None,
+                            **_global_common(common)))
         row_max = part_m.amax(0)
         weight = torch.exp2(part_m - row_max)
         total = (part_l * weight).sum(0)
@@ -216,15 +256,14 @@ def _or(table, dummy):
     return dummy if table is None else table
 
 
-def _backward(grad_out, q, k, v, out, lse, global_out, tables, problem: AttentionProblem, needs_table_grad):
+def _backward(grad_out, q, k, v, out, lse, global_out, tables, problem: AttentionProblem, kernel: str,
+              needs_table_grad):
     kernels = _kernels()
     local_bias, g2l, l2g, g2g = tables
     batch, heads, n_tokens, head_dim = q.shape
     height, width = problem.map_hw
     n_global = problem.num_global
     n_local = height * width
-    window = problem.window
-    chunk = problem.mode == "chunk"
     qk_scale = problem.scale * kernels.LOG2E
     common = _common(q, problem)
     device = q.device
@@ -241,9 +280,64 @@ def _backward(grad_out, q, k, v, out, lse, global_out, tables, problem: Attentio
     strides = (*_strides(q), *_strides(k), *_strides(v))
     dummy = lse
 
+    d_g2l = d_l2g = d_g2g = None
+    if kernel == "chunks":
+        d_local_bias = triton_chunks.backward_local(
+            q, k, v, grad_out, lse, delta, dq, dk, dv, strides, local_bias, g2l, l2g, problem, common, qk_scale,
+            table_grad=needs_table_grad[0])
+    else:
+        d_local_bias = _backward_local_tiles(q, k, v, grad_out, lse, delta, dq, dk, dv, strides, tables, problem,
+                                             common, qk_scale, needs_table_grad[0])
+
+    if n_global:
+        block_n, split, n_splits = _global_split(n_local)
+        bh = batch * heads
+        grid = (n_splits, triton_cdiv(n_global, BLOCK_G), bh)
+        part_dq = torch.empty((n_splits, bh, n_global, head_dim), dtype=torch.float32, device=device)
+        keep_gg = (g2l is not None and needs_table_grad[1]) or (g2g is not None and needs_table_grad[3])
+        part_gg = torch.empty((bh, n_global, n_global), dtype=torch.float32, device=device) if keep_gg else dummy
+        _launch.launch(kernels.bwd_global_dq_kernel, grid,
+                       (q, k, v, grad_out, lse, delta, part_dq, part_gg, _or(g2l, dummy), _or(g2g, dummy),
+                        *strides, heads, n_global, n_local, split, qk_scale),
+                       dict(BLOCK_N=block_n, HAS_G2L=g2l is not None, HAS_G2G=g2g is not None, KEEP_GG=keep_gg,
+                            **_global_common(common)))
+        part_dk = torch.empty((n_splits, bh, n_global, head_dim), dtype=torch.float32, device=device)
+        part_dv = torch.empty_like(part_dk)
+        part_l2g = torch.empty((n_splits, bh, n_global), dtype=torch.float32, device=device)
+        _launch.launch(kernels.bwd_global_dkdv_kernel, grid,
+                       (q, k, v, grad_out, lse, delta, part_dk, part_dv, part_l2g, _or(l2g, dummy), _or(g2g, dummy),
+                        *strides, heads, n_global, n_local, split, qk_scale),
+                       dict(BLOCK_N=block_n, HAS_L2G=l2g is not None, HAS_G2G=g2g is not None,
+                            **_global_common(common)))
+        dq[:, :, :n_global] = (part_dq.sum(0) * problem.scale).view(batch, heads, n_global, head_dim)
+        dk[:, :, :n_global] = (part_dk.sum(0) * problem.scale).view(batch, heads, n_global, head_dim)
+        dv[:, :, :n_global] = part_dv.sum(0).view(batch, heads, n_global, head_dim)
+        if keep_gg:
+            global_ds = part_gg.view(batch, heads, n_global, n_global)  # ds of (global query, global key)
+            if g2l is not None:
+                # every row of ds sums to 0 over all keys: the local keys' share is minus the global keys'
+                d_g2l = (-global_ds.sum(-1)).sum(0).to(g2l.dtype)
+            if g2g is not None:
+                d_g2g = global_ds.sum(0).to(g2g.dtype)
+        if l2g is not None:
+            d_l2g = part_l2g.sum(0).view(batch, heads, n_global).sum(0).to(l2g.dtype)
+    return dq, dk, dv, d_local_bias, d_g2l, d_l2g, d_g2g
+
+
+def _backward_local_tiles(q, k, v, grad_out, lse, delta, dq, dk, dv, strides, tables, problem: AttentionProblem,
+                          common: dict, qk_scale: float, table_grad: bool):
+    """The ``tiles`` kernels' local backward: dq (and each tile's partial local-table gradient), dk, dv."""
+    local_bias, g2l, l2g, _ = tables
+    batch, heads = q.shape[:2]
+    height, width = problem.map_hw
+    n_global = problem.num_global
+    window = problem.window
+    chunk = problem.mode == "chunk"
+    device = q.device
+    dummy = lse
     radius = 2 * window - 1 if chunk else window
     offsets = max(MIN_ROW, _next_pow2(2 * radius + 1))
-    lb_grad = local_bias is not None and needs_table_grad[0]
+    lb_grad = local_bias is not None and table_grad
     if lb_grad:
         lb_parts = torch.empty((batch * heads * _max_tiles(height, width), offsets, offsets),
                                dtype=torch.float32, device=device)
@@ -262,7 +356,7 @@ def _backward(grad_out, q, k, v, out, lse, global_out, tables, problem: Attentio
         WINDOW=window, CHUNK=chunk, HAS_LB=local_bias is not None, HAS_G2L=g2l is not None,
         **_neighbour_args(problem), **common)
 
-    d_local_bias = d_g2l = d_l2g = d_g2g = None
+    d_local_bias = None
     if lb_grad:
         n_tiles = triton_cdiv(height, tile_y) * triton_cdiv(width, tile_x)
         grid_sum = lb_parts[:batch * heads * n_tiles].view(batch, heads, n_tiles, offsets, offsets).sum((0, 2))
@@ -272,56 +366,28 @@ def _backward(grad_out, q, k, v, out, lse, global_out, tables, problem: Attentio
         table[:, start:start + 2 * radius + 1, start:start + 2 * radius + 1] = \
             grid_sum[:, :2 * radius + 1, :2 * radius + 1]
         d_local_bias = table.view(heads, side * side).to(local_bias.dtype)
-
-    if n_global:
-        block_n, split, n_splits = _global_split(n_local)
-        bh = batch * heads
-        grid = (n_splits, triton_cdiv(n_global, BLOCK_G), bh)
-        part_dq = torch.empty((n_splits, bh, n_global, head_dim), dtype=torch.float32, device=device)
-        keep_gg = (g2l is not None and needs_table_grad[1]) or (g2g is not None and needs_table_grad[3])
-        part_gg = torch.empty((bh, n_global, n_global), dtype=torch.float32, device=device) if keep_gg else dummy
-        kernels.bwd_global_dq_kernel[grid](
-            q, k, v, grad_out, lse, delta, part_dq, part_gg, _or(g2l, dummy), _or(g2g, dummy),
-            *strides, heads, n_global, n_local, split, qk_scale, BLOCK_N=block_n,
-            HAS_G2L=g2l is not None, HAS_G2G=g2g is not None, KEEP_GG=keep_gg, **_global_common(common))
-        part_dk = torch.empty((n_splits, bh, n_global, head_dim), dtype=torch.float32, device=device)
-        part_dv = torch.empty_like(part_dk)
-        part_l2g = torch.empty((n_splits, bh, n_global), dtype=torch.float32, device=device)
-        kernels.bwd_global_dkdv_kernel[grid](
-            q, k, v, grad_out, lse, delta, part_dk, part_dv, part_l2g, _or(l2g, dummy), _or(g2g, dummy),
-            *strides, heads, n_global, n_local, split, qk_scale, BLOCK_N=block_n,
-            HAS_L2G=l2g is not None, HAS_G2G=g2g is not None, **_global_common(common))
-        dq[:, :, :n_global] = (part_dq.sum(0) * problem.scale).view(batch, heads, n_global, head_dim)
-        dk[:, :, :n_global] = (part_dk.sum(0) * problem.scale).view(batch, heads, n_global, head_dim)
-        dv[:, :, :n_global] = part_dv.sum(0).view(batch, heads, n_global, head_dim)
-        if keep_gg:
-            global_ds = part_gg.view(batch, heads, n_global, n_global)  # ds of (global query, global key)
-            if g2l is not None:
-                # every row of ds sums to 0 over all keys: the local keys' share is minus the global keys'
-                d_g2l = (-global_ds.sum(-1)).sum(0).to(g2l.dtype)
-            if g2g is not None:
-                d_g2g = global_ds.sum(0).to(g2g.dtype)
-        if l2g is not None:
-            d_l2g = part_l2g.sum(0).view(batch, heads, n_global).sum(0).to(l2g.dtype)
-    return dq, dk, dv, d_local_bias, d_g2l, d_l2g, d_g2g
+    return d_local_bias
 
 
 class ViLAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: ``apply(q, k, v, local_bias, g2l_bias, l2g_bias, g2g_bias, problem)``."""
+    """Autograd wrapper: ``apply(q, k, v, local_bias, g2l_bias, l2g_bias, g2g_bias, problem, kernel)``,
+    ``kernel`` one of KERNELS (see ``local_kernel``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, local_bias, g2l_bias, l2g_bias, g2g_bias, problem: AttentionProblem):
+    def forward(ctx, q, k, v, local_bias, g2l_bias, l2g_bias, g2g_bias, problem: AttentionProblem, kernel: str):
         tables = (local_bias, g2l_bias, l2g_bias, g2g_bias)
-        out, lse, global_out = _forward(q, k, v, tables, problem)
+        out, lse, global_out = _forward(q, k, v, tables, problem, kernel)
         ctx.save_for_backward(q, k, v, out, lse, global_out, *tables)
         ctx.problem = problem
+        ctx.kernel = kernel
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, global_out, *tables = ctx.saved_tensors
-        grads = _backward(grad_out, q, k, v, out, lse, global_out, tables, ctx.problem, ctx.needs_input_grad[3:7])
-        return (*grads, None)
+        grads = _backward(grad_out, q, k, v, out, lse, global_out, tables, ctx.problem, ctx.kernel,
+                          ctx.needs_input_grad[3:7])
+        return (*grads, None, None)
 
 
 def _table(table, name, shape, device):
@@ -338,8 +404,10 @@ def _table(table, name, shape, device):
 
 
 def vil_attention_triton(q, k, v, *, map_hw, num_global, window, mode="chunk", scale=None, local_bias=None,
-                         g2l_bias=None, l2g_bias=None, g2g_bias=None, neighbour=None) -> torch.Tensor:
-    """ViL attention through the fused kernels; differentiable w.r.t. q, k, v and every table."""
+                         g2l_bias=None, l2g_bias=None, g2g_bias=None, neighbour=None, kernel=None) -> torch.Tensor:
+    """ViL attention through the fused kernels; differentiable w.r.t. q, k, v and every table. ``kernel``
+    (``chunks`` or ``tiles``; default ``VILSCALE_TRITON_KERNEL``, else ``chunks``) picks the local kernels
+    where both apply (see ``local_kernel``)."""
     validate_problem(q, k, v, map_hw=map_hw, num_global=num_global, window=window, mode=mode, neighbour=neighbour)
     reason = BACKEND.can_run(q, map_hw=map_hw, num_global=num_global, window=window, mode=mode)
     if reason is not None:
@@ -357,7 +425,7 @@ def vil_attention_triton(q, k, v, *, map_hw, num_global, window, mode="chunk", s
               _table(g2g_bias, "g2g_bias", (heads, num_global, num_global), q.device))
     problem = AttentionProblem.of(head_dim, map_hw=map_hw, num_global=num_global, window=window, mode=mode,
                                   neighbour=neighbour, scale=scale)
-    out = ViLAttentionFunction.apply(q, k, v, *tables, problem)
+    out = ViLAttentionFunction.apply(q, k, v, *tables, problem, local_kernel(problem, kernel))
     # Empty tables (no global tokens) still get a (zero-size) gradient through this no-op.
     for table in (g2l_bias, l2g_bias, g2g_bias):
         if table is not None and table.numel() == 0 and table.requires_grad:
@@ -412,4 +480,4 @@ class _TritonBackend:
 
 BACKEND = _TritonBackend()
 
-__all__ = ["BACKEND", "ViLAttentionFunction", "key_width", "vil_attention_triton"]
+__all__ = ["BACKEND", "KERNELS", "ViLAttentionFunction", "key_width", "local_kernel", "vil_attention_triton"]
