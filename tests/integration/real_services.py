@@ -550,8 +550,14 @@ ReturnToService=2
 SlurmdTimeout={slurmd_timeout_s}
 # A requeued job's processes get SIGKILL this long after SIGTERM (default 30 s); the test requeues mid-run.
 KillWait=1
+# Real preemption: a job of the higher-tier partition `urgent` requeues the jobs of `debug` whose resources it needs
+# (SIGTERM to every process, then SIGKILL after the partition's GraceTime), as a site with PreemptMode=REQUEUE does.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 {node_lines}
-PartitionName=debug Nodes={",".join(n.name for n in nodes)} Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes={",".join(n.name for n in nodes)} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 \
+GraceTime=60
+PartitionName=urgent Nodes={",".join(n.name for n in nodes)} MaxTime=INFINITE State=UP PriorityTier=2
 """)
         subprocess.run([find_binary("slurmctld"), "-i", "-f", str(cluster.conf)], check=True,
                        env={**os.environ, **cluster.env}, timeout=30)

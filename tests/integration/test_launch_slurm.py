@@ -460,11 +460,13 @@ def test_a_supervisor_killed_mid_job_requeues_the_job_instead_of_failing_it(slur
 
 @pytest.mark.slow
 def test_sigterm_preemption_saves_the_step_and_requeues_the_job(slurm, digits, tmp_path):
-    """#37 scenario 3: preemption with PreemptMode=REQUEUE sends SIGTERM to every process of the job (here
-    `scancel --full --signal=TERM`, what slurmd does then). Before, the supervisor had no handler and died at once,
-    the tasks ignored it (submitit's handler) until SLURM's SIGKILL, and the work since the last checkpoint was
-    lost. Now SIGTERM is a notice like USR2: the ranks save at the step they are in, the job is requeued and
-    resumes from exactly that step; the restart budget is not used."""
+    """#37 scenario 3: real preemption. The cluster runs PreemptType=preempt/partition_prio with PreemptMode=REQUEUE
+    (tests/integration/real_services.py); a job of the higher-tier partition `urgent` that needs the node makes
+    slurmctld send SIGTERM to every process of ours and requeue the job (SIGKILL after the partition's GraceTime).
+    Before, the supervisor had no handler and died at once, the tasks ignored SIGTERM (submitit's handler) until
+    the SIGKILL, and the work since the last checkpoint was lost. Now SIGTERM is a notice like USR2: the ranks save
+    at the step they are in, and the job resumes from exactly that step once the urgent job is done; the restart
+    budget (launcher.max_restarts=0) is not used."""
     run_dir, gate = tmp_path / "run", tmp_path / "release"
     submit = subprocess.Popen(
         [sys.executable, "-m", "vilscale.cli", "submit", str(SMOKE), "--backend", "slurm", "--wait",
@@ -475,8 +477,11 @@ def test_sigterm_preemption_saves_the_step_and_requeues_the_job(slurm, digits, t
     try:
         services.wait_until(lambda: _latest_step(run_dir) >= 4, timeout_s=300, what="the step-4 checkpoint")
         job_id = slurm.command("squeue", "--noheader", "--format=%i").split()[0]
-        slurm.command("scancel", "--full", "--signal=TERM", job_id)
-        gate.touch()
+        urgent = slurm.command("sbatch", "--parsable", "--partition=urgent", "--exclusive", "--output=/dev/null",
+                               "--wrap=sleep 2").strip()
+        gate.touch()  # the ranks go on past their hold, into the notice (held, they could not save before SIGKILL)
+        services.wait_until(lambda: "JobState=COMPLETED" in slurm.command("scontrol", "show", "job", urgent),
+                            timeout_s=180, what="the urgent job ran", poll_s=0.5)
         output, _ = submit.communicate(timeout=600)
     finally:
         gate.touch()
@@ -488,7 +493,8 @@ def test_sigterm_preemption_saves_the_step_and_requeues_the_job(slurm, digits, t
                                               log)]
     resumed = [int(step) for step in re.findall(r"resumed from step_\d+ \(step (\d+)", log)]
     assert saved and resumed == saved[:1] and saved[0] >= 5, log[-4000:]  # saved where it was, not at step 4
-    assert "SIGTERM" in log and "Restarts=1" in slurm.command("scontrol", "show", "job", job_id)
+    assert "SIGTERM: saving a checkpoint at the end of this step" in log, log[-4000:]
+    assert "Restarts=1" in slurm.command("scontrol", "show", "job", job_id)
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 12
 
 
