@@ -381,6 +381,8 @@ class StepEnd:
     """SLURM reported a task ended by the kernel's OOM killer."""
     nodes: list[str] = field(default_factory=list)
     """The node of each task end srun reported, in the same order."""
+    shrunk: str = ""
+    """Why srun was stopped because the allocation lost a node while it ran (a --no-kill job), else ""."""
 
 
 class _Notices:
@@ -418,20 +420,54 @@ def _requeue_on_notice(job_id: str, requeues: int, notices: _Notices, record: Jo
     return 0
 
 
-def _srun(command: list[str], notices: _Notices | None = None) -> StepEnd:
-    """Run ``command`` (srun), copying its stderr to ours (the job's log); ``notices`` passes preemption notices on."""
+def _srun(command: list[str], notices: _Notices | None = None, *, job_id: str = "", nodes_needed: int = 0) -> StepEnd:
+    """Run ``command`` (srun), copying its stderr to ours (the job's log); ``notices`` passes preemption notices on.
+    With ``job_id`` and ``nodes_needed``, the allocation is watched while srun runs: when a node fails under --no-kill,
+    srun can wait for the lost node's tasks for good (its step was killed, the tasks on the other nodes ended, and no
+    end ever comes from the lost node), so srun is stopped once the allocation holds fewer nodes."""
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace")
     if notices is not None:
         notices.srun = process
+    shrunk: list[str] = []
+    watching = threading.Event()
+    if job_id and nodes_needed > 1:
+        threading.Thread(target=_watch_allocation, args=(process, job_id, nodes_needed, shrunk, watching),
+                         daemon=True).start()
     ended, nodes, out_of_memory = [], [], False
-    for line in process.stderr:
-        sys.stderr.write(line)
-        sys.stderr.flush()
-        if match := SRUN_TASK_END.match(line.rstrip()):
-            nodes.append(match.group(1))
-            ended.append((match.group(2), match.group(3)))
-        out_of_memory = out_of_memory or bool(SRUN_OOM.search(line.rstrip()))
-    return StepEnd(code=process.wait(), ended=ended, out_of_memory=out_of_memory, nodes=nodes)
+    try:
+        for line in process.stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            if match := SRUN_TASK_END.match(line.rstrip()):
+                nodes.append(match.group(1))
+                ended.append((match.group(2), match.group(3)))
+            out_of_memory = out_of_memory or bool(SRUN_OOM.search(line.rstrip()))
+        code = process.wait()
+    finally:
+        watching.set()
+    return StepEnd(code=code, ended=ended, out_of_memory=out_of_memory, nodes=nodes,
+                   shrunk=shrunk[0] if shrunk else "")
+
+
+ALLOCATION_POLL_S = 10.0
+"""How often the batch step asks slurmctld whether the allocation still holds its nodes while srun runs."""
+
+
+def _watch_allocation(process: subprocess.Popen, job_id: str, nodes: int, shrunk: list[str],
+                      done: threading.Event) -> None:
+    """Stop ``process`` (srun) when the allocation holds fewer than ``nodes`` nodes; ``shrunk`` gets the reason."""
+    while not done.wait(ALLOCATION_POLL_S) and process.poll() is None:
+        short = _allocation_short_of(job_id, nodes)
+        if not short:
+            continue
+        shrunk.append(short)
+        _say(f"{short} while the ranks ran: stopping srun")
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        return
 
 
 def _cause(step: StepEnd) -> str:
@@ -512,8 +548,10 @@ def supervise(task_command: list[str], *, folder: Path, max_restarts: int, nodes
     # nodes left, or wait for step creation without end.
     shape = ([f"--nodes={nodes}"] if nodes else []) + ([f"--ntasks={ntasks}"] if ntasks else [])
     srun = ["srun", "--unbuffered", "--output", str(paths.stdout), "--error", str(paths.stderr), *shape,
-            # One rank failing stops the others at once (they would wait in a collective for the dead one).
-            "--kill-on-bad-exit=1", *task_command]
+            # One rank failing stops the others at once (they would wait in a collective for the dead one). Under a
+            # --no-kill job srun inherits SLURM_NO_KILL, which turns --kill-on-bad-exit off and keeps the step waiting
+            # for the tasks of a failed node for good: --no-kill=off ends the step, the job itself still runs on.
+            "--kill-on-bad-exit=1", "--no-kill=off", *task_command]
     while True:
         for stale in folder.glob(f"{job_id}_*_result.pkl"):  # the results of an earlier attempt
             stale.unlink(missing_ok=True)
@@ -523,9 +561,13 @@ def supervise(task_command: list[str], *, folder: Path, max_restarts: int, nodes
             _say(f"{short}: requeueing the job, to run again on {nodes} node(s) (not counted as a restart)")
             _requeue(job_id)
             return ended("REQUEUED", 0)
-        step = _srun(srun, notices)
+        step = _srun(srun, notices, job_id=job_id, nodes_needed=nodes or 0)
         if step.code == 0:
             return ended("COMPLETED", 0)
+        if step.shrunk and not notices.received:
+            _say(f"{step.shrunk}: requeueing the job, to run again on {nodes} node(s) (not counted as a restart)")
+            _requeue(job_id)
+            return ended("REQUEUED", 0)
         try:
             record = _job_record(job_id)
         except ControllerUnreachable:
