@@ -30,7 +30,7 @@ PYTEST_ARGS ?=
 export PATH := $(VENV)/bin:$(PATH)
 export RAY_TRAIN_ENABLE_PRINT_PATCH := 0
 
-.PHONY: setup system-packages demo test test-full test-transfer lint clean
+.PHONY: setup system-packages demo test test-full test-transfer test-extended lint clean
 
 # The quick tier: what is not slow (nor needs services, hosts or injected faults), plus the slow tests given a budget
 # (tests/conftest.py fails a quick-tier test that overruns its budget).
@@ -86,6 +86,11 @@ test-full: setup
 # Mask R-CNN fine-tunes, 7m55; about 14 min on 2 cores), left out of make test
 test-transfer: setup
 	$(VENV)/bin/pytest -m transfer tests/test_transfer.py -s
+
+# the long real-cluster scenarios (node losses on two hosts, preemption, restarts that use up their budget; minutes
+# each), left out of make test-full so that CI stays within its time
+test-extended: setup
+	$(VENV)/bin/pytest -m extended $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check vilscale tests benchmarks

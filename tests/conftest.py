@@ -80,11 +80,17 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip_gpu)
-    if "transfer" not in (config.getoption("markexpr") or ""):  # chosen only by name: `make test-transfer`
+    chosen = config.getoption("markexpr") or ""
+    if "transfer" not in chosen:  # chosen only by name: `make test-transfer`
         skip_transfer = pytest.mark.skip(reason="twelve fine-tunes of about a minute: run make test-transfer")
         for item in items:
             if "transfer" in item.keywords:
                 item.add_marker(skip_transfer)
+    if "extended" not in chosen:  # chosen only by name: `make test-extended`
+        skip_extended = pytest.mark.skip(reason="a long real-cluster scenario (minutes each): run make test-extended")
+        for item in items:
+            if "extended" in item.keywords:
+                item.add_marker(skip_extended)
 
 
 REPO = Path(__file__).resolve().parents[1]

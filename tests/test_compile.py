@@ -94,6 +94,7 @@ def test_a_compiled_training_step_computes_what_the_eager_one_does(pos_embed):
     assert not torch.equal(torch.nn.functional.cross_entropy(model(x), y).detach(), eager_loss)
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_a_compiled_training_run_resumes_bit_exactly(smoke, tmp_path):
     """train.compile=true (Inductor) on the smoke job, one rank, random shifts drawn in the graph: stopped after step

@@ -66,6 +66,7 @@ RETINANET_EPOCHS, RETINANET_AP50_BAR = 4, 0.05
 MASK_RCNN_EPOCHS, MASK_RCNN_AP50_BAR = 2, 0.20
 
 
+@pytest.mark.extended
 def test_retinanet_learns_the_digits(digits_coco, tmp_path):
     """RetinaNet's AP50 bar and its two losses falling. (That `vilscale eval` prints what pycocotools computes from
     the saved predictions, and equals the trainer's own evaluation, is checked once, on the Mask R-CNN demo run.)"""
@@ -108,6 +109,7 @@ def test_the_backbone_starts_from_the_export_it_is_given(tmp_path):
 # exact resume, ZeRO-2 on two ranks
 # ----------------------------------------------------------------------------------------------------
 
+@pytest.mark.extended
 def test_a_detection_run_stopped_and_resumed_equals_the_uninterrupted_run(digits_coco, tmp_path):
     common = [*data_sets(digits_coco), "--set", "train.max_steps=6", "--set", "train.ckpt_every=3",
               "--set", "train.record_samples=true", "--set", "augment.hflip=0.5", "--set", "eval.every_epochs=100"]
@@ -236,7 +238,7 @@ def test_the_detection_demo_prepares_trains_evaluates_and_draws_its_pictures(det
             pixels = np.asarray(image.convert("RGB"))
         canvas = np.asarray(Image.open(root / "data" / "digits_coco" / "val" / "images" / f"{picture.stem}.jpg")
                             .convert("RGB"))
-        boxes = drawn[f"{picture.stem}.jpg"]
+        boxes = drawn[picture.name]  # keyed by the picture drawn (val_000000.png)
         untouched = np.ones((96, 96), dtype=bool)  # away from every box and its label, the canvas itself
         for box in boxes:
             x1, y1, x2, y2 = (int(v) for v in box["box"])
@@ -249,6 +251,7 @@ def test_the_detection_demo_prepares_trains_evaluates_and_draws_its_pictures(det
             assert (edge == np.array(color_of(best["label_index"]), dtype=np.uint8)).all(axis=-1).all(), best
 
 
+@pytest.mark.extended
 def test_mask_rcnn_trained_in_bf16_scores_within_two_points_of_fp32(detection_demo, digits_coco, tmp_path):
     """The same job, seed and steps as the demo's fp32 run, in bf16: the backbone, FPN and heads compute in bf16,
     boxes, losses and NMS in fp32, so the box AP lands within 2 points of fp32's (both above the learning bar)."""

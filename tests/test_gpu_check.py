@@ -18,6 +18,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_report  # noqa: E402
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}

@@ -49,6 +49,7 @@ def as_nobody(script: str, cwd: Path, env: dict[str, str], timeout: int = 600) -
                           text=True, timeout=timeout)
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 @pytest.mark.skipif(not SYSTEM_PYTHON.exists(), reason=f"no system {SYSTEM_PYTHON} to make a fresh venv from")
 def test_an_unprivileged_user_builds_installs_and_trains_without_the_services(public_dir):

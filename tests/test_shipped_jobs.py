@@ -151,7 +151,14 @@ def tiny(tmp_path_factory) -> TinyData:
     return TinyData(tmp_path_factory.mktemp("tiny"))
 
 
-@pytest.mark.parametrize("job", JOBS, ids=lambda path: path.stem)
+def _lab_sized(job: Path) -> bool:
+    """A job at a lab's shapes (224 px and up): minutes each on the CPU, so in make test-extended, not CI's tier."""
+    spec = load_spec(job)
+    return spec.model.img_size >= CPU_SIDE or (spec.task == "detection" and max(spec.data.min_size) >= CPU_SIDE)
+
+
+@pytest.mark.parametrize("job", [pytest.param(job, marks=pytest.mark.extended) if _lab_sized(job) else job
+                                 for job in JOBS], ids=lambda path: path.stem)
 def test_every_shipped_job_trains_two_steps_and_evaluates_as_shipped(job, tiny, tmp_path):
     spec = load_spec(job)
     if spec.train.precision == "fp16":

@@ -129,6 +129,7 @@ def _train_on(smoke, shards, run_dir, *extra):
         check=False, env={"VILSCALE_CACHE_DIR": str(run_dir.parent / "cache")})
 
 
+@pytest.mark.extended
 def test_a_jpeg_that_rots_after_verification_is_replaced_and_training_goes_on(smoke, jpeg_photos, tmp_path,
                                                                              monkeypatch):
     """Fault: bytes of one JPEG inside a verified shard are damaged, its mtime kept. Outcome: the run finishes;

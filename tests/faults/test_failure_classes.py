@@ -119,6 +119,7 @@ def test_a_shard_whose_file_system_fails_transiently_is_opened_after_the_retries
     assert handle.path == shard and not failures and len(handle.metadata) > 0
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_another_jobs_oom_kill_is_not_taken_for_ours(smoke, tmp_path, memory_cgroup):
     """#37 scenario 5: while this launch runs in its own memory cgroup, a process of another job (another cgroup, 64

@@ -36,6 +36,7 @@ def test_rank_sigkilled_mid_step_restarts_from_latest_and_sees_every_sample_once
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.extended
 def test_a_rank_that_falls_silent_mid_collective_times_out_its_peer_and_the_run_resumes_exactly(
         smoke, baseline_run, tmp_path):
     """Fault: rank 1 stops (SIGSTOP) in the middle of step 6, alive but silent like a rank on a host whose
@@ -264,6 +265,7 @@ def test_a_run_dir_whose_checkpoints_all_fail_stops_and_start_over_is_the_users_
     assert {"latest", "step_00000004", "step_00000008"} <= {p.name for p in (discarded / "checkpoints").iterdir()}
 
 
+@pytest.mark.extended
 def test_a_resize_whose_conversion_outlasts_the_collective_timeout_is_not_a_restart_loop(smoke, tmp_path):
     """#37 scenario 8: a checkpoint of 1 rank resumed on 2 goes through DeepSpeed's universal format, converted by
     rank 0 while rank 1 waits. The conversion is made to take 12 s, longer than train.collective_timeout_s (5 s).

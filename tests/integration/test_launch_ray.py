@@ -87,6 +87,7 @@ def test_plain_ray_job_submit_trains_and_a_killed_worker_resumes_from_the_latest
     assert latest.read_text().strip() == f"step_{max_steps:08d}"
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_an_error_no_retry_can_fix_ends_the_ray_run_at_once(ray_head, digits, tmp_path):
     """A rank meets a user's mistake that only the cluster can reveal (train.device=cuda on CPU-only

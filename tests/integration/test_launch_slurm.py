@@ -52,6 +52,7 @@ def _latest_step(run_dir) -> int:
     return int(latest.read_text().strip().split("_")[-1]) if latest.exists() else -1
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_preempted_then_requeued_job_resumes_from_its_latest_checkpoint_each_time(slurm, digits, tmp_path):
     """USR2 (what SLURM sends the batch step before the time limit: `--signal=B:USR2@lead`) reaches the supervisor,
@@ -183,6 +184,7 @@ def test_a_rank_killed_by_sigkill_is_relaunched_and_the_run_finishes_from_its_la
     assert "JobState=COMPLETED" in record and "Restarts=0" in record, record
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_a_rank_that_keeps_dying_uses_up_max_restarts_and_wait_returns_the_final_state(slurm, digits, tmp_path):
     """Rank 0 is SIGKILLed at step 2 in every attempt: after launcher.max_restarts=1 relaunch the job fails, and
@@ -231,6 +233,7 @@ def test_a_users_mistake_met_by_a_rank_is_not_restarted_and_wait_exits_nonzero_w
     assert f"job {job_id} ended FAILED (exit code 2)" in result.stderr, output[-2000:]
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_a_run_resumed_with_an_accepted_change_trains_it_and_a_job_queued_before_is_refused(slurm, digits, tmp_path):
     """Job A (4 steps) is submitted while the cluster is held, then the run dir is relaunched as job B with
@@ -427,6 +430,7 @@ def _supervisor_child(folder: Path) -> int | None:
     return None
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_a_supervisor_killed_mid_job_requeues_the_job_instead_of_failing_it(slurm, digits, tmp_path):
     """#36 scenario 8: the supervisor (the batch step that runs and relaunches the tasks) is SIGKILLed while the

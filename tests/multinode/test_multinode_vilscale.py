@@ -137,8 +137,8 @@ def check_finished_after_the_loss(run_dir: Path, digits: Path, reference: dict, 
 
     assert json.loads((run_dir / "summary.json").read_text())["step"] == MAX_STEPS
     twice = sorted(step for step, attempts in every_record(run_dir)[0].items() if len(attempts) > 1)
-    if redone is None:
-        assert len(twice) < CKPT_EVERY, twice
+    if redone is None:  # at most the steps after the latest checkpoint: all of them when the loss came in its save
+        assert len(twice) <= CKPT_EVERY, twice
     else:
         assert len(twice) == redone, f"steps trained twice: {twice}, expected {redone}"
     check_samples(run_dir, digits)
@@ -149,6 +149,7 @@ def check_finished_after_the_loss(run_dir: Path, digits: Path, reference: dict, 
     return len(twice)
 
 
+@pytest.mark.extended
 def test_two_node_ray_run_places_a_rank_per_node_and_resumes_after_the_worker_node_is_lost(ray_two_nodes, digits,
                                                                                           uninterrupted_weights,
                                                                                           tmp_path):
@@ -222,6 +223,7 @@ while not os.path.exists(sys.argv[1]):
 """
 
 
+@pytest.mark.extended
 def test_a_one_node_ray_job_packs_its_ranks_onto_one_node(ray_two_nodes, digits, tmp_path):
     """launcher.nodes=1 x 2 CPU ranks on two 2-CPU nodes of which each has one CPU free (another job holds the
     other): the run does not start on one CPU of each node, it says that it waits for a node with 2 CPUs free;
@@ -272,6 +274,7 @@ def test_a_one_node_ray_job_packs_its_ranks_onto_one_node(ray_two_nodes, digits,
     assert str(client.get_job_status(other)) == "SUCCEEDED", client.get_job_logs(other)[-2000:]
 
 
+@pytest.mark.extended
 def test_a_ray_job_that_fits_the_cluster_but_no_node_is_refused_with_the_numbers(ray_two_nodes, digits, tmp_path):
     """launcher.nodes=1 x 3 CPU ranks: the cluster has 4 CPUs, but no node has 3, and the ranks of one node
     must share it: `vilscale submit` refuses at once (exit 2, the numbers in one line) and submits nothing."""
@@ -353,6 +356,7 @@ def test_a_slurm_host_cut_off_while_both_ranks_train_times_out_its_peer_and_the_
           f"requeued, resumed from step {resumed[0]}, {redone} step(s) redone")
 
 
+@pytest.mark.extended
 def test_a_no_kill_allocation_that_shrinks_is_requeued_not_relaunched_on_fewer_nodes(slurm_two_nodes, digits,
                                                                                      tmp_path):
     """#37 scenario 1: with --no-kill (launcher.slurm.additional) SLURM keeps the job running after h2 fails, in an
@@ -393,6 +397,7 @@ def test_a_no_kill_allocation_that_shrinks_is_requeued_not_relaunched_on_fewer_n
     assert json.loads((run_dir / "summary.json").read_text())["step"] == MAX_STEPS
 
 
+@pytest.mark.extended
 def test_a_node_that_fails_twice_in_a_row_is_excluded_and_the_job_finishes_elsewhere(slurm_two_nodes, digits,
                                                                                       tmp_path):
     """#37 scenario 2: a one-node job whose rank dies at step 3 on h1 whenever it runs there (a failing GPU or disk).
@@ -429,6 +434,7 @@ def test_a_node_that_fails_twice_in_a_row_is_excluded_and_the_job_finishes_elsew
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 8
 
 
+@pytest.mark.extended
 def test_a_ray_run_goes_on_with_fewer_nodes_and_the_same_global_batch(ray_two_nodes, digits, tmp_path):
     """#37 scenario 7: launcher.min_nodes=1 of 2. r1 is lost for good after step 4 was saved; before, the driver waited
     300 s and ended the run although restarts were left. Now, after launcher.node_wait_s (15 s here), it refits on the
@@ -472,7 +478,8 @@ def test_a_ray_run_goes_on_with_fewer_nodes_and_the_same_global_batch(ray_two_no
                             *smoke_overrides(digits, reference, {**fewer, "launcher.env.VILSCALE_INJECT_HOLD": ""},
                                              max_steps=MAX_STEPS, ckpt_every=CKPT_EVERY, record_samples="true",
                                              keep_checkpoints=20)],
-                           capture_output=True, text=True, cwd=services.REPO, timeout=600)
+                           capture_output=True, text=True, cwd=services.REPO, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # one thread, as a rank of the Ray run
     assert local.returncode == 0, local.stderr[-3000:]
     ours, theirs = every_record(run_dir), every_record(reference)
     resumed_steps = range(CKPT_EVERY + 1, MAX_STEPS + 1)
