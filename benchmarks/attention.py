@@ -3,7 +3,10 @@
     python benchmarks/attention.py                      # on a GPU: writes benchmarks/results/attention-<gpu>.json
     python benchmarks/attention.py --quick --out /tmp/attention.json   # small shapes, runs on CPU too
 
-Backends: ``triton`` (fused kernels), ``chunked`` (PyTorch, O(N w^2) memory), ``reference`` (dense,
+Backends: ``triton`` (fused kernels: in chunk mode the chunk kernels, one 64-row chunk per program),
+``triton_tiles`` (the same backend with the query-tile kernels it used before, for old against new on one
+card; each triton row says which local kernels ran under ``"kernel"``), ``chunked`` (PyTorch, O(N w^2)
+memory), ``reference`` (dense,
 where its N x N scores fit), ``flex`` (torch FlexAttention with the same mask as a ``mask_mod`` and
 the same four bias tables as a ``score_mod``, tokens padded to its block size) and ``natten`` when
 installed (it has neither global tokens nor relative-position bias: its rows time the local map
@@ -41,7 +44,7 @@ from provenance import commit  # noqa: E402
 from vilscale.kernels.reference import vil_attention_reference  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BACKENDS = ("triton", "chunked", "reference", "flex", "natten")
+BACKENDS = ("triton", "triton_tiles", "chunked", "reference", "flex", "natten")
 FLEX_BLOCK = 128
 
 
@@ -119,6 +122,24 @@ def backend_from_dispatcher(name: str, case: Case, q):
 def run_triton(case, q, k, v, tables):
     backend = backend_from_dispatcher("triton", case, q)
     return lambda: backend.forward(q, k, v, **_problem(case), **tables)
+
+
+def run_triton_tiles(case, q, k, v, tables):
+    backend_from_dispatcher("triton", case, q)
+    from vilscale.kernels.triton_attention import vil_attention_triton
+
+    return lambda: vil_attention_triton(q, k, v, **_problem(case), **tables, kernel="tiles")
+
+
+def triton_kernel(backend: str, case: Case, q) -> str | None:
+    """The local kernels a triton row ran (``chunks`` or ``tiles``), or None for other backends."""
+    if not backend.startswith("triton"):
+        return None
+    from vilscale.kernels.reference import AttentionProblem
+    from vilscale.kernels.triton_attention import local_kernel
+
+    problem = AttentionProblem.of(case.head_dim, **_problem(case), neighbour=None, scale=None)
+    return local_kernel(problem, "tiles" if backend == "triton_tiles" else None, case.head_dim)
 
 
 def run_chunked(case, q, k, v, tables):
@@ -212,8 +233,8 @@ def run_natten(case, q, k, v, tables):
     return lambda: na2d(as_map(q), as_map(k), as_map(v), kernel_size=kernel)
 
 
-RUNNERS = {"triton": run_triton, "chunked": run_chunked, "reference": run_reference, "flex": run_flex,
-           "natten": run_natten}
+RUNNERS = {"triton": run_triton, "triton_tiles": run_triton_tiles, "chunked": run_chunked, "reference": run_reference,
+           "flex": run_flex, "natten": run_natten}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,9 +397,9 @@ def main(argv=None) -> int:
                 # (bias, table_grad): with the bias tables learnt (training), with them frozen (FlexAttention
                 # differentiates a gathered table through atomics), and without bias (NATTEN's form)
                 variants = [(True, True)]
-                if backend in ("triton", "flex"):
+                if backend in ("triton", "triton_tiles", "flex"):
                     variants.append((True, False))
-                if backend == "triton" and "natten" in backends:
+                if backend in ("triton", "triton_tiles") and "natten" in backends:
                     variants.append((False, True))
                 if backend == "natten":
                     variants = [(False, True)]
@@ -406,13 +427,15 @@ def main(argv=None) -> int:
                         continue
                     entry = {"name": case.name, "backend": backend, "dtype": dtype_name, "bias": bias,
                              "table_grad": table_grad, **row}
-                    if backend in ("triton", "flex") and bias and table_grad:
+                    if triton_kernel(backend, case, q):
+                        entry["kernel"] = triton_kernel(backend, case, q)
+                    if backend in ("triton", "triton_tiles", "flex") and bias and table_grad:
                         entry["max_rel_err_vs_chunked"] = error_against_chunked(case, q, k, v, tables, forward)
                     line = (f"{label} fwd {row['fwd_ms']:9.3f} ms   fwd+bwd {row['fwdbwd_ms']:9.3f} ms"
                             + (f"   peak {row['peak_mem_bytes'] / 2**20:9.1f} MiB" if row["peak_mem_bytes"] else ""))
                     if "max_rel_err_vs_chunked" in entry:
                         line += f"   (vs chunked {entry['max_rel_err_vs_chunked']:.1e})"
-                    if backend == "triton" and bandwidth and bias and table_grad:
+                    if backend.startswith("triton") and bandwidth and bias and table_grad:
                         bound = forward_traffic_bytes(case, dtype) / bandwidth * 1e3
                         entry["fwd_traffic_bound_ms"] = bound
                         line += f"   (traffic bound {bound:.3f} ms: {row['fwd_ms'] / bound:.2f}x)"

@@ -7,8 +7,9 @@
 #
 # Steps, each time-boxed (the limits below, in seconds, can be changed through the environment):
 #   env     device, driver, torch/triton versions                                      -> gpu_check.log
-#   attn    benchmarks/attention.py at ViL-Small stages 1 and 2, bf16, B=64: triton (autotuned),
-#           chunked, FlexAttention with the same mask and bias (compiled), NATTEN if importable  -> attention.json
+#   attn    benchmarks/attention.py at ViL-Small stages 1 and 2, bf16, B=64: triton (autotuned; the chunk
+#           kernels) and triton_tiles (the query-tile kernels they replace, on the same card), chunked,
+#           FlexAttention with the same mask and bias (compiled), NATTEN if importable             -> attention.json
 #   step    benchmarks/train.py: a ViL-Small training step (bf16, B=64, 224), RPE and APE, eager and compiled,
 #           triton and chunked, plain torch + AdamW where DeepSpeed is absent; images/s and MFU against the measured
 #           bf16 matmul rate, and a torch.profiler breakdown of 3 steps per row                       -> train.json
@@ -16,7 +17,8 @@
 #           optimizer, micro-batch), and one evaluation forward that keeps every detection (NMS on CUDA) -> jobs.json
 #           (the dry run: smoke and the digits detection and segmentation jobs, fp32, batch 1)
 #   tests   the quick `gpu` tests of the fused kernel at one fixed kernel configuration  -> gpu_tests.xml
-#           (VILSCALE_TRITON_CONFIG, no autotuning sweep), stopping after 5 failures
+#           (VILSCALE_TRITON_CONFIG and VILSCALE_TRITON_CHUNK_CONFIG, no autotuning sweep), stopping after
+#           5 failures
 #   slow    the slow `gpu` tests (every variant's stage shapes, the 1024 backbone)      -> gpu_tests_slow.xml
 #   report  benchmarks/gpu_report.py merges all of it into gpu_check.json (device, versions, commit, figures)
 #
@@ -31,7 +33,7 @@ DRY_RUN=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (valid: --dry-run, --help)" >&2; exit 2 ;;
   esac
 done
@@ -71,7 +73,7 @@ else
   DEVICE=cuda
 fi
 
-LIMIT_ATTN=${LIMIT_ATTN:-150}
+LIMIT_ATTN=${LIMIT_ATTN:-210}
 LIMIT_STEP=${LIMIT_STEP:-240}
 LIMIT_JOBS=${LIMIT_JOBS:-180}
 LIMIT_TESTS=${LIMIT_TESTS:-90}
@@ -134,7 +136,9 @@ if [ "$DRY_RUN" = 1 ]; then
   run_step tests "$LIMIT_TESTS" "$PY" -m pytest "${pytest_args[@]}" --collect-only -qq -m gpu \
     "$REPO/tests/test_kernels_triton_gpu.py"
   run_step attn "$LIMIT_ATTN" "$PY" "$REPO/benchmarks/attention.py" --quick --device cpu --dtypes fp32 \
-    --backends triton,chunked,flex,natten --cases vil_small_stage2 --repeats 1 --out "$OUT/attention.json"
+    --backends triton,triton_tiles,chunked,flex,natten --cases vil_small_stage2 --repeats 1 \
+    --out "$OUT/attention.json"
+  unset VILSCALE_TRITON_KERNEL
   run_step step "$LIMIT_STEP" "$PY" "$REPO/benchmarks/train.py" --engine auto --device cpu --model vil_nano \
     --img-size 32 --window 2 --num-classes 10 --batch 2 --precision fp32 --backends triton,chunked \
     --pos-embeds rpe,ape --modes eager,compiled --profile --warmup 1 --steps 1 --json "$OUT/train.json"
@@ -143,12 +147,17 @@ if [ "$DRY_RUN" = 1 ]; then
 else
   # figures first (the deliverable of a short lease), then correctness at one fixed kernel configuration
   export TRITON_PRINT_AUTOTUNING=1  # the log says which configuration the autotuner chose per shape
+  # the triton rows on the chunk kernels, the triton_tiles rows on the query-tile kernels (old against new)
+  export VILSCALE_TRITON_KERNEL=chunks
   run_step attn "$LIMIT_ATTN" "$PY" "$REPO/benchmarks/attention.py" --dtypes bf16 \
-    --backends triton,chunked,flex,natten --cases vil_small_stage1,vil_small_stage2 --out "$OUT/attention.json"
+    --backends triton,triton_tiles,chunked,flex,natten --cases vil_small_stage1,vil_small_stage2 \
+    --out "$OUT/attention.json"
+  unset VILSCALE_TRITON_KERNEL
   run_step step "$LIMIT_STEP" "$PY" "$REPO/benchmarks/train.py" --engine auto --model vil_small --img-size 224 \
     --batch 64 --precision bf16 --backends triton,chunked --pos-embeds rpe,ape --modes eager,compiled --profile \
     --warmup 3 --steps 10 --json "$OUT/train.json"
   run_step jobs "$LIMIT_JOBS" "$PY" "$REPO/benchmarks/jobs.py" --device cuda --steps 2 --json "$OUT/jobs.json"
+  export VILSCALE_TRITON_CHUNK_CONFIG=${VILSCALE_TRITON_CHUNK_CONFIG:-4x2}
   VILSCALE_TRITON_CONFIG=${VILSCALE_TRITON_CONFIG:-8x8x8} run_step tests "$LIMIT_TESTS" \
     "$PY" -m pytest "${pytest_args[@]}" --maxfail=5 -m "gpu and not slow" \
     --junitxml="$OUT/gpu_tests.xml" "$REPO/tests/test_kernels_triton_gpu.py"

@@ -83,9 +83,9 @@ def tools_missing() -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 def record_launches(kernel: str, *, dtype_name: str = "bf16", problem: dict | None = None,
-                    neighbour: int | None = None, table_grad: bool = True) -> list[tuple]:
+                    neighbour: int | None = None, table_grad: bool = True, biases: bool = True) -> list[tuple]:
     """(kernel object, args, kwargs) of every launch of one forward and one backward with local kernels
-    ``kernel``, recorded instead of run."""
+    ``kernel``, recorded instead of run; ``biases=False`` runs without any bias table."""
     import torch
 
     from vilscale.kernels import _launch, triton_attention
@@ -104,9 +104,12 @@ def record_launches(kernel: str, *, dtype_name: str = "bf16", problem: dict | No
     q, k, v = (packed[:, :, i].transpose(1, 2) for i in range(3))
     tables = (torch.zeros(heads, (4 * window - 1) ** 2), torch.zeros(heads, n_global), torch.zeros(heads, n_global),
               torch.zeros(heads, n_global, n_global))
+    if not biases:
+        tables = (None, None, None, None)
+    tables = tuple(None if t is None or t.numel() == 0 else t for t in tables)  # as vil_attention_triton does
     attention = AttentionProblem.of(head_dim, map_hw=(height, width), num_global=n_global, window=window,
                                     mode=spec.get("mode", "chunk"), neighbour=neighbour, scale=None)
-    chosen = triton_attention.local_kernel(attention, kernel)
+    chosen = triton_attention.local_kernel(attention, kernel, head_dim)
     if chosen != kernel:
         raise ValueError(f"the {kernel!r} kernels do not take this problem (they would run {chosen!r})")
     launches = []
@@ -184,7 +187,8 @@ def _opcode(body: str) -> str:
 
 
 def loops(instructions: list[tuple[int, str]]) -> list[tuple[int, int]]:
-    """(first address, address of the closing branch) of every loop: a BRA to a lower (or equal) address."""
+    """(first address, address of the closing branch) of every loop: a BRA to a lower address (the BRA to
+    itself after EXIT is a trap, not a loop)."""
     found = []
     for address, body in instructions:
         if _opcode(body).startswith("BRA"):
@@ -304,9 +308,65 @@ def kernel_figures(kernel: str, *, arch: int = TARGET_ARCH, **record_kwargs) -> 
     return figures
 
 
+# The sweep: every kind of problem the chunk kernels may be given, each compiled in every configuration.
+SWEEP_HEAD_DIMS = (16, 32, 48, 64)
+SWEEP_WINDOWS = (7, 11)  # one 64-row block per chunk, and two
+SWEEP_DTYPES = ("bf16", "fp16", "fp32")
+SM90_MAX_SHARED = 232448  # bytes of shared memory a block may use on sm_90 (227 KiB)
+
+
+def sweep_problems() -> list[dict]:
+    """Problems for ``sweep``: every dtype, head dim and block count, all 9 chunks with one global token and a
+    shift mode's neighbour without global tokens (biases on), and bf16 without bias tables with 3 global tokens."""
+    problems = []
+    for dtype in SWEEP_DTYPES:
+        for head_dim in SWEEP_HEAD_DIMS:
+            for window in SWEEP_WINDOWS:
+                base = dict(dtype_name=dtype, problem=dict(batch=2, heads=2, map_hw=(23, 30), head_dim=head_dim,
+                                                          window=window))
+                problems.append({**base, "problem": {**base["problem"], "num_global": 1}, "neighbour": None})
+                problems.append({**base, "problem": {**base["problem"], "num_global": 0}, "neighbour": 5})
+                if dtype == "bf16":
+                    problems.append({**base, "problem": {**base["problem"], "num_global": 3}, "neighbour": None,
+                                     "biases": False})
+    return problems
+
+
+def sweep(arch: int = TARGET_ARCH, progress=print) -> list[dict]:
+    """Compile the chunk kernels for every problem of ``sweep_problems`` in every configuration: whether each
+    compiles, fits sm_90's shared memory, and its registers and spills."""
+    rows = []
+    for spec in sweep_problems():
+        launches = record_launches("chunks", dtype_name=spec["dtype_name"], problem=spec["problem"],
+                                   neighbour=spec["neighbour"], biases=spec.get("biases", True))
+        for kernel_object, args, kwargs in launches:
+            fn, configs, heuristics = _unwrap(kernel_object)
+            if "chunk" not in fn.__name__:
+                continue
+            for config in configs:
+                row = {"kernel": fn.__name__, "dtype": spec["dtype_name"], "head_dim": spec["problem"]["head_dim"],
+                       "window": spec["problem"]["window"], "num_global": spec["problem"]["num_global"],
+                       "neighbour": spec["neighbour"], "biases": spec.get("biases", True),
+                       "num_warps": config[1], "num_stages": config[2]}
+                try:
+                    compiled, constexprs = compile_launch(fn, args, kwargs, config, heuristics, arch)
+                except Exception as error:  # a lowering failure is the finding
+                    row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
+                else:
+                    figures = analyse(compiled, fn.__name__, constexprs, config[1])
+                    row.update({key: figures[key] for key in ("wgmma", "registers", "spill_stores", "spill_loads",
+                                                              "shared_bytes")})
+                    row["fits_shared"] = figures["shared_bytes"] <= SM90_MAX_SHARED
+                rows.append(row)
+                progress(json.dumps(row))
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernels", default=",".join(LOCAL_KERNELS), help="comma-separated subset of tiles,chunks")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also compile the chunk kernels for every dtype, head dim and window they take (slow)")
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/"
                                                     "kernel-static-sm90-triton<version>.json)")
     args = parser.parse_args(argv)
@@ -336,6 +396,8 @@ def main(argv=None) -> int:
                       f"regs {row['registers']:>3} spills {row['spill_stores']}/{row['spill_loads']} "
                       f"smem {row['shared_bytes']:>6} loop {loop.get('instructions', '-')} instr, "
                       f"{loop.get('warp_instructions_per_score', '-')} warp-instr/score", flush=True)
+    if args.sweep:
+        report["sweep"] = sweep()
     major_minor = ".".join(triton.__version__.split(".")[:2])
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / \
         f"kernel-static-sm{TARGET_ARCH}-triton{major_minor}.json"

@@ -9,10 +9,14 @@ in-process.)
 
 Shapes are small and awkward: maps that are not multiples of the window or of the tile, windows
 larger than the map, 0/1/3 global tokens, head dims 16/32/48/64, fp32/bf16/fp16, strided q/k/v.
+Chunk-mode cases name the local kernels they run (``kernel``): the chunk kernels (``chunks``, one
+or two 64-row blocks per chunk) or the query-tile kernels (``tiles``); exact windows always run
+``tiles``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -23,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vilscale.kernels.reference import vil_attention_reference
+from vilscale.kernels.reference import AttentionProblem, vil_attention_reference
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,51 +43,76 @@ TABLES = ("local_bias", "g2l_bias", "l2g_bias", "g2g_bias")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OUTPUTS = ("out", "dq", "dk", "dv", "local_bias", "g2l_bias", "l2g_bias", "g2g_bias")
 
-# name: problem; "tile" overrides the interpreter's tile, "split" the tokens per split of the
-# global kernels, "strided" makes q, k, v views of one packed qkv tensor (as the model produces).
+# name: problem; "kernel" the local kernels of a chunk-mode case, "tile" overrides the interpreter's tile
+# of the tiles kernels, "bias_groups" the groups of query chunks of the chunk kernels' table gradient,
+# "split" the tokens per split of the global kernels, "strided" makes q, k, v views of one packed qkv
+# tensor (as the model produces).
 CASES = {
     "chunk_g1_d32_fp32_strided": dict(batch=2, heads=2, map_hw=(7, 10), num_global=1, window=3, mode="chunk",
-                                      head_dim=32, dtype="fp32", strided=True),
+                                      head_dim=32, dtype="fp32", strided=True, kernel="tiles"),
     "exact_g1_d32_fp32": dict(batch=1, heads=2, map_hw=(7, 10), num_global=1, window=2, mode="exact",
                               head_dim=32, dtype="fp32"),
     "chunk_g0_d48_fp32": dict(batch=1, heads=2, map_hw=(5, 9), num_global=0, window=2, mode="chunk",
-                              head_dim=48, dtype="fp32"),
+                              head_dim=48, dtype="fp32", kernel="tiles"),
     "exact_g3_d48_fp32": dict(batch=1, heads=2, map_hw=(6, 7), num_global=3, window=2, mode="exact",
                               head_dim=48, dtype="fp32"),
     "chunk_g3_d16_bf16": dict(batch=1, heads=2, map_hw=(6, 9), num_global=3, window=2, mode="chunk",
-                              head_dim=16, dtype="bf16"),
+                              head_dim=16, dtype="bf16", kernel="tiles"),
     "exact_g1_d64_bf16": dict(batch=1, heads=1, map_hw=(5, 11), num_global=1, window=3, mode="exact",
                               head_dim=64, dtype="bf16"),
     "chunk_g1_d32_fp16": dict(batch=1, heads=2, map_hw=(7, 6), num_global=1, window=3, mode="chunk",
-                              head_dim=32, dtype="fp16"),
+                              head_dim=32, dtype="fp16", kernel="tiles"),
     "exact_g0_d48_fp16": dict(batch=1, heads=1, map_hw=(6, 9), num_global=0, window=2, mode="exact",
                               head_dim=48, dtype="fp16"),
     "window_exceeds_map": dict(batch=1, heads=1, map_hw=(3, 5), num_global=1, window=4, mode="chunk",
-                               head_dim=32, dtype="fp32"),
+                               head_dim=32, dtype="fp32", kernel="tiles"),
     "single_token_map": dict(batch=1, heads=2, map_hw=(1, 1), num_global=3, window=7, mode="exact",
                              head_dim=32, dtype="fp32"),
     "many_splits_g2": dict(batch=1, heads=1, map_hw=(9, 9), num_global=2, window=2, mode="exact",
                            head_dim=32, dtype="fp32", split=16),
     "gpu_tile_8x16_chunk": dict(batch=1, heads=1, map_hw=(10, 19), num_global=1, window=3, mode="chunk",
-                                head_dim=32, dtype="fp32", tile=(8, 16)),
+                                head_dim=32, dtype="fp32", tile=(8, 16), kernel="tiles"),
     "gpu_tile_16x8_exact": dict(batch=1, heads=1, map_hw=(19, 10), num_global=1, window=3, mode="exact",
                                 head_dim=32, dtype="bf16", tile=(16, 8)),
     "window7_tile_8x8_fp16": dict(batch=1, heads=1, map_hw=(16, 17), num_global=3, window=7, mode="chunk",
-                                  head_dim=32, dtype="fp16", tile=(8, 8)),
+                                  head_dim=32, dtype="fp16", tile=(8, 8), kernel="tiles"),
     "no_bias_tables": dict(batch=1, heads=2, map_hw=(6, 10), num_global=1, window=2, mode="chunk",
-                           head_dim=32, dtype="fp32", biases=False),
+                           head_dim=32, dtype="fp32", biases=False, kernel="tiles"),
     # shift modes: the own chunk plus neighbour n (row-major 3x3, 4 = own chunk only); tiles that span
     # several chunks, maps not divisible by the window, neighbours off the grid at the borders
     "neighbour0_up_left_fp32": dict(batch=2, heads=2, map_hw=(7, 10), num_global=1, window=2, mode="chunk",
-                                    head_dim=32, dtype="fp32", neighbour=0, strided=True),
+                                    head_dim=32, dtype="fp32", neighbour=0, strided=True, kernel="tiles"),
     "neighbour5_right_g0_fp32": dict(batch=1, heads=2, map_hw=(9, 11), num_global=0, window=3, mode="chunk",
-                                     head_dim=32, dtype="fp32", neighbour=5),
+                                     head_dim=32, dtype="fp32", neighbour=5, kernel="tiles"),
     "neighbour7_down_tile_8x16_bf16": dict(batch=1, heads=2, map_hw=(10, 19), num_global=2, window=3,
-                                           mode="chunk", head_dim=32, dtype="bf16", neighbour=7, tile=(8, 16)),
+                                           mode="chunk", head_dim=32, dtype="bf16", neighbour=7, tile=(8, 16),
+                                           kernel="tiles"),
     "own_chunk_g3_fp32": dict(batch=1, heads=2, map_hw=(6, 9), num_global=3, window=2, mode="chunk",
-                              head_dim=16, dtype="fp32", neighbour=4),
+                              head_dim=16, dtype="fp32", neighbour=4, kernel="tiles"),
+    # the chunk kernels: maps cut by the window on both edges, 1 and 2 blocks per chunk, every neighbour mode
+    "chunks_g1_d32_fp32_strided": dict(batch=2, heads=2, map_hw=(7, 10), num_global=1, window=4, mode="chunk",
+                                       head_dim=32, dtype="fp32", strided=True, kernel="chunks", bias_groups=2),
+    "chunks_g3_d16_bf16": dict(batch=1, heads=2, map_hw=(6, 9), num_global=3, window=3, mode="chunk",
+                               head_dim=16, dtype="bf16", kernel="chunks"),
+    "chunks_g1_d48_fp16": dict(batch=1, heads=2, map_hw=(7, 6), num_global=1, window=3, mode="chunk",
+                               head_dim=48, dtype="fp16", kernel="chunks"),
+    "chunks_two_blocks_w9_fp32": dict(batch=1, heads=1, map_hw=(10, 12), num_global=1, window=9, mode="chunk",
+                                      head_dim=32, dtype="fp32", kernel="chunks"),
+    "chunks_window_exceeds_map": dict(batch=1, heads=1, map_hw=(3, 5), num_global=1, window=4, mode="chunk",
+                                      head_dim=32, dtype="fp32", kernel="chunks"),
+    "chunks_no_bias_tables_g0_bf16": dict(batch=1, heads=2, map_hw=(6, 10), num_global=0, window=3, mode="chunk",
+                                          head_dim=32, dtype="bf16", biases=False, kernel="chunks"),
+    "chunks_neighbour0_up_left_fp32": dict(batch=2, heads=1, map_hw=(7, 10), num_global=1, window=3,
+                                           mode="chunk", head_dim=32, dtype="fp32", neighbour=0, strided=True,
+                                           kernel="chunks"),
+    "chunks_neighbour5_right_g0_bf16": dict(batch=1, heads=2, map_hw=(9, 11), num_global=0, window=3,
+                                            mode="chunk", head_dim=32, dtype="bf16", neighbour=5, kernel="chunks"),
+    "chunks_neighbour7_down_w9_fp32": dict(batch=1, heads=1, map_hw=(12, 10), num_global=2, window=9,
+                                           mode="chunk", head_dim=16, dtype="fp32", neighbour=7, kernel="chunks"),
+    "chunks_own_chunk_g3_fp32": dict(batch=1, heads=2, map_hw=(6, 9), num_global=3, window=2, mode="chunk",
+                                     head_dim=16, dtype="fp32", neighbour=4, kernel="chunks"),
 }
-DETERMINISM_CASE = "chunk_g1_d32_fp32_strided"
+DETERMINISM_CASES = ("chunk_g1_d32_fp32_strided", "chunks_g1_d32_fp32_strided")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,11 +154,12 @@ def _run(fn, qkv, tables, grad_out, problem, *, upcast: bool):
 
 
 def _compute_case(name: str, spec: dict) -> dict:
-    from vilscale.kernels import triton_attention
-    from vilscale.kernels.triton_attention import vil_attention_triton
+    from vilscale.kernels import triton_attention, triton_chunks
 
     triton_attention.INTERPRETER_TILE = tuple(spec.get("tile", (4, 8)))
     triton_attention.GLOBAL_SPLIT_TOKENS = spec.get("split", 1024)
+    triton_chunks.INTERPRETER_BIAS_GROUPS = spec.get("bias_groups", 1)
+    vil_attention_triton = functools.partial(triton_attention.vil_attention_triton, kernel=spec.get("kernel"))
     qkv, tables, grad_out = _make_inputs(spec, seed=len(name))
     problem = dict(map_hw=tuple(spec["map_hw"]), num_global=spec["num_global"], window=spec["window"],
                    mode=spec["mode"], neighbour=spec.get("neighbour"))
@@ -149,7 +179,9 @@ def _compute_case(name: str, spec: dict) -> dict:
         scale = reference.abs().max().item() or 1.0
         report["errors"][key] = (result.float() - reference.float()).abs().max().item() / scale
         report["dtypes"][key] = str(result.dtype)
-    if name == DETERMINISM_CASE:
+    report["kernel"] = triton_attention.local_kernel(
+        AttentionProblem.of(spec["head_dim"], **problem, scale=None), spec.get("kernel"), spec["head_dim"])
+    if name in DETERMINISM_CASES:
         again = _run(vil_attention_triton, qkv, tables, grad_out, problem, upcast=False)
         report["bitwise_identical"] = {key: bool(torch.equal(got[key], again[key])) for key in got}
     return report
@@ -214,11 +246,13 @@ def test_matches_reference_forward_and_every_gradient(interpreted, case):
     assert not too_far, f"{case}: (relative error, tolerance) out of bounds: {too_far}; all: {report['errors']}"
     dtype = str(DTYPES[spec["dtype"]])
     assert all(report["dtypes"][key] == dtype for key in ("out", "dq", "dk", "dv")), report["dtypes"]
+    assert report["kernel"] == spec.get("kernel", "tiles"), "the case did not run the kernels it names"
 
 
 @pytest.mark.slow
-def test_gradients_are_bitwise_deterministic(interpreted):
-    identical = interpreted["cases"][DETERMINISM_CASE]["bitwise_identical"]
+@pytest.mark.parametrize("case", DETERMINISM_CASES)
+def test_gradients_are_bitwise_deterministic(interpreted, case):
+    identical = interpreted["cases"][case]["bitwise_identical"]
     assert set(identical) >= {"out", "dq", "dk", "dv", "local_bias", "g2l_bias", "l2g_bias", "g2g_bias"}
     assert all(identical.values()), identical
 

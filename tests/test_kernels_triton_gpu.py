@@ -139,20 +139,23 @@ def _assert_close(got, want, dtype_name, context, fp32_reference=None):
         assert error <= allowed, f"{context}: {key} relative error {error:.2e} > {allowed:.2e}"
 
 
-def _check_against_reference(qkv, tables, grad_out, problem, dtype_name, context, reference=None):
-    """The triton backend's output and gradients against the reference in fp64 (and fp32, for its error)."""
+def _check_against_reference(qkv, tables, grad_out, problem, dtype_name, context, reference=None, kernel=None):
+    """The triton backend's output and gradients against the reference in fp64 (and fp32, for its error);
+    ``kernel`` names its local kernels (default: the backend's choice)."""
     reference = reference or vil_attention_reference
-    got = _forward_backward(_triton(), qkv, tables, grad_out, problem)
+    got = _forward_backward(_triton(kernel), qkv, tables, grad_out, problem)
     oracle = _forward_backward(reference, qkv, tables, grad_out, problem, upcast=torch.float64)
     fp32 = _forward_backward(reference, qkv, tables, grad_out, problem, upcast=torch.float32)
     _assert_close(got, oracle, dtype_name, context, fp32_reference=fp32)
     return got
 
 
-def _triton():
+def _triton(kernel=None):
+    import functools
+
     from vilscale.kernels.triton_attention import vil_attention_triton
 
-    return vil_attention_triton
+    return functools.partial(vil_attention_triton, kernel=kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,6 +225,24 @@ def test_shift_mode_neighbours_on_a_ragged_map(neighbour, dtype_name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+@pytest.mark.parametrize("window", [7, 9])
+@pytest.mark.parametrize("neighbour", [None, 2, 4])
+@pytest.mark.parametrize("kernel", ["chunks", "tiles"])
+def test_each_kernel_set_in_chunk_mode(kernel, neighbour, window, dtype_name):
+    """The chunk kernels (one or two 64-row blocks per chunk: windows 7 and 9) and the query-tile kernels they
+    replace as the default, each named explicitly, on a map cut by the window on both edges."""
+    from vilscale.kernels.reference import AttentionProblem
+    from vilscale.kernels.triton_attention import local_kernel
+
+    (q, k, v), tables = _inputs(2, 3, (57, 41), 32, 1, DTYPES[dtype_name], "cuda", window=window)
+    problem = dict(map_hw=(57, 41), num_global=1, window=window, mode="chunk", neighbour=neighbour)
+    assert local_kernel(AttentionProblem.of(32, **problem, scale=None), kernel, 32) == kernel
+    _check_against_reference((q, k, v), tables, torch.randn_like(q), problem, dtype_name,
+                             f"{kernel} window {window} neighbour {neighbour} {dtype_name}", kernel=kernel)
+
+
+@pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("mode", ["chunk", "exact"])
@@ -250,12 +271,13 @@ def test_backbone_1024_stage1(mode, dtype_name):
 
 
 @pytest.mark.gpu
-def test_bias_gradients_are_deterministic_on_gpu():
+@pytest.mark.parametrize("kernel", ["chunks", "tiles"])
+def test_bias_gradients_are_deterministic_on_gpu(kernel):
     qkv, tables = _inputs(4, 3, (56, 56), 32, 1, torch.bfloat16, "cuda")
     problem = dict(map_hw=(56, 56), num_global=1, window=WINDOW, mode="chunk")
     grad_out = torch.randn_like(qkv[0])
-    first = _forward_backward(_triton(), qkv, tables, grad_out, problem)
-    second = _forward_backward(_triton(), qkv, tables, grad_out, problem)
+    first = _forward_backward(_triton(kernel), qkv, tables, grad_out, problem)
+    second = _forward_backward(_triton(kernel), qkv, tables, grad_out, problem)
     for key in first:
         assert torch.equal(first[key], second[key]), f"{key} differs between two identical runs"
 

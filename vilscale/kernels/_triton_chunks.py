@@ -111,36 +111,52 @@ def _walk(cy, cx, chunks_y, chunks_x, nb_y, nb_x, SIGN: tl.constexpr, ALL_NB: tl
 
 
 @_inline
-def _walk_next(ky, kx, cy, cx, x_first, x_last, nb_y, nb_x, SIGN: tl.constexpr, ALL_NB: tl.constexpr):
-    """The chunk after (ky, kx) in a walk begun by ``_walk`` (no division)."""
-    if ALL_NB:
-        row_done = kx == x_last
-        next_y = tl.where(row_done, ky + 1, ky)
-        next_x = tl.where(row_done, x_first, kx + 1)
-    else:
-        next_y = cy + SIGN * nb_y
-        next_x = cx + SIGN * nb_x
-    return next_y, next_x
+def _walk_next(ky, kx, x_first, x_last):
+    """The chunk after (ky, kx) in a walk over all 9 chunks begun by ``_walk`` (no division)."""
+    row_done = kx == x_last
+    return tl.where(row_done, ky + 1, ky), tl.where(row_done, x_first, kx + 1)
 
+
+# A walk goes two blocks of BLOCK rows per step: block a is sub-block 0 of a chunk; block b is its sub-block 1
+# (SUB = 2), or sub-block 0 of the next chunk (SUB = 1), absent past the walk's end (it then names chunk a
+# again, and its tile is the all -inf one). Over all 9 chunks the walk carries its chunk from step to step
+# (``_step_all``); over one or two (the shift modes) each step's chunks follow from the step's index
+# (``_step_one``): carried there, Triton's loop scheduler (3.6 and 3.8) fails on the loop-invariant values.
 
 @_inline
-def _step(ky, kx, step, count, cy, cx, x_first, x_last, nb_y, nb_x, SIGN: tl.constexpr, ALL_NB: tl.constexpr,
-          SUB: tl.constexpr):
-    """A walk goes two blocks of BLOCK rows per step: block a is sub-block 0 of chunk (ky, kx); block b is its
-    sub-block 1 (SUB = 2), or sub-block 0 of the next chunk (SUB = 1), absent past the walk's end (then it
-    names chunk a again). Returns (b's chunk row, column, whether b is there, the chunk of the next step)."""
+def _step_all(ky, kx, step, count, x_first, x_last, SUB: tl.constexpr):
+    """Block b's chunk row, column, whether it is there, and the chunk of the next step; block a is (ky, kx)."""
     if SUB == 1:
-        by, bx = _walk_next(ky, kx, cy, cx, x_first, x_last, nb_y, nb_x, SIGN, ALL_NB)
+        by, bx = _walk_next(ky, kx, x_first, x_last)
         has_b = step * 2 + 1 < count
-        next_y, next_x = _walk_next(by, bx, cy, cx, x_first, x_last, nb_y, nb_x, SIGN, ALL_NB)
+        next_y, next_x = _walk_next(by, bx, x_first, x_last)
         by = tl.where(has_b, by, ky)
         bx = tl.where(has_b, bx, kx)
     else:
         by = ky
         bx = kx
         has_b = step >= 0
-        next_y, next_x = _walk_next(ky, kx, cy, cx, x_first, x_last, nb_y, nb_x, SIGN, ALL_NB)
+        next_y, next_x = _walk_next(ky, kx, x_first, x_last)
     return by, bx, has_b, next_y, next_x
+
+
+@_inline
+def _step_one(cy, cx, step, count, nb_y, nb_x, SIGN: tl.constexpr, SUB: tl.constexpr):
+    """Blocks a and b of step ``step`` over the own chunk (cy, cx) and, when ``count`` is 2, the one at
+    SIGN * (nb_y, nb_x): (a's chunk row, column, b's chunk row, column, whether b is there)."""
+    if SUB == 1:
+        has_b = count > 1
+        ay = cy
+        ax = cx
+        by = tl.where(has_b, cy + SIGN * nb_y, cy)
+        bx = tl.where(has_b, cx + SIGN * nb_x, cx)
+    else:
+        ay = cy + step * (SIGN * nb_y)
+        ax = cx + step * (SIGN * nb_x)
+        by = ay
+        bx = ax
+        has_b = step >= 0
+    return ay, ax, by, bx, has_b
 
 
 @_inline
@@ -256,27 +272,29 @@ def fwd_chunk_kernel(Q, K, V, OUT, LSE, TILES, L2G,
     tile_offsets = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     empty = _empty_tile(TILES, heads, SUB, BLOCK)
     for step in tl.range(0, (count * SUB + 1) // 2, num_stages=NUM_STAGES):
-        by, bx, has_b, next_y, next_x = _step(ky, kx, step, count, cy, cx, x_first, x_last, nb_y, nb_x, 1,
-                                              ALL_NB, SUB)
-        tok_a = _tokens(ky, kx, rel_a, G, H, W, WINDOW)
+        if ALL_NB:
+            ay = ky
+            ax = kx
+            by, bx, has_b, ky, kx = _step_all(ky, kx, step, count, x_first, x_last, SUB)
+        else:
+            ay, ax, by, bx, has_b = _step_one(cy, cx, step, count, nb_y, nb_x, 1, SUB)
+        tok_a = _tokens(ay, ax, rel_a, G, H, W, WINDOW)
         tok_b = _tokens(by, bx, rel_b, G, H, W, WINDOW)
         k_a = _load_d(k_base + tok_a[:, None] * skn + d[None, :], d_ok, MASK_D)
         k_b = _load_d(k_base + tok_b[:, None] * skn + d[None, :], d_ok, MASK_D)
         v_a = _load_d(v_base + tok_a[:, None] * svn + d[None, :], d_ok, MASK_D)
         v_b = _load_d(v_base + tok_b[:, None] * svn + d[None, :], d_ok, MASK_D)
         if HAS_LB:
-            tile_a = _tile(TILES, h, cy, cx, ky, kx, qs, 0, cut_y, cut_x, SUB, BLOCK)
+            tile_a = _tile(TILES, h, cy, cx, ay, ax, qs, 0, cut_y, cut_x, SUB, BLOCK)
             tile_b = tl.where(has_b, _tile(TILES, h, cy, cx, by, bx, qs, SUB - 1, cut_y, cut_x, SUB, BLOCK), empty)
             s_a = _mma_into(q, tl.trans(k_a), tl.load(tile_a + tile_offsets), PRECISE, UPCAST)
             s_b = _mma_into(q, tl.trans(k_b), tl.load(tile_b + tile_offsets), PRECISE, UPCAST)
         else:
-            ok_a, _ = _rows(ky, kx, ry_a, rx_a, real_a, H, W, WINDOW)
+            ok_a, _ = _rows(ay, ax, ry_a, rx_a, real_a, H, W, WINDOW)
             ok_b, _ = _rows(by, bx, ry_b, rx_b, real_b, H, W, WINDOW)
             s_a = tl.where(ok_a[None, :], _mma(q, tl.trans(k_a), PRECISE, UPCAST), float("-inf"))
             s_b = tl.where((ok_b & has_b)[None, :], _mma(q, tl.trans(k_b), PRECISE, UPCAST), float("-inf"))
         m_i, l_i, acc = _softmax_pair(s_a, s_b, v_a, v_b, m_i, l_i, acc, qk_scale, PRECISE, UPCAST)
-        ky = next_y
-        kx = next_x
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     rows = bh * (G + H * W) + G + q_tok
@@ -348,28 +366,30 @@ def bwd_chunk_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TILES, L2G,
     tile_offsets = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     empty = _empty_tile(TILES, heads, SUB, BLOCK)
     for step in tl.range(0, (count * SUB + 1) // 2, num_stages=NUM_STAGES):
-        by, bx, has_b, next_y, next_x = _step(ky, kx, step, count, cy, cx, x_first, x_last, nb_y, nb_x, 1,
-                                              ALL_NB, SUB)
-        tok_a = _tokens(ky, kx, rel_a, G, H, W, WINDOW)
+        if ALL_NB:
+            ay = ky
+            ax = kx
+            by, bx, has_b, ky, kx = _step_all(ky, kx, step, count, x_first, x_last, SUB)
+        else:
+            ay, ax, by, bx, has_b = _step_one(cy, cx, step, count, nb_y, nb_x, 1, SUB)
+        tok_a = _tokens(ay, ax, rel_a, G, H, W, WINDOW)
         tok_b = _tokens(by, bx, rel_b, G, H, W, WINDOW)
         k_a = _load_d(k_base + tok_a[:, None] * skn + d[None, :], d_ok, MASK_D)
         k_b = _load_d(k_base + tok_b[:, None] * skn + d[None, :], d_ok, MASK_D)
         v_a = _load_d(v_base + tok_a[:, None] * svn + d[None, :], d_ok, MASK_D)
         v_b = _load_d(v_base + tok_b[:, None] * svn + d[None, :], d_ok, MASK_D)
         if HAS_LB:
-            tile_a = _tile(TILES, h, cy, cx, ky, kx, qs, 0, cut_y, cut_x, SUB, BLOCK)
+            tile_a = _tile(TILES, h, cy, cx, ay, ax, qs, 0, cut_y, cut_x, SUB, BLOCK)
             tile_b = tl.where(has_b, _tile(TILES, h, cy, cx, by, bx, qs, SUB - 1, cut_y, cut_x, SUB, BLOCK), empty)
             s_a = _mma_into(q, tl.trans(k_a), tl.load(tile_a + tile_offsets), PRECISE, UPCAST)
             s_b = _mma_into(q, tl.trans(k_b), tl.load(tile_b + tile_offsets), PRECISE, UPCAST)
         else:
-            ok_a, _ = _rows(ky, kx, ry_a, rx_a, real_a, H, W, WINDOW)
+            ok_a, _ = _rows(ay, ax, ry_a, rx_a, real_a, H, W, WINDOW)
             ok_b, _ = _rows(by, bx, ry_b, rx_b, real_b, H, W, WINDOW)
             s_a = tl.where(ok_a[None, :], _mma(q, tl.trans(k_a), PRECISE, UPCAST), float("-inf"))
             s_b = tl.where((ok_b & has_b)[None, :], _mma(q, tl.trans(k_b), PRECISE, UPCAST), float("-inf"))
         dq = _dq_block(q, do, lse, delta, k_a, v_a, s_a, dq, qk_scale, PRECISE, UPCAST)
         dq = _dq_block(q, do, lse, delta, k_b, v_b, s_b, dq, qk_scale, PRECISE, UPCAST)
-        ky = next_y
-        kx = next_x
 
     tl.store(DQ + rows[:, None] * HEAD_DIM + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -428,36 +448,45 @@ def bwd_chunk_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TILES_T, G2L,
             s_t += tl.load(G2L + h * G + i, mask=i_ok, other=0.0).to(tl.float32)[None, :] * inv_scale
         dk, dv = _dkdv_block(k, v, q, do, lse, delta, s_t, dk, dv, qk_scale, PRECISE, UPCAST)
 
-    # the query blocks, one per step (two per step need more than 255 registers)
+    # the query blocks, one per step (two per step need more than 255 registers); over all 9 chunks the walk
+    # carries its chunk and sub-block, over one or two they follow from the step's index (see _step_one)
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     qy, x_first, x_last, count = _walk(cy, cx, chunks_y, chunks_x, nb_y, nb_x, -1, ALL_NB)
     qx = x_first
     qs = cy * 0
     ry, rx, real, rel = _cells(0, W, WINDOW, BLOCK)
     tile_offsets = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-    for _ in tl.range(0, count * SUB, num_stages=NUM_STAGES):
+    for t in tl.range(0, count * SUB, num_stages=NUM_STAGES):
+        if ALL_NB:
+            ay = qy
+            ax = qx
+            a_sub = qs
+            if SUB > 1:
+                chunk_done = qs == SUB - 1
+                next_y, next_x = _walk_next(qy, qx, x_first, x_last)
+                qy = tl.where(chunk_done, next_y, qy)
+                qx = tl.where(chunk_done, next_x, qx)
+                qs = tl.where(chunk_done, 0, qs + 1)
+            else:
+                qy, qx = _walk_next(qy, qx, x_first, x_last)
+        else:
+            ay = cy - (t // SUB) * nb_y
+            ax = cx - (t // SUB) * nb_x
+            a_sub = t % SUB
         if SUB > 1:
-            ry, rx, real, rel = _cells(qs, W, WINDOW, BLOCK)
-        tok = _tokens(qy, qx, rel, G, H, W, WINDOW)
-        q_ok, _ = _rows(qy, qx, ry, rx, real, H, W, WINDOW)
+            ry, rx, real, rel = _cells(a_sub, W, WINDOW, BLOCK)
+        tok = _tokens(ay, ax, rel, G, H, W, WINDOW)
+        q_ok, _ = _rows(ay, ax, ry, rx, real, H, W, WINDOW)
         q = _load_d(q_base + tok[:, None] * sqn + d[None, :], d_ok, MASK_D)
         do = _load_d(DO + (row_base + tok)[:, None] * HEAD_DIM + d[None, :], d_ok, MASK_D)
         lse = tl.load(LSE + row_base + tok, mask=q_ok, other=float("inf"))  # no token: p = 0
         delta = tl.load(DELTA + row_base + tok)
         if HAS_LB:
-            tile = _tile(TILES_T, h, qy, qx, cy, cx, qs, ks, cut_y, cut_x, SUB, BLOCK)
+            tile = _tile(TILES_T, h, ay, ax, cy, cx, a_sub, ks, cut_y, cut_x, SUB, BLOCK)
             s_t = _mma_into(k, tl.trans(q), tl.load(tile + tile_offsets), PRECISE, UPCAST)
         else:
             s_t = tl.where(k_ok[:, None], _mma(k, tl.trans(q), PRECISE, UPCAST), float("-inf"))
         dk, dv = _dkdv_block(k, v, q, do, lse, delta, s_t, dk, dv, qk_scale, PRECISE, UPCAST)
-        if SUB > 1:
-            chunk_done = qs == SUB - 1
-            next_y, next_x = _walk_next(qy, qx, cy, cx, x_first, x_last, nb_y, nb_x, -1, ALL_NB)
-            qy = tl.where(chunk_done, next_y, qy)
-            qx = tl.where(chunk_done, next_x, qx)
-            qs = tl.where(chunk_done, 0, qs + 1)
-        else:
-            qy, qx = _walk_next(qy, qx, cy, cx, x_first, x_last, nb_y, nb_x, -1, ALL_NB)
 
     out_rows = row_base + G + k_tok
     tl.store(DK + out_rows[:, None] * HEAD_DIM + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=k_mask)

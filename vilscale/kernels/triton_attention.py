@@ -62,7 +62,7 @@ FIXED_CONFIG_ENV = "VILSCALE_TRITON_CONFIG"
 GLOBAL_SPLIT_TOKENS = 1024
 BLOCK_G = 16
 # Which kernels take the local queries and keys (see the module docstring); the default follows
-# VILSCALE_TRITON_KERNEL (unset: chunks where they apply).
+# VILSCALE_TRITON_KERNEL (unset: tiles; the chunk kernels only when chosen, until they have run on a GPU).
 KERNELS = ("chunks", "tiles")
 KERNEL_ENV = "VILSCALE_TRITON_KERNEL"
 
@@ -74,13 +74,13 @@ def default_kernel() -> str:
     return value
 
 
-def local_kernel(problem: AttentionProblem, requested: str | None = None) -> str:
-    """The kernels that run ``problem``'s local part: ``requested`` (default: ``default_kernel()``) unless
-    the chunk kernels refuse the problem (exact windows, windows above 11)."""
+def local_kernel(problem: AttentionProblem, requested: str | None, head_dim: int) -> str:
+    """The kernels that run ``problem``'s local part: ``requested`` (None: ``default_kernel()``) unless the
+    chunk kernels refuse the problem (exact windows, windows above 11, head dims above 64)."""
     requested = requested or default_kernel()
     if requested not in KERNELS:
         raise ValueError(f"kernel {requested!r} is not one of {KERNELS}")
-    if requested == "chunks" and triton_chunks.refusal(problem) is None:
+    if requested == "chunks" and triton_chunks.refusal(problem, head_dim) is None:
         return "chunks"
     return "tiles"
 
@@ -425,7 +425,7 @@ def vil_attention_triton(q, k, v, *, map_hw, num_global, window, mode="chunk", s
               _table(g2g_bias, "g2g_bias", (heads, num_global, num_global), q.device))
     problem = AttentionProblem.of(head_dim, map_hw=map_hw, num_global=num_global, window=window, mode=mode,
                                   neighbour=neighbour, scale=scale)
-    out = ViLAttentionFunction.apply(q, k, v, *tables, problem, local_kernel(problem, kernel))
+    out = ViLAttentionFunction.apply(q, k, v, *tables, problem, local_kernel(problem, kernel, head_dim))
     # Empty tables (no global tokens) still get a (zero-size) gradient through this no-op.
     for table in (g2l_bias, l2g_bias, g2g_bias):
         if table is not None and table.numel() == 0 and table.requires_grad:

@@ -19,6 +19,7 @@ from vilscale.kernels.reference import AttentionProblem, neighbour_offset
 
 BLOCK = 64  # rows of a query or key block (``_triton_chunks.BLOCK``)
 MAX_SUB = 2  # blocks per chunk: windows up to 11 (a 12x12 chunk would take 3 blocks, and 9 * 9 bias tiles)
+MAX_HEAD_DIM = 64  # every ViL variant's; larger head dims take the query-tile kernels (not compiled for sm_90 here)
 OWN = 4  # the own chunk among the 9 neighbours, row-major
 # (num_warps, num_stages) the chunk kernels are autotuned over on GPU. Every one of them is compiled for sm_90
 # by benchmarks/kernel_static.py and tests/test_kernels_static.py (no spills, wgmma products).
@@ -27,8 +28,10 @@ INTERPRETER_STAGES = 2
 # VILSCALE_TRITON_CHUNK_CONFIG=WARPSxSTAGES (e.g. 4x2) runs the chunk kernels at that one configuration.
 FIXED_CHUNK_CONFIG_ENV = "VILSCALE_TRITON_CHUNK_CONFIG"
 # The table-gradient kernel sums each (head, neighbour) tile over groups of query chunks; about this many
-# groups per neighbour keep the GPU busy while the partial tiles stay small (16 KiB each).
+# groups per neighbour keep the GPU busy while the partial tiles stay small (16 KiB each). Under the
+# interpreter, where every program costs its set-up again, one group (the tests set more to cover groups).
 BIAS_GROUPS = 64
+INTERPRETER_BIAS_GROUPS = 1
 
 
 def sub_blocks(window: int) -> int:
@@ -36,10 +39,12 @@ def sub_blocks(window: int) -> int:
     return -(-window * window // BLOCK)
 
 
-def refusal(problem: AttentionProblem) -> str | None:
+def refusal(problem: AttentionProblem, head_dim: int) -> str | None:
     """Why the chunk kernels cannot run ``problem`` (then the query-tile kernels do), or None."""
     if problem.mode != "chunk":
         return f"window mode {problem.mode!r} (chunk mode only)"
+    if head_dim > MAX_HEAD_DIM:
+        return f"head dim {head_dim} (at most {MAX_HEAD_DIM})"
     if sub_blocks(problem.window) > MAX_SUB:
         return f"window {problem.window} (chunks of more than {MAX_SUB * BLOCK} tokens)"
     return None
@@ -225,7 +230,7 @@ def backward_local(q, k, v, grad_out, lse, delta, dq, dk, dv, strides, local_bia
     if not (has_lb and table_grad):
         return None
     neighbours = _neighbours(problem)
-    per_group = -(-n_chunks // BIAS_GROUPS)
+    per_group = -(-n_chunks // (INTERPRETER_BIAS_GROUPS if _kernels().INTERPRETED else BIAS_GROUPS))
     groups = -(-n_chunks // per_group)
     parts = torch.empty((heads, len(neighbours), groups, sub, sub, BLOCK, BLOCK), dtype=torch.float32,
                         device=q.device)
