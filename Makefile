@@ -3,8 +3,10 @@
 #   make demo    the digits demo on CPU (the main job on the embedded default)
 #   make test    the quick tier a newcomer runs (minutes): unit tests, one shared run, one resume, a detection and a
 #                segmentation step, refusals, the kernels through Triton's interpreter
-#   make test-full  everything (what CI runs): real Ray/SLURM/Prometheus services, multinode hosts, fault launches,
-#                every shipped job, learning runs
+#   make test-full  what CI runs: the quick tier plus real Ray/SLURM/Prometheus services, the SLURM link cut on
+#                two namespace hosts, fault launches, the digits-sized shipped jobs, learning runs
+#   make test-extended  the long real-cluster scenarios (about an hour; not in make test-full): the other node
+#                losses, requeues and restart budgets, the lab-sized shipped jobs, the bf16 learning runs
 #   make test-transfer  pretraining's worth on digits segmentation and detection (about 14 min; not in make test)
 #   make lint    ruff
 

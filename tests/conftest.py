@@ -87,7 +87,8 @@ def pytest_collection_modifyitems(config, items):
             if "transfer" in item.keywords:
                 item.add_marker(skip_transfer)
     if "extended" not in chosen:  # chosen only by name: `make test-extended`
-        skip_extended = pytest.mark.skip(reason="a long real-cluster scenario (minutes each): run make test-extended")
+        skip_extended = pytest.mark.skip(reason="minutes on 2 cores (a long real-cluster scenario or a lab-sized job): "
+                                                "run make test-extended")
         for item in items:
             if "extended" in item.keywords:
                 item.add_marker(skip_extended)
