@@ -74,6 +74,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(f"quick tier (make test): {took:.0f} s; the full suite is make test-full")
 
 
+# Markers whose tests run only when the -m expression names them, with why they are skipped otherwise.
+OPT_IN = {"transfer": "twelve fine-tunes of about a minute: run make test-transfer",
+          "extended": "minutes on 2 cores (a long real-cluster scenario or a lab-sized job): run make test-extended"}
+
+
 def pytest_collection_modifyitems(config, items):
     if any("gpu" in item.keywords for item in items) and not _cuda_available():
         skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none on this machine")
@@ -81,17 +86,12 @@ def pytest_collection_modifyitems(config, items):
             if "gpu" in item.keywords:
                 item.add_marker(skip_gpu)
     chosen = config.getoption("markexpr") or ""
-    if "transfer" not in chosen:  # chosen only by name: `make test-transfer`
-        skip_transfer = pytest.mark.skip(reason="twelve fine-tunes of about a minute: run make test-transfer")
-        for item in items:
-            if "transfer" in item.keywords:
-                item.add_marker(skip_transfer)
-    if "extended" not in chosen:  # chosen only by name: `make test-extended`
-        skip_extended = pytest.mark.skip(reason="minutes on 2 cores (a long real-cluster scenario or a lab-sized job): "
-                                                "run make test-extended")
-        for item in items:
-            if "extended" in item.keywords:
-                item.add_marker(skip_extended)
+    for marker, reason in OPT_IN.items():  # chosen only by name: `make test-transfer`, `make test-extended`
+        if marker not in chosen:
+            skip = pytest.mark.skip(reason=reason)
+            for item in items:
+                if marker in item.keywords:
+                    item.add_marker(skip)
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -300,6 +300,7 @@ print(json.dumps({"events": events, "files": sorted(str(p.relative_to(final)) fo
 """
 
 
+@pytest.mark.slow  # a DeepSpeed engine built in a subprocess: 47 s in the quick tier, 70 s in the full run
 def test_every_checkpoint_file_is_on_disk_before_the_manifest_declares_it(tmp_path):
     """#36 scenario 5. Before, only the manifest and `latest` were fsynced: DeepSpeed's files, the client states and
     the EMA could still sit in the page cache when `latest` named them (with keep_checkpoints 1, a node crash then
